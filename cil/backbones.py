@@ -1,0 +1,131 @@
+"""Backbones: any timm model as a feature extractor, with weights from timm (online) or a local file.
+
+``create_backbone(name)`` returns the model with ``num_classes=0`` (pooled features, ``model.num_features`` wide);
+:func:`data_transforms` builds the matching train/eval transforms from timm's data config.
+"""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import timm
+import torch
+from timm.data import create_transform, resolve_data_config
+from torch import nn
+
+from cil.config import ConfigError
+
+
+def check_backbone_name(name: str) -> None:
+    """Unknown name → error listing the closest timm model names."""
+    if timm.is_model(name):
+        return
+    names = timm.list_models()
+    close = difflib.get_close_matches(name, names, n=5, cutoff=0.6)
+    if not close:
+        close = [n for n in names if name.split("_")[0] in n][:5]
+    hint = f"; close timm names: {', '.join(close)}" if close else "; see timm.list_models()"
+    raise ConfigError(f"unknown backbone '{name}' (backbone.name){hint}")
+
+
+def load_weights(model: nn.Module, path: str | Path) -> None:
+    """Load a local state dict into ``model``; the classifier head of the file is ignored.
+
+    Raises :class:`ConfigError` naming the file and the missing, unexpected or mis-shaped keys.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"backbone.weights file '{path}' not found")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise ConfigError(f"backbone.weights file '{path}' is not a torch state dict: {e}") from None
+    for wrapper in ("state_dict", "model", "module"):
+        if isinstance(state, dict) and isinstance(state.get(wrapper), dict):
+            state = state[wrapper]
+    if not isinstance(state, dict):
+        raise ConfigError(f"backbone.weights file '{path}' holds a {type(state).__name__}, not a state dict")
+    state = {k.removeprefix("module."): v for k, v in state.items()}
+    own = model.state_dict()
+    head = model.pretrained_cfg.get("classifier", "head") if hasattr(model, "pretrained_cfg") else "head"
+    heads = (head,) if isinstance(head, str) else tuple(head)
+    unexpected = [k for k in state if k not in own and not k.startswith(heads)]
+    missing = [k for k in own if k not in state]
+    shapes = [
+        f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}"
+        for k, v in own.items()
+        if k in state and state[k].shape != v.shape
+    ]
+    problems = []
+    if missing:
+        problems.append(f"missing keys {_few(missing)}")
+    if unexpected:
+        problems.append(f"unexpected keys {_few(unexpected)}")
+    if shapes:
+        problems.append(f"mismatched shapes (file vs model) {_few(shapes)}")
+    if problems:
+        raise ConfigError(f"backbone.weights file '{path}' does not fit the model: {'; '.join(problems)}")
+    model.load_state_dict({k: state[k] for k in own}, strict=True)
+
+
+def _few(items: list[str], n: int = 5) -> str:
+    more = f" and {len(items) - n} more" if len(items) > n else ""
+    return "[" + ", ".join(items[:n]) + "]" + more
+
+
+def create_backbone(
+    name: str, pretrained: bool = False, weights: str | Path | None = None, **timm_kwargs: Any
+) -> nn.Module:
+    """A timm model without classifier (``num_classes=0``): ``model(x)`` gives ``(B, model.num_features)``.
+
+    ``pretrained=True`` downloads timm's weights (network needed); ``weights=FILE`` loads a local state dict
+    instead (e.g. one saved with ``torch.save(model.state_dict(), FILE)``).
+    """
+    check_backbone_name(name)
+    if pretrained and weights is not None:
+        raise ConfigError("set either backbone.pretrained=true or backbone.weights=FILE, not both")
+    try:
+        model = timm.create_model(name, pretrained=pretrained, num_classes=0, **timm_kwargs)
+    except TypeError as e:
+        raise ConfigError(f"backbone.kwargs {timm_kwargs} not accepted by timm model '{name}': {e}") from None
+    if weights is not None:
+        load_weights(model, weights)
+    return model
+
+
+@dataclass
+class Transforms:
+    """The train and eval transforms of a backbone, as timm's data config defines them."""
+
+    train: Callable[[Any], torch.Tensor]
+    eval: Callable[[Any], torch.Tensor]
+    input_size: tuple[int, int, int]
+
+
+def data_transforms(
+    model: nn.Module, image_size: int | None = None, augment: bool = False, crop_pct: float | None = None
+) -> Transforms:
+    """timm's transforms for ``model``: resize (+ crop) to its input size, normalise with its mean/std.
+
+    ``augment=True`` uses timm's training pipeline (random-resized crop, flip) for the train transform;
+    otherwise train and eval use the same deterministic transform. ``crop_pct=1.0`` resizes the whole image
+    without a centre crop (used for tiny images such as the 8×8 digits).
+    """
+    overrides: dict[str, Any] = {}
+    if image_size is not None:
+        overrides["input_size"] = (3, image_size, image_size)
+    if crop_pct is not None:
+        overrides["crop_pct"] = crop_pct
+    config = resolve_data_config(overrides, model=model)
+    eval_tf = create_transform(**config, is_training=False)
+    train_tf = create_transform(**config, is_training=True) if augment else eval_tf
+    return Transforms(train=train_tf, eval=eval_tf, input_size=tuple(config["input_size"]))
+
+
+def backbone_from_config(cfg: Any) -> nn.Module:
+    """``create_backbone`` with the ``backbone`` group of an experiment config."""
+    kwargs = dict(cfg.kwargs) if cfg.kwargs else {}
+    return create_backbone(cfg.name, pretrained=cfg.pretrained, weights=cfg.weights, **kwargs)

@@ -1,0 +1,255 @@
+"""Typed experiment configuration: YAML files + ``key=value`` overrides, validated before any data is loaded.
+
+A config has five groups — ``run``, ``stream``, ``backbone``, ``strategy``, ``trainer`` — each an omegaconf
+structured config (a dataclass). The ``strategy`` group's schema is the dataclass its strategy registered
+(``register_strategy(name, cls, config)``), so every strategy validates its own hyper-parameters.
+
+A YAML file may start with ``extends: other.yaml`` (a path relative to the file, or a list of them): the file is
+merged on top of what it extends, which is how a paper config builds on its base config.
+
+Every problem raises :class:`ConfigError` with one line naming the key, the bad value and what would be valid.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import re
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from omegaconf import II, MISSING, DictConfig, ListConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+
+class ConfigError(ValueError):
+    """A configuration the framework cannot run: the message names the key, the value and what is valid."""
+
+
+def param(default: Any, *, ge=None, gt=None, le=None, lt=None, choices=None, pattern=None, help: str = ""):
+    """A dataclass field with validation metadata (range, allowed values, regex) and a help string."""
+    meta = {"ge": ge, "gt": gt, "le": le, "lt": lt, "choices": choices, "pattern": pattern, "help": help}
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+SPLIT_PATTERN = r"B(\d+)-Inc(\d+)"
+
+
+@dataclass
+class RunConfig:
+    name: str = "${strategy.name}-${stream.name}"
+    seed: int = param(0, ge=0, help="seeds model init, class order, data order and every session")
+    output_dir: str = param("runs", help="run folders go to <output_dir>/<name>/<timestamp>/")
+
+
+@dataclass
+class StreamConfig:
+    name: str = "digits"
+    data_root: Optional[str] = param(None, help="folder holding the data set in its usual on-disk layout")
+    split: str = param(
+        "B0-Inc2",
+        pattern=SPLIT_PATTERN,
+        help="B{base}-Inc{k}: a base session of `base` classes (none if 0), then sessions of k classes",
+    )
+    class_order: Optional[list[int]] = param(None, help="fixed class order (original ids); overrides shuffle")
+    shuffle_classes: bool = param(True, help="seeded shuffle of the class order")
+    seed: int = param(II("run.seed"), ge=0, help="seed of the class order, splits and k-shot sampling")
+    shots: Optional[int] = param(None, ge=1, help="k-shot incremental sessions (base session stays full)")
+    index_dir: Optional[str] = param(None, help="FSCIL index lists session_1.txt ... (session_1 = base)")
+    test_size: float = param(0.2, gt=0.0, lt=1.0, help="held-out fraction (streams without a test split)")
+    augment: bool = param(False, help="timm's training augmentation on train data")
+    verify_checksums: bool = param(True, help="check the md5 of data files where the format defines one")
+    batch_size: int = param(32, ge=1)
+    eval_batch_size: int = param(256, ge=1)
+    num_workers: int = param(0, ge=0)
+
+
+@dataclass
+class BackboneConfig:
+    name: str = "resnet10t"
+    pretrained: bool = param(False, help="download timm's pre-trained weights (needs network)")
+    weights: Optional[str] = param(None, help="local weights file (a state dict) to load instead")
+    image_size: Optional[int] = param(None, ge=8, help="input size; default: the model's own")
+    kwargs: dict[str, Any] = param({}, help="extra keyword arguments for timm.create_model")
+
+
+@dataclass
+class StrategyConfig:
+    """Base of every strategy's hyper-parameters; a strategy subclasses it and registers the subclass."""
+
+    name: str = MISSING
+
+
+@dataclass
+class TrainerConfig:
+    accelerator: str = param("auto", choices=["auto", "cpu", "gpu", "cuda", "mps", "tpu"])
+    devices: Any = param("auto", help="'auto', a count >= 1, or a list of device ids")
+    num_nodes: int = param(1, ge=1)
+    strategy: str = param("auto", help="Lightning strategy: auto, ddp, ddp_find_unused_parameters_true, ...")
+    precision: str = param(
+        "32-true", choices=["32-true", "32", "16-mixed", "bf16-mixed", "bf16-true", "16-true", "64-true"]
+    )
+    deterministic: bool = param(False, help="torch deterministic algorithms (Trainer(deterministic=True))")
+    log_every_n_steps: int = param(10, ge=1)
+    enable_progress_bar: bool = True
+    gradient_clip_val: Optional[float] = param(None, gt=0.0)
+    eval_unseen: bool = param(True, help="also evaluate on future sessions' test data (forward transfer)")
+
+
+@dataclass
+class ExperimentConfig:
+    run: RunConfig = field(default_factory=RunConfig)
+    stream: StreamConfig = field(default_factory=StreamConfig)
+    backbone: BackboneConfig = field(default_factory=BackboneConfig)
+    strategy: StrategyConfig = field(default_factory=StrategyConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+
+
+# ---------------------------------------------------------------------------------------------- loading
+
+
+def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> DictConfig:
+    path = path.resolve()
+    if path in seen:
+        raise ConfigError(f"config file '{path}' extends itself (cycle: {' -> '.join(map(str, seen))})")
+    if not path.is_file():
+        raise ConfigError(f"config file '{path}' not found")
+    try:
+        cfg = OmegaConf.load(path)
+    except Exception as e:  # yaml syntax errors: one line naming the file
+        first = str(e).strip().splitlines()[0]
+        raise ConfigError(f"config file '{path}' is not valid YAML: {first}") from None
+    if not isinstance(cfg, DictConfig):
+        raise ConfigError(f"config file '{path}' must hold a mapping of groups, not a {type(cfg).__name__}")
+    parents = cfg.pop("extends", None)
+    if parents is None:
+        return cfg
+    if isinstance(parents, str):
+        parents = [parents]
+    merged = OmegaConf.create()
+    for parent in parents:
+        merged = OmegaConf.merge(merged, _read_yaml(path.parent / str(parent), (*seen, path)))
+    return OmegaConf.merge(merged, cfg)
+
+
+def _parse_overrides(overrides: list[str]) -> DictConfig:
+    for item in overrides:
+        if "=" not in item or item.startswith("="):
+            raise ConfigError(f"override '{item}' is not of the form key=value (e.g. run.seed=1)")
+    try:
+        return OmegaConf.from_dotlist(list(overrides))
+    except OmegaConfBaseException as e:
+        raise ConfigError(f"cannot parse overrides {overrides}: {str(e).splitlines()[0]}") from None
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:
+    """Read a YAML config (following ``extends``), apply ``key=value`` overrides, validate, return it.
+
+    The result is a structured, read-only DictConfig whose ``strategy`` group is typed by the strategy's own
+    config dataclass. Raises :class:`ConfigError` on any problem, before any data or weights are touched.
+    """
+    user = _read_yaml(Path(path)) if path is not None else OmegaConf.create()
+    user = OmegaConf.merge(user, _parse_overrides(list(overrides)))
+    return validate(user)
+
+
+def validate(user: DictConfig | dict) -> DictConfig:
+    """Check a user config against the schema and the registries; return the merged, typed config."""
+    from cil import registry
+
+    if not isinstance(user, DictConfig):
+        user = OmegaConf.create(user)
+    strategy_name = OmegaConf.select(user, "strategy.name", default=None)
+    if strategy_name is None:
+        raise ConfigError(f"strategy.name is required; registered strategies: {registry.strategy_names()}")
+    strategy_cls = registry.strategy_config(str(strategy_name))  # raises with the registered names
+
+    schema = OmegaConf.structured(ExperimentConfig(strategy=strategy_cls()))
+    _check_keys(user, ExperimentConfig(strategy=strategy_cls()), prefix="")
+    try:
+        cfg = OmegaConf.merge(schema, user)
+        OmegaConf.resolve(cfg)
+    except OmegaConfBaseException as e:
+        key = getattr(e, "full_key", None) or "config"
+        msg = str(getattr(e, "msg", e)).splitlines()[0]
+        raise ConfigError(f"{key}: {msg}") from None
+    _check_values(cfg, ExperimentConfig(strategy=strategy_cls()), prefix="")
+    _check_devices(cfg.trainer.devices)
+    registry.check_stream(cfg.stream.name)
+    from cil.backbones import check_backbone_name
+
+    check_backbone_name(cfg.backbone.name)
+    OmegaConf.set_readonly(cfg, True)
+    return cfg
+
+
+def _check_keys(node: DictConfig, schema: Any, prefix: str) -> None:
+    """Unknown keys → error naming the key and the closest valid ones."""
+    fields = {f.name: f for f in dataclasses.fields(schema)}
+    for key in node.keys():
+        full = f"{prefix}{key}"
+        if key not in fields:
+            close = difflib.get_close_matches(str(key), list(fields), n=3, cutoff=0.5)
+            hint = f"did you mean {', '.join(prefix + c for c in close)}?" if close else ""
+            valid = f"valid keys{' in ' + prefix[:-1] if prefix else ''}: {', '.join(fields)}"
+            raise ConfigError(f"unknown key '{full}'; {hint + ' ' if hint else ''}{valid}")
+        value = getattr(schema, key)
+        child = node._get_node(key)
+        if dataclasses.is_dataclass(value) and isinstance(child, DictConfig):
+            _check_keys(child, value, prefix=f"{full}.")
+
+
+def _check_values(node: DictConfig, schema: Any, prefix: str) -> None:
+    """Ranges, allowed values and patterns declared with :func:`param`."""
+    for f in dataclasses.fields(schema):
+        value = node[f.name]
+        full = f"{prefix}{f.name}"
+        sub = getattr(schema, f.name)
+        if dataclasses.is_dataclass(sub):
+            _check_values(value, sub, prefix=f"{full}.")
+            continue
+        _check_one(full, value, f.metadata)
+
+
+def _check_one(key: str, value: Any, meta: typing.Mapping[str, Any]) -> None:
+    if value is None or not meta:
+        return
+    if meta.get("choices") is not None and value not in meta["choices"]:
+        raise ConfigError(f"{key}={value!r} is not valid; choose one of {meta['choices']}")
+    if meta.get("pattern") is not None and not re.fullmatch(meta["pattern"], str(value)):
+        raise ConfigError(f"{key}={value!r} is not valid; expected the form {meta['pattern']} (e.g. B0-Inc10)")
+    bounds = [("ge", ">=", lambda v, b: v >= b), ("gt", ">", lambda v, b: v > b)]
+    bounds += [("le", "<=", lambda v, b: v <= b), ("lt", "<", lambda v, b: v < b)]
+    for name, symbol, ok in bounds:
+        if meta.get(name) is not None and not ok(value, meta[name]):
+            raise ConfigError(f"{key}={value!r} is out of range; it must be {symbol} {meta[name]}")
+
+
+def _check_devices(devices: Any) -> None:
+    if devices == "auto" or (isinstance(devices, int) and not isinstance(devices, bool) and devices >= 1):
+        return
+    if isinstance(devices, (list, ListConfig)) and devices and all(isinstance(d, int) for d in devices):
+        return
+    if isinstance(devices, str) and re.fullmatch(r"\d+(,\d+)*,?", devices):
+        return
+    raise ConfigError(f"trainer.devices={devices!r} is not valid; use 'auto', a count >= 1, or a list of device ids")
+
+
+def to_yaml(cfg: DictConfig) -> str:
+    """The fully resolved config as YAML: what ran, loadable again with :func:`load_config`."""
+    return OmegaConf.to_yaml(cfg, resolve=True)
+
+
+def split_sizes(split: str) -> tuple[int, int]:
+    """``"B50-Inc10"`` → ``(50, 10)``."""
+    match = re.fullmatch(SPLIT_PATTERN, split)
+    if match is None:
+        raise ConfigError(f"stream.split={split!r} is not valid; expected the form B{{base}}-Inc{{k}}")
+    base, inc = int(match.group(1)), int(match.group(2))
+    if inc < 1:
+        raise ConfigError(f"stream.split={split!r} is not valid; the increment must be >= 1")
+    return base, inc

@@ -1,0 +1,191 @@
+"""The strategy contract: a LightningModule with two session hooks and a classifier that grows with the classes.
+
+In any Lightning project a strategy is driven by three lines per session::
+
+    strategy.begin_session(session)
+    trainer.fit(strategy, loader)        # skipped when strategy.epochs_for(session) == 0
+    strategy.end_session(session)
+
+``forward(x)`` returns logits over every class seen so far (class ids are contiguous, in order of appearance).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Optional
+
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+from torch.utils.data import Dataset
+
+from cil.config import StrategyConfig, param
+
+
+@dataclass
+class Session:
+    """What a strategy learns about a session before and after it is trained on it.
+
+    ``train_loader()`` gives this process's share of the session's training data with evaluation transforms
+    and no shuffling: the input of statistics passes (prototypes, LDA, class covariances). Sums over it must be
+    all-reduced (``cil.distributed.all_reduce_sum``) so the result is the same under DDP.
+    """
+
+    index: int
+    new_classes: list[int]
+    seen_classes: list[int]
+    train_data: Optional[Dataset] = None
+    seen_train_data: list[Dataset] = field(default_factory=list)
+    loader_fn: Optional[Callable[[], Iterable]] = None
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+
+    @property
+    def num_seen(self) -> int:
+        return len(self.seen_classes)
+
+    def train_loader(self) -> Iterable:
+        if self.loader_fn is None:
+            raise RuntimeError(f"Session {self.index} has no loader_fn; pass Session(..., loader_fn=make_loader)")
+        return self.loader_fn()
+
+
+class Growing(nn.Module):
+    """A module whose tensors grow with the classes: loading a state of another size adopts that size.
+
+    This is what lets a checkpoint written after session k be loaded into a freshly built strategy.
+    """
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        for name, tensor in [*self._parameters.items(), *self._buffers.items()]:
+            key = prefix + name
+            if tensor is None or key not in state_dict or state_dict[key].shape == tensor.shape:
+                continue
+            new = tensor.new_empty(state_dict[key].shape)
+            if name in self._parameters:
+                self._parameters[name] = nn.Parameter(new, requires_grad=tensor.requires_grad)
+            else:
+                self._buffers[name] = new
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+
+class GrowingClassifier(Growing):
+    """A linear head over the classes seen so far; ``grow(n)`` adds rows, keeping the trained ones."""
+
+    def __init__(self, num_features: int):
+        super().__init__()
+        self.num_features = num_features
+        self.weight = nn.Parameter(torch.empty(0, num_features))
+        self.bias = nn.Parameter(torch.empty(0))
+
+    @property
+    def num_classes(self) -> int:
+        return self.weight.shape[0]
+
+    def grow(self, num_classes: int) -> None:
+        extra = num_classes - self.num_classes
+        if extra <= 0:
+            return
+        fresh = nn.Linear(self.num_features, extra).to(self.weight.device, self.weight.dtype)  # nn.Linear's init
+        self.weight = nn.Parameter(torch.cat([self.weight.data, fresh.weight.data]))
+        self.bias = nn.Parameter(torch.cat([self.bias.data, fresh.bias.data]))
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return F.linear(features, self.weight, self.bias)
+
+
+@dataclass
+class TrainingConfig(StrategyConfig):
+    """Hyper-parameters shared by strategies trained with gradient descent."""
+
+    epochs: int = param(5, ge=0, help="epochs per session")
+    lr: float = param(0.01, gt=0.0)
+    optimizer: str = param("sgd", choices=["sgd", "adamw"])
+    momentum: float = param(0.9, ge=0.0, lt=1.0)
+    weight_decay: float = param(0.0, ge=0.0)
+    scheduler: str = param("cosine", choices=["cosine", "constant"], help="learning-rate schedule per session")
+
+
+class CILModule(pl.LightningModule):
+    """Base of every strategy: a backbone, a growing classifier and the session hooks.
+
+    Subclasses set their hyper-parameters in ``__init__`` (then ``self.save_hyperparameters(ignore=["backbone"])``)
+    and override the hooks they need. The defaults implement plain cross-entropy training of backbone and head.
+    """
+
+    def __init__(self, backbone: nn.Module, num_features: Optional[int] = None):
+        super().__init__()
+        self.backbone = backbone
+        num_features = num_features if num_features is not None else getattr(backbone, "num_features", None)
+        if num_features is None:
+            raise ValueError("num_features is required for a backbone without a `num_features` attribute")
+        self.num_features = int(num_features)
+        self.classifier = GrowingClassifier(self.num_features)
+        self.session_index = -1
+
+    # ---- session hooks --------------------------------------------------------------------------------
+    def begin_session(self, session: Session) -> None:
+        """Before ``fit``: grow the head to every class seen so far."""
+        self.session_index = session.index
+        self.classifier.grow(session.num_seen)
+
+    def end_session(self, session: Session) -> None:
+        """After ``fit``: statistics passes, merging, alignment. Nothing by default."""
+
+    def epochs_for(self, session: Session) -> int:
+        """Epochs to train in ``session``; 0 skips ``fit`` (the hooks still run)."""
+        return int(self.hparams.get("epochs", 0))
+
+    def train_data(self, session: Session) -> Dataset:
+        """The data ``fit`` trains on in ``session``: the session's own data by default."""
+        return session.train_data
+
+    # ---- Lightning -----------------------------------------------------------------------------------
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.backbone(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.features(x))
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        x, y = batch[0], batch[1]  # Avalanche items may carry a task label third
+        logits = self(x)
+        loss = F.cross_entropy(logits, y)
+        self.log("train/loss", loss, prog_bar=True)
+        self.log("train/acc", (logits.argmax(1) == y).float().mean(), prog_bar=True)
+        return loss
+
+    def predict_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0):
+        """(predicted class, true class) per sample: what the evaluator counts."""
+        return self(batch[0]).argmax(1), batch[1]
+
+    def configure_optimizers(self):
+        hp = self.hparams
+        params = [p for p in self.parameters() if p.requires_grad]
+        if hp.optimizer == "sgd":
+            optimizer = torch.optim.SGD(params, lr=hp.lr, momentum=hp.momentum, weight_decay=hp.weight_decay)
+        else:
+            optimizer = torch.optim.AdamW(params, lr=hp.lr, weight_decay=hp.weight_decay)
+        if hp.scheduler == "constant":
+            return optimizer
+        epochs = max(1, self.trainer.max_epochs or 1)
+        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}
+
+    def num_trainable_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters() if p.requires_grad)
+
+
+def create_strategy(cfg: DictConfig) -> CILModule:
+    """The strategy of a validated experiment config, on the backbone its ``backbone`` group describes."""
+    from cil import registry
+    from cil.backbones import backbone_from_config
+
+    cls = registry.strategy_class(cfg.strategy.name)
+    hparams = OmegaConf.to_container(cfg.strategy, resolve=True)
+    hparams.pop("name")
+    return cls(backbone_from_config(cfg.backbone), **hparams)
+
+
+__all__ = ["Session", "CILModule", "GrowingClassifier", "Growing", "TrainingConfig", "create_strategy"]

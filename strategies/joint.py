@@ -1,0 +1,50 @@
+"""Joint training: the upper bound of class-incremental learning.
+
+Each session trains body and head on the data of every session seen so far (continuing from the previous
+session's weights, as Avalanche's ``Cumulative`` strategy does), so nothing is forgotten except what capacity
+and optimisation lose.
+
+Needs from the user: ``Session.seen_train_data`` (the training sets of sessions 0..k) — ``train_data(session)``
+concatenates them; pass a loader over that to ``fit``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import nn
+from torch.utils.data import ConcatDataset, Dataset
+
+from cil.config import param
+from cil.module import CILModule, Session, TrainingConfig
+from cil.registry import register_strategy
+
+
+@dataclass
+class JointConfig(TrainingConfig):
+    name: str = "joint"
+    epochs: int = param(5, ge=0, help="epochs per session, over all data seen so far")
+
+
+class Joint(CILModule):
+    def __init__(
+        self,
+        backbone: nn.Module,
+        num_features: int | None = None,
+        epochs: int = 5,
+        lr: float = 0.01,
+        optimizer: str = "sgd",
+        momentum: float = 0.9,
+        weight_decay: float = 0.0,
+        scheduler: str = "cosine",
+    ):
+        super().__init__(backbone, num_features)
+        self.save_hyperparameters(ignore=["backbone"])
+
+    def train_data(self, session: Session) -> Dataset:
+        if not session.seen_train_data:
+            raise ValueError("joint training needs Session.seen_train_data (training sets of sessions 0..k)")
+        return ConcatDataset(session.seen_train_data)
+
+
+register_strategy("joint", Joint, JointConfig)

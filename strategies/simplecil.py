@@ -1,0 +1,98 @@
+"""SimpleCIL (Zhou et al., "Revisiting class-incremental learning with pre-trained models", IJCV 2024).
+
+The pre-trained backbone stays frozen and is never trained; after each session the classifier row of every new
+class is its prototype, the mean backbone feature of its training samples, and logits are the cosine similarity
+between a sample's feature and every prototype. With ``metric="euclidean"`` it is the nearest-class-mean (NCM)
+baseline: logits are negative squared Euclidean distances to the class means.
+
+Needs from the user: ``Session.loader_fn`` (a loader over the session's training data, evaluation transforms);
+no ``fit`` is needed (``epochs_for`` is 0). Under DDP each process passes its own shard: the class sums and
+counts are all-reduced, so prototypes are exactly those of one process.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from cil.config import StrategyConfig, param
+from cil.distributed import all_reduce_sum, is_rank_zero
+from cil.module import CILModule, Growing, Session
+from cil.registry import register_strategy
+
+
+@dataclass
+class SimpleCILConfig(StrategyConfig):
+    name: str = "simplecil"
+    metric: str = param("cosine", choices=["cosine", "euclidean"], help="cosine: SimpleCIL; euclidean: NCM")
+
+
+class ClassMeans(Growing):
+    """Per-class feature sums and counts (float64), from which prototypes are the means."""
+
+    def __init__(self, num_features: int):
+        super().__init__()
+        self.register_buffer("sums", torch.zeros(0, num_features, dtype=torch.float64))
+        self.register_buffer("counts", torch.zeros(0, dtype=torch.float64))
+
+    def grow(self, num_classes: int) -> None:
+        extra = num_classes - self.counts.numel()
+        if extra > 0:
+            self.sums = torch.cat([self.sums, self.sums.new_zeros(extra, self.sums.shape[1])])
+            self.counts = torch.cat([self.counts, self.counts.new_zeros(extra)])
+
+    def update(self, features: torch.Tensor, labels: torch.Tensor) -> None:
+        self.sums.index_add_(0, labels, features.to(self.sums.dtype))
+        self.counts.index_add_(0, labels, torch.ones_like(labels, dtype=self.counts.dtype))
+
+    def means(self) -> torch.Tensor:
+        return self.sums / self.counts.clamp_min(1).unsqueeze(1)
+
+
+class SimpleCIL(CILModule):
+    def __init__(self, backbone: nn.Module, num_features: int | None = None, metric: str = "cosine"):
+        super().__init__(backbone, num_features)
+        self.save_hyperparameters(ignore=["backbone"])
+        self.class_means = ClassMeans(self.num_features)
+        self.backbone.requires_grad_(False)
+        del self.classifier  # the prototypes are the classifier
+
+    def epochs_for(self, session: Session) -> int:
+        return 0
+
+    def begin_session(self, session: Session) -> None:
+        self.session_index = session.index
+        self.class_means.grow(session.num_seen)
+
+    @torch.no_grad()
+    def end_session(self, session: Session) -> None:
+        """Prototypes of the new classes: the mean frozen feature of their training samples."""
+        self.to(session.device).eval()
+        new = torch.zeros(session.num_seen, dtype=torch.bool)
+        new[session.new_classes] = True
+        fresh = ClassMeans(self.num_features).to(session.device)
+        fresh.grow(session.num_seen)
+        batches = tqdm(session.train_loader(), desc=f"prototypes s{session.index}", disable=not is_rank_zero())
+        for batch in batches:
+            x, y = batch[0].to(session.device), batch[1].to(session.device)
+            fresh.update(self.backbone(x), y)
+        all_reduce_sum(fresh.sums)
+        all_reduce_sum(fresh.counts)
+        self.class_means.sums[new] = fresh.sums[new]
+        self.class_means.counts[new] = fresh.counts[new]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        features = self.backbone(x).to(torch.float64)
+        means = self.class_means.means()
+        if self.hparams.metric == "cosine":
+            logits = F.normalize(features, dim=1) @ F.normalize(means, dim=1).T
+        else:
+            logits = -torch.cdist(features, means).pow(2)
+        return logits.float()
+
+
+register_strategy("simplecil", SimpleCIL, SimpleCILConfig)

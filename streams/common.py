@@ -1,0 +1,203 @@
+"""What every stream shares: class order, ``B{base}-Inc{k}`` splits, and the Avalanche benchmark around them.
+
+A stream builder loads a data set's raw train and test sets (anything with ``.targets``) and calls
+:func:`build_stream`, which
+
+1. fixes the class order (``stream.class_order``, or a seeded shuffle, or sorted ids),
+2. cuts it into sessions (``stream.split``), or reads them from FSCIL index lists (``stream.index_dir``),
+3. picks each session's training samples (all of them, or ``stream.shots`` per class after the base session),
+4. remaps labels to their order of appearance (session 0's classes are 0..n0-1, and so on), and
+5. wraps it all in an Avalanche benchmark (``benchmark_from_datasets`` + ``with_classes_timeline``), whose
+   ``train_stream``/``test_stream`` any Avalanche user recognises.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+import numpy as np
+from torch.utils.data import Dataset
+
+from cil.backbones import Transforms
+from cil.config import ConfigError, split_sizes
+
+
+@dataclass
+class Stream:
+    """A class-incremental stream: Avalanche's benchmark plus what the session loop asks of it.
+
+    Class ids are contiguous and in order of appearance. ``eval_data[j]`` holds the test samples of the
+    classes *new* in session j (disjoint across sessions); the Avalanche ``test_stream`` may instead be
+    cumulative (few-shot streams: session t's test set covers every class seen so far).
+    """
+
+    name: str
+    benchmark: Any
+    classes_per_session: list[list[int]]
+    class_names: list[str]
+    original_class_ids: list[Any]
+    train_data: list[Dataset]
+    eval_data: list[Dataset]
+    stats_data: list[Dataset]
+
+    @property
+    def n_sessions(self) -> int:
+        return len(self.classes_per_session)
+
+    @property
+    def n_classes(self) -> int:
+        return sum(len(c) for c in self.classes_per_session)
+
+    def seen_classes(self, session: int) -> list[int]:
+        return [c for s in self.classes_per_session[: session + 1] for c in s]
+
+    def eval_counts(self) -> list[int]:
+        return [len(d) for d in self.eval_data]
+
+
+class Relabeled(Dataset):
+    """The samples of ``base`` whose class is in ``remap``, with labels mapped to their new ids."""
+
+    def __init__(self, base: Any, remap: dict[Any, int]):
+        self.base = base
+        labels = _targets(base)
+        self.indices = [i for i, t in enumerate(labels) if t in remap]
+        self.position = {raw: pos for pos, raw in enumerate(self.indices)}
+        self.targets = [remap[labels[i]] for i in self.indices]
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, pos: int):
+        x = self.base[self.indices[pos]][0]
+        return x, self.targets[pos]
+
+
+def _targets(ds: Any) -> list[Any]:
+    targets = getattr(ds, "targets", None)
+    if targets is None:
+        raise TypeError(f"{type(ds).__name__} needs a `targets` attribute to be split into sessions")
+    return [int(t) if isinstance(t, (int, np.integer)) else t for t in list(targets)]
+
+
+def class_order(classes: Sequence[Any], cfg: Any, stream: str) -> list[Any]:
+    """Fixed (``stream.class_order``), seeded shuffle, or sorted order of the original class ids."""
+    classes = sorted(set(classes))
+    if cfg.class_order is not None:
+        order = list(cfg.class_order)
+        if sorted(order) != classes or len(order) != len(set(order)):
+            raise ConfigError(
+                f"stream.class_order={order} is not a permutation of the {len(classes)} classes of {stream} "
+                f"(ids {classes[0]}..{classes[-1]})"
+            )
+        return order
+    if cfg.shuffle_classes:
+        return [classes[i] for i in np.random.RandomState(cfg.seed).permutation(len(classes))]
+    return classes
+
+
+def split_sessions(order: list[Any], split: str, stream: str) -> list[list[Any]]:
+    """Cut the class order into a base session and increments: ``B50-Inc10`` on 100 classes → 6 sessions."""
+    base, inc = split_sizes(split)
+    rest = len(order) - base
+    if base > len(order) or rest % inc != 0 or (base == 0 and rest == 0):
+        raise ConfigError(
+            f"stream.split={split!r} does not fit the {len(order)} classes of {stream}: after a base of {base}, "
+            f"the remaining {rest} classes must split into sessions of {inc}"
+        )
+    sessions = [order[:base]] if base else []
+    sessions += [order[i : i + inc] for i in range(base, len(order), inc)]
+    return sessions
+
+
+def build_stream(
+    name: str,
+    cfg: Any,
+    train_set: Any,
+    test_set: Any,
+    class_names: dict[Any, str],
+    transforms: Transforms,
+    sample_names: Callable[[int], str] | None = None,
+) -> Stream:
+    """The full pipeline of the module docstring, for raw ``train_set``/``test_set`` with ``.targets``."""
+    from streams.fewshot import index_list_sessions, sample_shots
+
+    train_labels = _targets(train_set)
+    if cfg.index_dir is not None:
+        if cfg.shots is not None:
+            raise ConfigError("set stream.index_dir (fixed FSCIL index lists) or stream.shots (sampled), not both")
+        raw_indices, sessions = index_list_sessions(cfg.index_dir, train_labels, sample_names)
+        fewshot = True
+    else:
+        sessions = split_sessions(class_order(train_labels, cfg, name), cfg.split, name)
+        raw_indices = None
+        fewshot = cfg.shots is not None
+        if fewshot:
+            first_fewshot = 1 if split_sizes(cfg.split)[0] > 0 else 0
+            raw_indices = sample_shots(train_labels, sessions, cfg.shots, cfg.seed, first_fewshot)
+    return make_benchmark(name, train_set, test_set, sessions, class_names, transforms, raw_indices, fewshot)
+
+
+def make_benchmark(
+    name: str,
+    train_set: Any,
+    test_set: Any,
+    sessions: list[list[Any]],
+    class_names: dict[Any, str],
+    transforms: Transforms,
+    raw_train_indices: list[list[int]] | None = None,
+    cumulative_test: bool = False,
+) -> Stream:
+    """Remap labels to appearance order and build the Avalanche benchmark (see module docstring)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from avalanche.benchmarks import benchmark_from_datasets, with_classes_timeline
+        from avalanche.benchmarks.utils import as_classification_dataset
+        from avalanche.benchmarks.utils.transform_groups import TransformGroups
+
+    order = [c for s in sessions for c in s]
+    remap = {c: i for i, c in enumerate(order)}
+    groups = TransformGroups({"train": transforms.train, "eval": transforms.eval})
+    train_rel, test_rel = Relabeled(train_set, remap), Relabeled(test_set, remap)
+    train_all = as_classification_dataset(train_rel, transform_groups=groups)
+    test_all = as_classification_dataset(test_rel, transform_groups=groups)
+
+    new_ids = [[remap[c] for c in s] for s in sessions]
+    test_by_class = _indices_by_class(test_rel.targets)
+    train_by_class = _indices_by_class(train_rel.targets)
+    train_data, stats_data, eval_data, test_stream = [], [], [], []
+    for s, ids in enumerate(new_ids):
+        if raw_train_indices is not None:
+            idx = [train_rel.position[i] for i in raw_train_indices[s]]
+        else:
+            idx = [i for c in ids for i in train_by_class.get(c, [])]
+        if not idx:
+            raise ConfigError(f"session {s} of {name} has no training samples (classes {sessions[s]})")
+        subset = train_all.subset(idx)
+        train_data.append(subset.train())
+        stats_data.append(subset.eval())
+        new_test = [i for c in ids for i in test_by_class.get(c, [])]
+        eval_data.append(test_all.subset(new_test).eval())
+        seen = [c for prev in new_ids[: s + 1] for c in prev]
+        cumulative = [i for c in seen for i in test_by_class.get(c, [])]
+        test_stream.append(test_all.subset(cumulative).eval() if cumulative_test else eval_data[-1])
+    benchmark = with_classes_timeline(benchmark_from_datasets(train=train_data, test=test_stream))
+    return Stream(
+        name=name,
+        benchmark=benchmark,
+        classes_per_session=new_ids,
+        class_names=[str(class_names.get(c, c)) for c in order],
+        original_class_ids=order,
+        train_data=train_data,
+        eval_data=eval_data,
+        stats_data=stats_data,
+    )
+
+
+def _indices_by_class(targets: Sequence[int]) -> dict[int, list[int]]:
+    out: dict[int, list[int]] = {}
+    for i, t in enumerate(targets):
+        out.setdefault(t, []).append(i)
+    return out

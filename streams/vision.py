@@ -1,0 +1,156 @@
+"""Real image data sets through their real loaders, from a local ``stream.data_root`` (never downloaded).
+
+- ``cifar100``: torchvision's CIFAR-100 format, ``<root>/cifar-100-python/{meta,train,test}``.
+- ``imagenet_r`` and ``cub200``: the LAMDA-PILOT layout, ``<root>/train/<class>/*.jpg`` and
+  ``<root>/test/<class>/*.jpg``, read with torchvision's ``ImageFolder``.
+- ``miniimagenet``: the FSCIL layout (CEC, xyutao/fscil), ``<root>/images/*.jpg`` with
+  ``<root>/split/train.csv`` and ``<root>/split/test.csv`` (``filename,label`` rows, label = WordNet id);
+  ``<root>/miniimagenet/`` is accepted as well.
+
+A missing or malformed root is a config error that shows the expected layout.
+"""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+from typing import Any, Callable
+
+from torch.utils.data import Dataset
+from torchvision.datasets import CIFAR100, ImageFolder
+from torchvision.datasets.folder import default_loader
+
+from cil.backbones import Transforms
+from cil.config import ConfigError
+from cil.registry import register_stream
+from streams.common import Stream, build_stream
+
+CIFAR_LAYOUT = "<root>/cifar-100-python/{meta,train,test} (torchvision's CIFAR-100 python format)"
+FOLDER_LAYOUT = "<root>/train/<class>/<image> and <root>/test/<class>/<image> (LAMDA-PILOT layout)"
+MINI_LAYOUT = "<root>/images/<file>.jpg, <root>/split/train.csv and <root>/split/test.csv (filename,label rows)"
+
+
+def _root(cfg: Any, stream: str, layout: str) -> Path:
+    if cfg.data_root is None:
+        raise ConfigError(f"stream '{stream}' needs stream.data_root; expected layout: {layout}")
+    root = Path(cfg.data_root).expanduser()
+    if not root.is_dir():
+        raise ConfigError(f"stream.data_root='{root}' is not a folder; expected layout: {layout}")
+    return root
+
+
+class _UncheckedCIFAR100(CIFAR100):
+    """torchvision's CIFAR100 reader without its md5 checks (``stream.verify_checksums=false``)."""
+
+    def _check_integrity(self) -> bool:
+        return all(
+            (Path(self.root) / self.base_folder / name).is_file() for name, _ in self.train_list + self.test_list
+        )
+
+    def _load_meta(self) -> None:
+        import pickle
+
+        with open(Path(self.root) / self.base_folder / self.meta["filename"], "rb") as f:
+            self.classes = pickle.load(f, encoding="latin1")[self.meta["key"]]
+        self.class_to_idx = {c: i for i, c in enumerate(self.classes)}
+
+
+def build_cifar100(cfg: Any, make_transforms: Callable[..., Transforms]) -> Stream:
+    root = _root(cfg, "cifar100", CIFAR_LAYOUT)
+    folder = root / "cifar-100-python"
+    missing = [n for n in ("meta", "train", "test") if not (folder / n).is_file()]
+    if missing:
+        raise ConfigError(f"stream.data_root='{root}' lacks {missing}; expected layout: {CIFAR_LAYOUT}")
+    cls = CIFAR100 if cfg.verify_checksums else _UncheckedCIFAR100
+    try:
+        train, test = cls(str(root), train=True, download=False), cls(str(root), train=False, download=False)
+    except RuntimeError as e:
+        raise ConfigError(
+            f"stream.data_root='{root}': {e} (set stream.verify_checksums=false for a re-packed copy)"
+        ) from None
+    return build_stream("cifar100", cfg, train, test, dict(enumerate(train.classes)), make_transforms())
+
+
+def _image_folders(cfg: Any, stream: str) -> tuple[ImageFolder, ImageFolder]:
+    root = _root(cfg, stream, FOLDER_LAYOUT)
+    sets = []
+    for split in ("train", "test"):
+        folder = root / split
+        if not folder.is_dir() or not any(p.is_dir() for p in folder.iterdir()):
+            raise ConfigError(f"stream.data_root='{root}' has no class folders in {split}/; expected {FOLDER_LAYOUT}")
+        try:
+            sets.append(ImageFolder(str(folder)))
+        except (FileNotFoundError, RuntimeError) as e:
+            raise ConfigError(f"stream.data_root='{root}': {e}; expected layout: {FOLDER_LAYOUT}") from None
+    train, test = sets
+    if train.classes != test.classes:
+        extra = sorted(set(train.classes) ^ set(test.classes))[:5]
+        raise ConfigError(f"stream.data_root='{root}': train/ and test/ hold different classes (e.g. {extra})")
+    return train, test
+
+
+def _folder_stream(stream: str) -> Callable[..., Stream]:
+    def build(cfg: Any, make_transforms: Callable[..., Transforms]) -> Stream:
+        train, test = _image_folders(cfg, stream)
+        names = dict(enumerate(train.classes))
+        return build_stream(
+            stream,
+            cfg,
+            train,
+            test,
+            names,
+            make_transforms(),
+            sample_names=lambda i: Path(train.samples[i][0]).name,
+        )
+
+    build.__doc__ = f"``{stream}`` from {FOLDER_LAYOUT}."
+    return build
+
+
+class ImageList(Dataset):
+    """Images named in a ``filename,label`` CSV (miniImageNet's split files); labels in order of appearance."""
+
+    def __init__(self, images: Path, csv_file: Path, classes: list[str] | None = None):
+        with open(csv_file, newline="") as f:
+            rows = [r for r in csv.reader(f) if r]
+        if rows and rows[0][0] == "filename":
+            rows = rows[1:]
+        self.files = [images / r[0] for r in rows]
+        wnids = [r[1] for r in rows]
+        self.classes = classes if classes is not None else list(dict.fromkeys(wnids))
+        index = {c: i for i, c in enumerate(self.classes)}
+        unknown = sorted(set(wnids) - set(index))
+        if unknown:
+            raise ConfigError(f"{csv_file} names classes absent from the training split: {unknown[:5]}")
+        self.targets = [index[w] for w in wnids]
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, i: int):
+        return default_loader(str(self.files[i])), self.targets[i]
+
+
+def build_miniimagenet(cfg: Any, make_transforms: Callable[..., Transforms]) -> Stream:
+    root = _root(cfg, "miniimagenet", MINI_LAYOUT)
+    if not (root / "split").is_dir() and (root / "miniimagenet").is_dir():
+        root = root / "miniimagenet"
+    needed = [root / "images", root / "split" / "train.csv", root / "split" / "test.csv"]
+    missing = [str(p.relative_to(root)) for p in needed if not p.exists()]
+    if missing:
+        raise ConfigError(f"stream.data_root='{root}' lacks {missing}; expected layout: {MINI_LAYOUT}")
+    train = ImageList(root / "images", root / "split" / "train.csv")
+    test = ImageList(root / "images", root / "split" / "test.csv", classes=train.classes)
+    absent = [str(p) for p in train.files[:1] + test.files[:1] if not p.is_file()]
+    if absent:
+        raise ConfigError(f"stream.data_root='{root}': image {absent[0]} listed in split/ does not exist")
+    names = dict(enumerate(train.classes))
+    return build_stream(
+        "miniimagenet", cfg, train, test, names, make_transforms(), sample_names=lambda i: train.files[i].name
+    )
+
+
+register_stream("cifar100", build_cifar100)
+register_stream("imagenet_r", _folder_stream("imagenet_r"))
+register_stream("cub200", _folder_stream("cub200"))
+register_stream("miniimagenet", build_miniimagenet)
