@@ -44,6 +44,7 @@ class RunConfig:
     name: str = "${strategy.name}-${stream.name}"
     seed: int = param(0, ge=0, help="seeds model init, class order, data order and every session")
     output_dir: str = param("runs", help="run folders go to <output_dir>/<name>/<timestamp>/")
+    keep_session_checkpoints: bool = param(False, help="keep session_<k>.ckpt of every session, not just the newest")
 
 
 @dataclass
@@ -94,7 +95,7 @@ class TrainerConfig:
         "32-true", choices=["32-true", "32", "16-mixed", "bf16-mixed", "bf16-true", "16-true", "64-true"]
     )
     deterministic: bool = param(False, help="torch deterministic algorithms (Trainer(deterministic=True))")
-    log_every_n_steps: int = param(10, ge=1)
+    log_every_n_steps: int = param(5, ge=1)
     enable_progress_bar: bool = True
     gradient_clip_val: Optional[float] = param(None, gt=0.0)
     eval_unseen: bool = param(True, help="also evaluate on future sessions' test data (forward transfer)")

@@ -1,0 +1,106 @@
+"""Command line: ``cil run CONFIG [key=value ...]``, ``cil run --resume RUN_DIR``, ``cil report RUN_DIR ...``.
+
+Configuration problems print one line on stderr and exit with status 2, before any data is loaded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import warnings
+from pathlib import Path
+
+from cil.config import ConfigError
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="cil", description="Class-incremental learning experiments.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="run an experiment from a YAML config (or resume one)")
+    run.add_argument("config", nargs="?", help="YAML config, e.g. configs/simplecil/digits.yaml")
+    run.add_argument("overrides", nargs="*", help="key=value overrides, e.g. run.seed=1 trainer.devices=2")
+    run.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run from its folder")
+    report = sub.add_parser("report", help="compare finished runs: a table and a plot")
+    report.add_argument("runs", nargs="+", metavar="RUN_DIR")
+    report.add_argument("--plot", default="cil_report.png", help="where to write the comparison plot")
+    sub.add_parser("list", help="registered strategies and streams")
+    return parser
+
+
+def quiet_lightning() -> None:
+    """Keep Lightning's start-up chatter (device lines, tips, worker hints) out of experiment output."""
+    for name in ("pytorch_lightning", "lightning", "lightning.pytorch", "lightning_fabric"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", message=".*(does not have many workers|LeafSpec|GPU available but not used).*")
+    warnings.filterwarnings(
+        "ignore",
+        message=".*(Checkpoint directory .* exists and is not empty|num_workers|smaller than the logging interval).*",
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        return _dispatch(args)
+    except ConfigError as e:
+        print(f"cil: error: {e}", file=sys.stderr)
+        return 2
+
+
+def _dispatch(args: argparse.Namespace) -> int:
+    if args.command == "list":
+        from cil import registry
+
+        print("strategies:", ", ".join(registry.strategy_names()))
+        print("streams:   ", ", ".join(registry.stream_names()))
+        return 0
+    if args.command == "report":
+        return _report(args)
+    return _run(args)
+
+
+def _run(args: argparse.Namespace) -> int:
+    from cil.config import load_config
+
+    if args.resume:
+        if args.config or args.overrides:
+            raise ConfigError("--resume RUN_DIR takes no config or overrides: the run folder's config.yaml is used")
+        run_dir = Path(args.resume)
+        if not (run_dir / "config.yaml").is_file():
+            raise ConfigError(f"--resume '{run_dir}' is not a run folder (no config.yaml)")
+        cfg = load_config(run_dir / "config.yaml")
+    else:
+        if args.config is None:
+            raise ConfigError("give a config file (cil run CONFIG [key=value ...]) or --resume RUN_DIR")
+        if "=" in args.config and not Path(args.config).exists():
+            raise ConfigError(f"'{args.config}' looks like an override; the config file comes first")
+        cfg = load_config(args.config, args.overrides)
+        run_dir = None
+    quiet_lightning()
+    from cil.session import run_experiment
+
+    path = run_experiment(cfg, run_dir=run_dir)
+    if os.environ.get("LOCAL_RANK", "0") == "0":
+        print(f"[cil] run folder: {path}")
+    return 0
+
+
+def _report(args: argparse.Namespace) -> int:
+    from cil.runs import compare, load_run, plot_comparison
+
+    runs = []
+    for path in args.runs:
+        try:
+            runs.append(load_run(path))
+        except FileNotFoundError as e:
+            raise ConfigError(str(e)) from None
+    table = compare(runs)
+    print(table.to_string(index=False, float_format=lambda v: f"{v:.2f}"))
+    print(f"[cil] comparison plot: {plot_comparison(runs, args.plot)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

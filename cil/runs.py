@@ -1,0 +1,359 @@
+"""The run folder: everything a run produces, written atomically, and read back as pandas objects.
+
+::
+
+    runs/<name>/<YYYYmmdd-HHMMSS>/
+      config.yaml            fully resolved config (``cil run RUN_DIR/config.yaml`` runs it again)
+      env.json               package versions, git commit, seed, device, command line
+      metrics.csv            tidy: session, eval_session, split, metric, value (one row per number)
+      accuracy_matrix.csv    R[i, j]: accuracy on session j's test classes after training session i
+      summary.json           final metrics with their definitions; per-session wall time, memory, parameters
+      plots/                 accuracy_curve.png, accuracy_matrix.png, forgetting.png
+      checkpoints/           session_<k>.ckpt after each session (resume point), last.ckpt mid-session
+      logs/                  Lightning's CSV and TensorBoard logs of the training steps, one version per session
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from cil import metrics as M
+from cil.config import to_yaml
+
+PACKAGES = ["torch", "torchvision", "pytorch-lightning", "timm", "avalanche-lib", "omegaconf", "scikit-learn"]
+PACKAGES += ["numpy", "pandas", "open-clip-torch"]
+
+
+def atomic_write(path: str | Path, data: str | bytes | Callable[[Path], None]) -> Path:
+    """Write ``data`` (text, bytes, or a function that writes a given path) to a temporary file in the same
+    folder, then rename it over ``path``: readers see the old file or the new one, never half of one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}-", suffix=path.suffix)
+    os.close(fd)
+    try:
+        if callable(data):
+            data(Path(tmp))
+        else:
+            Path(tmp).write_bytes(data.encode() if isinstance(data, str) else data)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+def environment(cfg: DictConfig) -> dict[str, Any]:
+    """Versions, git commit, seed and device: what is needed to run this again."""
+    versions = {}
+    for name in PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    root = Path(__file__).resolve().parent.parent
+    commit = _git(root, "rev-parse", "HEAD")
+    dirty = _git(root, "status", "--porcelain", "--untracked-files=no")
+    return {
+        "python": sys.version.split()[0],
+        "packages": versions,
+        "git_commit": commit,
+        "git_dirty": bool(dirty) if commit else None,
+        "seed": cfg.run.seed,
+        "device": {
+            "accelerator": cfg.trainer.accelerator,
+            "devices": OmegaConf.to_container(cfg.trainer, resolve=True)["devices"],
+            "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+            "cpu_count": os.cpu_count(),
+            "platform": platform.platform(),
+            "hostname": socket.gethostname(),
+        },
+        "command": sys.argv,
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
+    }
+
+
+def _git(root: Path, *args: str) -> str | None:
+    try:
+        out = subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return out.stdout.strip() if out.returncode == 0 else None
+
+
+@dataclass
+class SessionRecord:
+    """What the session loop measured in one session (kept in the session checkpoint for resume)."""
+
+    session: int
+    confusion: list[list[int]]
+    epochs: int
+    trainable_params: int
+    wall_time_s: float
+    eval_time_s: float
+    peak_memory_mb: float
+    peak_gpu_memory_mb: float | None = None
+
+
+class RunFolder:
+    """Writer of one run folder (only rank 0 writes; see :mod:`cil.session`)."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.checkpoints = self.path / "checkpoints"
+        self.plots = self.path / "plots"
+
+    @staticmethod
+    def new_path(cfg: DictConfig) -> Path:
+        base = Path(cfg.run.output_dir) / str(cfg.run.name)
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        path, k = base / stamp, 1
+        while path.exists():
+            path, k = base / f"{stamp}-{k}", k + 1
+        return path
+
+    def create(self, cfg: DictConfig) -> RunFolder:
+        self.path.mkdir(parents=True, exist_ok=False)
+        atomic_write(self.path / "config.yaml", to_yaml(cfg))
+        atomic_write(self.path / "env.json", json.dumps(environment(cfg), indent=2))
+        return self
+
+    def note_resume(self, cfg: DictConfig) -> None:
+        env = json.loads((self.path / "env.json").read_text()) if (self.path / "env.json").exists() else {}
+        env.setdefault("resumed", []).append(environment(cfg))
+        atomic_write(self.path / "env.json", json.dumps(env, indent=2))
+
+    # ---- checkpoints -----------------------------------------------------------------------------------
+    def session_checkpoint(self, k: int) -> Path:
+        return self.checkpoints / f"session_{k}.ckpt"
+
+    @property
+    def last_checkpoint(self) -> Path:
+        return self.checkpoints / "last.ckpt"
+
+    def completed_sessions(self) -> int:
+        """Sessions completed: 1 + the index of the newest session checkpoint (0 if none)."""
+        done = [int(p.stem.split("_")[1]) for p in self.checkpoints.glob("session_*.ckpt")]
+        return max(done) + 1 if done else 0
+
+    def save_session(self, k: int, state_dict: dict, records: Sequence[SessionRecord]) -> None:
+        payload = {"session": k, "state_dict": state_dict, "records": [vars(r) for r in records]}
+        atomic_write(self.session_checkpoint(k), lambda p: torch.save(payload, p))
+
+    def load_session(self, k: int) -> tuple[dict, list[SessionRecord]]:
+        payload = torch.load(self.session_checkpoint(k), map_location="cpu", weights_only=False)
+        return payload["state_dict"], [SessionRecord(**r) for r in payload["records"]]
+
+    # ---- results -------------------------------------------------------------------------------------
+    def write_results(
+        self,
+        records: Sequence[SessionRecord],
+        classes_per_session: Sequence[Sequence[int]],
+        counts: Sequence[int],
+        info: dict[str, Any],
+        eval_unseen: bool = True,
+    ) -> dict[str, Any]:
+        """Tables, summary and plots from the sessions done so far; returns the summary."""
+        R = accuracy_matrix(records, classes_per_session, eval_unseen)
+        T = R.shape[1]
+        done = R.shape[0]
+        matrix = pd.DataFrame(R, index=pd.Index(range(done), name="after_session"), columns=range(T))
+        atomic_write(self.path / "accuracy_matrix.csv", matrix.to_csv())
+        tidy = tidy_metrics(R, counts)
+        atomic_write(self.path / "metrics.csv", tidy.to_csv(index=False))
+        square = R[:, :done]
+        final = M.summarize(square, counts[:done]) if done else {}
+        summary = {
+            **info,
+            "n_sessions": T,
+            "completed_sessions": done,
+            "complete": done == T,
+            "classes_per_session": [list(map(int, c)) for c in classes_per_session],
+            "test_samples_per_session": [int(c) for c in counts],
+            "metrics": {k: {"value": _num(v), "definition": M.DEFINITIONS[k]} for k, v in final.items()},
+            "sessions": [{k: v for k, v in vars(r).items() if k != "confusion"} for r in records],
+        }
+        atomic_write(self.path / "summary.json", json.dumps(summary, indent=2))
+        plot_run(self.plots, square, counts[:done])
+        return summary
+
+
+def _num(v: float) -> float | None:
+    return None if v is None or (isinstance(v, float) and np.isnan(v)) else float(v)
+
+
+def accuracy_matrix(
+    records: Sequence[SessionRecord], classes_per_session: Sequence[Sequence[int]], eval_unseen: bool = True
+) -> np.ndarray:
+    """R (done × T) from the recorded confusion matrices; NaN above the diagonal unless ``eval_unseen``."""
+    R = np.array([M.accuracy_row(np.array(r.confusion), classes_per_session) for r in records], dtype=float)
+    R = R.reshape(len(records), len(classes_per_session))
+    if not eval_unseen:
+        R[np.triu_indices(R.shape[0], 1, R.shape[1])] = np.nan
+    return R
+
+
+def tidy_metrics(R: np.ndarray, counts: Sequence[int]) -> pd.DataFrame:
+    """One row per number: accuracy per (session, eval_session), and per-session aggregates."""
+    done = R.shape[0]
+    rows = [(i, j, "test", "accuracy", R[i, j]) for i in range(done) for j in range(R.shape[1])]
+    square = R[:, :done]
+    seen = M.seen_accuracy(square, counts[:done])
+    old, new, harmonic = M.old_new_accuracy(square, counts[:done])
+    curve = M.forgetting_curve(square)
+    for i in range(done):
+        for name, values in [
+            ("seen_accuracy", seen),
+            ("old_accuracy", old),
+            ("new_accuracy", new),
+            ("harmonic_mean", harmonic),
+            ("forgetting", curve),
+        ]:
+            rows.append((i, None, "test", name, values[i]))
+    frame = pd.DataFrame(rows, columns=["session", "eval_session", "split", "metric", "value"])
+    frame["eval_session"] = frame["eval_session"].astype("Int64")
+    return frame
+
+
+def plot_run(folder: Path, R: np.ndarray, counts: Sequence[int]) -> None:
+    """accuracy_curve.png, accuracy_matrix.png and forgetting.png for a (done × done) accuracy matrix."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    done = R.shape[0]
+    if done == 0:
+        return
+    sessions = np.arange(done)
+    seen = M.seen_accuracy(R, counts)
+    old, new, _ = M.old_new_accuracy(R, counts)
+
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    ax.plot(sessions, 100 * seen, "o-", label="all seen classes")
+    ax.plot(sessions, 100 * old, "s--", label="old classes", alpha=0.7)
+    ax.plot(sessions, 100 * new, "^--", label="new classes", alpha=0.7)
+    ax.set(xlabel="session", ylabel="accuracy (%)", ylim=(0, 100), xticks=sessions, title="Accuracy per session")
+    ax.legend()
+    _save(fig, folder / "accuracy_curve.png")
+
+    fig, ax = plt.subplots(figsize=(1.2 + 0.6 * done, 1 + 0.55 * done))
+    image = ax.imshow(100 * R, vmin=0, vmax=100, cmap="viridis")
+    for i in range(done):
+        for j in range(done):
+            if not np.isnan(R[i, j]):
+                ax.text(j, i, f"{100 * R[i, j]:.0f}", ha="center", va="center", color="w", fontsize=8)
+    ax.set(xlabel="evaluated on session", ylabel="after session", xticks=sessions, yticks=sessions)
+    ax.set_title("Accuracy matrix R[i, j] (%)")
+    fig.colorbar(image, ax=ax)
+    _save(fig, folder / "accuracy_matrix.png")
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(8, 3.2))
+    f = M.forgetting_per_session(R) if done > 1 else np.array([])
+    left.bar(np.arange(len(f)), 100 * f)
+    left.set(xlabel="old session j", ylabel="forgetting f_j (%)", title="Forgetting after the last session")
+    right.plot(sessions, 100 * M.forgetting_curve(R), "o-")
+    right.set(xlabel="session k", ylabel="average forgetting F_k (%)", title="Forgetting over time", xticks=sessions)
+    _save(fig, folder / "forgetting.png")
+
+
+def _save(fig, path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    atomic_write(path, lambda p: fig.savefig(p, dpi=110))
+    plt.close(fig)
+
+
+# ---- reading --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Run:
+    """A run folder as data: what :func:`load_run` returns."""
+
+    path: Path
+    config: DictConfig
+    env: dict
+    summary: dict
+    metrics: pd.DataFrame
+    accuracy_matrix: pd.DataFrame
+
+    @property
+    def name(self) -> str:
+        return f"{self.config.strategy.name}@{self.path.name}"
+
+    @property
+    def seen_accuracy(self) -> pd.Series:
+        rows = self.metrics[self.metrics.metric == "seen_accuracy"]
+        return rows.set_index("session")["value"]
+
+    def metric(self, name: str) -> float | None:
+        return self.summary["metrics"].get(name, {}).get("value")
+
+
+def load_run(path: str | Path) -> Run:
+    """Read a run folder into pandas tables (no file parsing needed in notebooks)."""
+    path = Path(path)
+    if not (path / "summary.json").is_file():
+        raise FileNotFoundError(f"'{path}' is not a run folder with results (no summary.json)")
+    matrix = pd.read_csv(path / "accuracy_matrix.csv", index_col="after_session")
+    matrix.columns = matrix.columns.astype(int)
+    metrics_table = pd.read_csv(path / "metrics.csv", dtype={"eval_session": "Int64"})
+    return Run(
+        path=path,
+        config=OmegaConf.load(path / "config.yaml"),
+        env=json.loads((path / "env.json").read_text()) if (path / "env.json").exists() else {},
+        summary=json.loads((path / "summary.json").read_text()),
+        metrics=metrics_table,
+        accuracy_matrix=matrix,
+    )
+
+
+REPORT_COLUMNS = ["avg_incremental_acc", "last_acc", "forgetting", "bwt"]
+
+
+def compare(runs: Sequence[Run], columns: Sequence[str] = REPORT_COLUMNS) -> pd.DataFrame:
+    """One row per run: strategy, stream, sessions and the chosen final metrics (in %)."""
+    rows = []
+    for run in runs:
+        row = {"run": str(run.path), "strategy": run.config.strategy.name, "stream": run.config.stream.name}
+        row["sessions"] = f"{run.summary['completed_sessions']}/{run.summary['n_sessions']}"
+        for c in columns:
+            v = run.metric(c)
+            row[c] = None if v is None else 100 * v
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def plot_comparison(runs: Sequence[Run], path: str | Path) -> Path:
+    """Accuracy on all seen classes per session, one line per run."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5.5, 3.8))
+    for run in runs:
+        seen = run.seen_accuracy
+        ax.plot(seen.index, 100 * seen.values, "o-", label=f"{run.config.strategy.name} ({run.path.name})")
+    ax.set(xlabel="session", ylabel="accuracy on seen classes (%)", ylim=(0, 100), title="Comparison")
+    ax.legend(fontsize=8)
+    _save(fig, Path(path))
+    return Path(path)

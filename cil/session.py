@@ -1,0 +1,302 @@
+"""The session loop: for each session, ``begin_session`` → ``Trainer.fit`` → ``end_session`` → evaluation.
+
+The loop never knows which strategy it drives. Evaluation after session i covers the test data of every
+session (seen ones for the accuracy matrix, unseen ones for forward transfer unless ``trainer.eval_unseen`` is
+false), counts a confusion matrix, and sums it across processes under DDP (Lightning's predict loop gives every
+process a disjoint, unpadded share of the data, so nothing is counted twice).
+
+Reproducibility: each session reseeds from ``(run.seed, session)`` and each epoch from
+``(run.seed, session, epoch)``, and the training sampler shuffles from the same numbers. A run resumed from a
+session checkpoint or from Lightning's ``last.ckpt`` (written at every epoch end) therefore replays exactly what
+the uninterrupted run did.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import resource
+import time
+from functools import partial
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+from omegaconf import DictConfig, OmegaConf
+from pytorch_lightning.callbacks import Callback, ModelCheckpoint
+from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
+from pytorch_lightning.plugins.io import TorchCheckpointIO
+from torch.utils.data import ConcatDataset, DataLoader, Dataset, RandomSampler, Subset
+
+from cil import distributed
+from cil.backbones import data_transforms
+from cil.config import ConfigError
+from cil.module import CILModule, Session, create_strategy
+from cil.runs import RunFolder, SessionRecord, atomic_write
+
+
+def derived_seed(*parts: int) -> int:
+    """A seed for a (run seed, session, epoch) tuple; distinct tuples give distinct seeds."""
+    return int(np.random.SeedSequence(list(parts)).generate_state(1)[0])
+
+
+def seed_all(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+class EpochSeededSampler(RandomSampler):
+    """A shuffling sampler whose order depends only on (seed, epoch); Lightning calls ``set_epoch``.
+
+    It subclasses ``RandomSampler`` so that Lightning recognises a shuffled loader and, under DDP, swaps in a
+    shuffling ``DistributedSampler`` (seeded from ``run.seed``).
+    """
+
+    def __init__(self, data: Dataset, seed: int):
+        super().__init__(data)
+        self.seed, self.epoch = seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self):
+        generator = torch.Generator().manual_seed(derived_seed(self.seed, self.epoch))
+        yield from torch.randperm(len(self.data_source), generator=generator).tolist()
+
+
+class EpochSeed(Callback):
+    """Reseed the global generators at each epoch start (dropout, augmentation), so a resumed epoch replays."""
+
+    def __init__(self, seed: int, session: int):
+        self.seed, self.session = seed, session
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        seed_all(derived_seed(self.seed, self.session, trainer.current_epoch))
+
+
+class SessionTag(Callback):
+    """Marks Lightning checkpoints with their session, so ``--resume`` knows which session last.ckpt belongs to."""
+
+    def __init__(self, session: int):
+        self.session = session
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
+        checkpoint["cil_session"] = self.session
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Lightning's checkpoint writer, but through a temporary file and a rename."""
+
+    def save_checkpoint(self, checkpoint, path, storage_options=None) -> None:
+        atomic_write(path, lambda tmp: super(AtomicCheckpointIO, self).save_checkpoint(checkpoint, tmp))
+
+
+class ConfusionCollector(Callback):
+    """Counts ``C[true, predicted]`` from ``predict_step``'s (predictions, targets), summed over processes."""
+
+    def __init__(self, n_classes: int):
+        self.n_classes = n_classes
+        self.confusion = torch.zeros(n_classes * n_classes, dtype=torch.int64)
+
+    def on_predict_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        predictions, targets = outputs
+        index = targets.long().cpu() * self.n_classes + predictions.long().cpu()
+        self.confusion += torch.bincount(index, minlength=self.n_classes**2)
+
+    def on_predict_end(self, trainer, pl_module) -> None:
+        total = trainer.strategy.reduce(self.confusion.to(pl_module.device), reduce_op="sum")
+        self.confusion = total.cpu()
+
+    def matrix(self) -> np.ndarray:
+        return self.confusion.view(self.n_classes, self.n_classes).numpy()
+
+
+def make_trainer(cfg: DictConfig, **kwargs) -> pl.Trainer:
+    """A Lightning Trainer with the ``trainer`` group's accelerator, devices, strategy, precision."""
+    t = cfg.trainer
+    devices = OmegaConf.to_container(t, resolve=True)["devices"]
+    return pl.Trainer(
+        accelerator=t.accelerator,
+        devices=devices,
+        num_nodes=t.num_nodes,
+        strategy=t.strategy,
+        precision=t.precision,
+        deterministic=t.deterministic,
+        enable_progress_bar=t.enable_progress_bar,
+        enable_model_summary=False,
+        **kwargs,
+    )
+
+
+def setup_distributed(cfg: DictConfig) -> torch.device:
+    """Start every process of a multi-device run now (Lightning's own launcher), so statistics passes and the
+    run folder can use collectives before the first ``fit``. Returns this process's device."""
+    trainer = make_trainer(cfg, logger=False, enable_checkpointing=False)
+    if trainer.num_devices * trainer.num_nodes > 1 and not torch.distributed.is_initialized():
+        launcher = trainer.strategy.launcher
+        if type(launcher).__name__ != "_SubprocessScriptLauncher":
+            raise ConfigError(
+                f"trainer.strategy={cfg.trainer.strategy!r} launches processes `cil run` cannot drive; use ddp"
+            )
+        launcher.launch(lambda: None, trainer=trainer)  # the other ranks re-run this same command
+        trainer.strategy.setup_environment()
+    return trainer.strategy.root_device
+
+
+def _loader(data: Dataset, cfg: DictConfig, **kwargs) -> DataLoader:
+    return DataLoader(data, num_workers=cfg.stream.num_workers, persistent_workers=False, **kwargs)
+
+
+def stats_loader(data: Dataset, cfg: DictConfig) -> DataLoader:
+    """This process's disjoint share of ``data``, in order, for statistics passes."""
+    return _loader(Subset(data, distributed.shard(len(data))), cfg, batch_size=cfg.stream.eval_batch_size)
+
+
+def train_loader(data: Dataset, cfg: DictConfig, session: int) -> DataLoader:
+    sampler = EpochSeededSampler(data, seed=derived_seed(cfg.run.seed, session))
+    # drop a ragged last batch: a batch of one breaks BatchNorm in training mode
+    drop_last = len(data) > cfg.stream.batch_size
+    return _loader(data, cfg, batch_size=cfg.stream.batch_size, sampler=sampler, drop_last=drop_last)
+
+
+def evaluate(strategy: CILModule, stream, session: int, cfg: DictConfig) -> np.ndarray:
+    """Confusion matrix over the test data of sessions 0..session (all sessions with ``eval_unseen``)."""
+    upto = stream.n_sessions if cfg.trainer.eval_unseen else session + 1
+    loader = _loader(ConcatDataset(stream.eval_data[:upto]), cfg, batch_size=cfg.stream.eval_batch_size)
+    collector = ConfusionCollector(stream.n_classes)
+    trainer = make_trainer(cfg, logger=False, enable_checkpointing=False, callbacks=[collector])
+    trainer.predict(strategy, dataloaders=loader, return_predictions=False)
+    return collector.matrix()
+
+
+def _peak_memory_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux reports KiB
+
+
+def _barrier() -> None:
+    if distributed.is_distributed():
+        torch.distributed.barrier()
+
+
+def run_experiment(cfg: DictConfig, run_dir: str | Path | None = None, callbacks: Sequence[Callback] = ()) -> Path:
+    """Run the experiment of a validated config, or resume the one in ``run_dir``; returns the run folder.
+
+    ``callbacks`` are added to every session's ``Trainer.fit`` (tests use one to inject a fault).
+    """
+    device = setup_distributed(cfg)
+    resume = run_dir is not None
+    pl.seed_everything(cfg.run.seed, workers=True, verbose=False)
+    strategy = create_strategy(cfg)
+    transforms = partial(data_transforms, strategy.backbone, cfg.backbone.image_size, cfg.stream.augment)
+    from streams import create_stream
+
+    stream = create_stream(cfg.stream, transforms)
+
+    if resume:
+        folder = RunFolder(run_dir)
+    else:
+        path = RunFolder.new_path(cfg) if distributed.is_rank_zero() else None
+        folder = RunFolder(distributed.broadcast_object(str(path) if path else None))
+        if distributed.is_rank_zero():
+            folder.create(cfg)
+    start, records = 0, []
+    if resume:
+        start = distributed.broadcast_object(folder.completed_sessions())
+        if start > 0:
+            state, records = folder.load_session(start - 1)
+            strategy.load_state_dict(state)
+            strategy.session_index = start - 1
+        if distributed.is_rank_zero():
+            folder.note_resume(cfg)
+    info = {"strategy": cfg.strategy.name, "stream": cfg.stream.name, "run_dir": str(folder.path)}
+
+    for k in range(start, stream.n_sessions):
+        seed_all(derived_seed(cfg.run.seed, k))
+        session = Session(
+            index=k,
+            new_classes=list(stream.classes_per_session[k]),
+            seen_classes=stream.seen_classes(k),
+            train_data=stream.train_data[k],
+            seen_train_data=list(stream.train_data[: k + 1]),
+            loader_fn=partial(stats_loader, stream.stats_data[k], cfg),
+            device=device,
+        )
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
+        began = time.perf_counter()
+        strategy.begin_session(session)
+        epochs = strategy.epochs_for(session)
+        trainable = strategy.num_trainable_parameters()
+        if epochs > 0:
+            _fit(strategy, session, epochs, cfg, folder, list(callbacks), resume_from=_mid_session(folder, k))
+        strategy.end_session(session)
+        wall = time.perf_counter() - began
+        began = time.perf_counter()
+        confusion = evaluate(strategy, stream, k, cfg)
+        records.append(
+            SessionRecord(
+                session=k,
+                confusion=confusion.tolist(),
+                epochs=epochs,
+                trainable_params=trainable,
+                wall_time_s=round(wall, 3),
+                eval_time_s=round(time.perf_counter() - began, 3),
+                peak_memory_mb=round(_peak_memory_mb(), 1),
+                peak_gpu_memory_mb=round(torch.cuda.max_memory_allocated() / 2**20, 1)
+                if torch.cuda.is_available()
+                else None,
+            )
+        )
+        if distributed.is_rank_zero():
+            folder.save_session(k, strategy.state_dict(), records)
+            keep = cfg.run.keep_session_checkpoints
+            for old in folder.checkpoints.glob("session_*.ckpt"):
+                if not keep and old != folder.session_checkpoint(k):
+                    old.unlink()
+            folder.last_checkpoint.unlink(missing_ok=True)
+            summary = folder.write_results(
+                records, stream.classes_per_session, stream.eval_counts(), info, cfg.trainer.eval_unseen
+            )
+            _print_session(summary, k)
+        _barrier()
+    return folder.path
+
+
+def _mid_session(folder: RunFolder, session: int) -> Path | None:
+    """Lightning's last.ckpt if it was written during ``session`` (resume mid-session), else None."""
+    path = folder.last_checkpoint
+    if not path.is_file():
+        return None
+    tag = torch.load(path, map_location="cpu", weights_only=False).get("cil_session")
+    return path if tag == session else None
+
+
+def _fit(strategy, session, epochs, cfg, folder, callbacks, resume_from) -> None:
+    logs = folder.path / "logs"
+    version = f"session_{session.index}"
+    trainer = make_trainer(
+        cfg,
+        max_epochs=epochs,
+        logger=[CSVLogger(logs, name="csv", version=version), TensorBoardLogger(logs, name="tb", version=version)],
+        callbacks=[
+            ModelCheckpoint(dirpath=folder.checkpoints, save_last=True, save_top_k=0, every_n_epochs=1),
+            SessionTag(session.index),
+            EpochSeed(cfg.run.seed, session.index),
+            *callbacks,
+        ],
+        plugins=[AtomicCheckpointIO()],
+        log_every_n_steps=cfg.trainer.log_every_n_steps,
+        gradient_clip_val=cfg.trainer.gradient_clip_val,
+        num_sanity_val_steps=0,
+    )
+    data = strategy.train_data(session)
+    trainer.fit(strategy, train_dataloaders=train_loader(data, cfg, session.index), ckpt_path=resume_from)
+
+
+def _print_session(summary: dict, k: int) -> None:
+    seen = summary["metrics"].get("last_acc", {}).get("value")
+    if seen is not None and os.environ.get("CIL_QUIET") != "1":
+        print(f"[cil] session {k + 1}/{summary['n_sessions']}: accuracy on seen classes {100 * seen:.2f}%")
