@@ -1,0 +1,26 @@
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+CONFIGS = ROOT / "configs"
+# small and quiet: 16x16 inputs, no progress bars
+TINY = ["backbone.image_size=16", "trainer.enable_progress_bar=false", "stream.eval_batch_size=512"]
+
+os.environ.setdefault("CIL_QUIET", "1")
+
+
+def tiny_config(strategy: str, out: Path, *extra: str):
+    from cil.config import load_config
+
+    return load_config(CONFIGS / strategy / "digits.yaml", [f"run.output_dir={out}", *TINY, *extra])
+
+
+@pytest.fixture(autouse=True)
+def _quiet_lightning():
+    from cil.cli import quiet_lightning
+
+    quiet_lightning()

@@ -1,0 +1,139 @@
+"""Real data sets through their real loaders, on tiny files written in each real on-disk format."""
+
+from __future__ import annotations
+
+import pickle
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from cil.config import ConfigError, load_config
+from tests.conftest import CONFIGS
+
+
+def stream_of(name: str, root: Path, *overrides: str):
+    from cil.backbones import create_backbone, data_transforms
+    from streams import create_stream
+
+    cfg = load_config(
+        CONFIGS / "simplecil" / "digits.yaml",
+        [f"stream.name={name}", f"stream.data_root={root}", "backbone.image_size=16", *overrides],
+    )
+    backbone = create_backbone(cfg.backbone.name)
+    return create_stream(cfg.stream, lambda **kw: data_transforms(backbone, 16, False, **kw))
+
+
+def write_cifar100(root: Path, per_class_train: int = 2, per_class_test: int = 1) -> None:
+    """torchvision's CIFAR-100 python format: pickled dicts with data (N, 3072) uint8 and fine_labels."""
+    folder = root / "cifar-100-python"
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for split, per_class in (("train", per_class_train), ("test", per_class_test)):
+        labels = [c for c in range(100) for _ in range(per_class)]
+        data = rng.integers(0, 256, size=(len(labels), 3072), dtype=np.uint8)
+        entry = {"data": data, "fine_labels": labels, "coarse_labels": [c // 5 for c in labels]}
+        (folder / split).write_bytes(pickle.dumps(entry))
+    (folder / "meta").write_bytes(pickle.dumps({"fine_label_names": [f"class{c:02d}" for c in range(100)]}))
+
+
+def test_cifar100_real_format(tmp_path):
+    write_cifar100(tmp_path)
+    stream = stream_of("cifar100", tmp_path, "stream.split=B50-Inc10", "stream.verify_checksums=false")
+    assert [len(c) for c in stream.classes_per_session] == [50, 10, 10, 10, 10, 10]
+    assert len(stream.train_data[0]) == 100 and len(stream.eval_data[1]) == 10
+    assert stream.class_names[0] == f"class{stream.original_class_ids[0]:02d}"
+    x, y = stream.train_data[0][0][:2]
+    assert tuple(x.shape) == (3, 16, 16)
+
+
+def test_cifar100_checksums_are_verified_by_default(tmp_path):
+    write_cifar100(tmp_path)
+    with pytest.raises(ConfigError, match="verify_checksums=false"):
+        stream_of("cifar100", tmp_path, "stream.split=B50-Inc10")
+
+
+def test_cifar100_missing_files_show_layout(tmp_path):
+    (tmp_path / "cifar-100-python").mkdir()
+    with pytest.raises(ConfigError, match=r"lacks \['meta', 'train', 'test'\].*cifar-100-python/\{meta,train,test\}"):
+        stream_of("cifar100", tmp_path)
+
+
+def _image(path: Path, value: int) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.full((20, 20, 3), value, dtype=np.uint8)).save(path)
+
+
+def write_image_folders(root: Path, classes: list[str], train: int = 3, test: int = 2) -> None:
+    for c, name in enumerate(classes):
+        for i in range(train):
+            _image(root / "train" / name / f"{name}_{i}.jpg", 10 * c + i)
+        for i in range(test):
+            _image(root / "test" / name / f"{name}_t{i}.jpg", 10 * c + i)
+
+
+@pytest.mark.parametrize("name", ["imagenet_r", "cub200"])
+def test_image_folder_layout(tmp_path, name):
+    classes = ["001.albatross", "002.auklet", "003.blackbird", "004.bunting"]
+    write_image_folders(tmp_path, classes)
+    stream = stream_of(name, tmp_path, "stream.split=B0-Inc2", "stream.shuffle_classes=false")
+    assert stream.class_names == classes
+    assert [len(d) for d in stream.train_data] == [6, 6] and stream.eval_counts() == [4, 4]
+    assert tuple(stream.eval_data[1][0][0].shape) == (3, 16, 16)
+
+
+def test_image_folder_malformed_root_shows_layout(tmp_path):
+    write_image_folders(tmp_path, ["a", "b"])
+    import shutil
+
+    shutil.rmtree(tmp_path / "test")
+    with pytest.raises(ConfigError, match=r"no class folders in test/.*<root>/train/<class>/<image>"):
+        stream_of("imagenet_r", tmp_path, "stream.split=B0-Inc1")
+
+
+def test_cub_index_lists_by_file_name(tmp_path):
+    classes = ["001.albatross", "002.auklet", "003.blackbird", "004.bunting"]
+    write_image_folders(tmp_path / "data", classes)
+    lists = tmp_path / "index_list"
+    lists.mkdir()
+    base = [f"CUB_200_2011/images/{c}/{c}_{i}.jpg" for c in classes[:2] for i in range(3)]
+    (lists / "session_1.txt").write_text("\n".join(base))
+    (lists / "session_2.txt").write_text("\n".join(f"CUB_200_2011/images/{c}/{c}_0.jpg" for c in classes[2:]))
+    stream = stream_of("cub200", tmp_path / "data", f"stream.index_dir={lists}")
+    assert stream.class_names == classes
+    assert [len(d) for d in stream.train_data] == [6, 2]
+    assert set(stream.benchmark.test_stream[1].dataset.targets) == {0, 1, 2, 3}
+
+
+def write_miniimagenet(root: Path, wnids: list[str], train: int = 3, test: int = 2) -> None:
+    (root / "split").mkdir(parents=True)
+    rows = {"train": ["filename,label"], "test": ["filename,label"]}
+    for c, wnid in enumerate(wnids):
+        for split, n in (("train", train), ("test", test)):
+            for i in range(n):
+                name = f"{wnid}{split}{i:08d}.jpg"
+                _image(root / "images" / name, 10 * c + i)
+                rows[split].append(f"{name},{wnid}")
+    for split, lines in rows.items():
+        (root / "split" / f"{split}.csv").write_text("\n".join(lines) + "\n")
+
+
+def test_miniimagenet_fscil_layout_with_index_lists(tmp_path):
+    wnids = ["n01532829", "n01558993", "n01704323", "n01749939", "n01770081", "n01843383"]
+    write_miniimagenet(tmp_path / "miniimagenet", wnids)
+    lists = tmp_path / "lists"
+    lists.mkdir()
+    base = [f"MINI-ImageNet/train/{w}/{w}train{i:08d}.jpg" for w in wnids[:4] for i in range(3)]
+    (lists / "session_1.txt").write_text("\n".join(base))
+    (lists / "session_2.txt").write_text("\n".join(f"MINI-ImageNet/train/{w}/{w}train00000001.jpg" for w in wnids[4:]))
+    stream = stream_of("miniimagenet", tmp_path, f"stream.index_dir={lists}")  # <root>/miniimagenet/ accepted
+    assert stream.class_names == wnids
+    assert [len(c) for c in stream.classes_per_session] == [4, 2]
+    assert [len(d) for d in stream.train_data] == [12, 2] and stream.eval_counts() == [8, 4]
+
+
+def test_miniimagenet_missing_split_shows_layout(tmp_path):
+    (tmp_path / "images").mkdir()
+    with pytest.raises(ConfigError, match=r"split/train.csv.*filename,label"):
+        stream_of("miniimagenet", tmp_path)
