@@ -186,14 +186,16 @@ def run_experiment(cfg: DictConfig, run_dir: str | Path | None = None, callbacks
 
     ``callbacks`` are added to every session's ``Trainer.fit`` (tests use one to inject a fault).
     """
-    device = setup_distributed(cfg)
     resume = run_dir is not None
     pl.seed_everything(cfg.run.seed, workers=True, verbose=False)
     strategy = create_strategy(cfg)
     transforms = partial(data_transforms, strategy.backbone, cfg.backbone.image_size, cfg.stream.augment)
     from streams import create_stream
 
+    # the stream is built (and Avalanche imported) before the process group exists: Avalanche refuses to
+    # create its default loggers in a non-main process of an initialised process group
     stream = create_stream(cfg.stream, transforms)
+    device = setup_distributed(cfg)
 
     if resume:
         folder = RunFolder(run_dir)
@@ -276,13 +278,14 @@ def _mid_session(folder: RunFolder, session: int) -> Path | None:
 
 def _fit(strategy, session, epochs, cfg, folder, callbacks, resume_from) -> None:
     logs = folder.path / "logs"
-    version = f"session_{session.index}"
+    version = f"session_{session.index}" + ("-resumed" if resume_from else "")  # keep the interrupted logs
     trainer = make_trainer(
         cfg,
         max_epochs=epochs,
         logger=[CSVLogger(logs, name="csv", version=version), TensorBoardLogger(logs, name="tb", version=version)],
         callbacks=[
-            ModelCheckpoint(dirpath=folder.checkpoints, save_last=True, save_top_k=0, every_n_epochs=1),
+            # one rolling "last.ckpt", rewritten at every epoch end: the mid-session resume point
+            ModelCheckpoint(dirpath=folder.checkpoints, filename="last", save_top_k=1, enable_version_counter=False),
             SessionTag(session.index),
             EpochSeed(cfg.run.seed, session.index),
             *callbacks,

@@ -1,0 +1,149 @@
+"""The session loop end to end on digits: run folder, load_run, report, resume after a fault, DDP."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from pytorch_lightning.callbacks import Callback
+
+from cil.cli import main
+from cil.metrics import seen_accuracy
+from cil.runs import load_run
+from cil.session import run_experiment
+from tests.conftest import CONFIGS, ROOT, tiny_config
+
+FAST_FINETUNE = ["strategy.epochs=2", "stream.batch_size=64"]
+
+
+@pytest.fixture(scope="module")
+def simplecil_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs")
+    return run_experiment(tiny_config("simplecil", out))
+
+
+def test_run_folder_layout(simplecil_run):
+    names = {p.relative_to(simplecil_run).as_posix() for p in simplecil_run.rglob("*")}
+    expected = {"config.yaml", "env.json", "metrics.csv", "accuracy_matrix.csv", "summary.json"}
+    expected |= {"plots/accuracy_curve.png", "plots/accuracy_matrix.png", "plots/forgetting.png"}
+    expected |= {"checkpoints/session_4.ckpt"}
+    assert expected <= names
+    assert not any(n.startswith(".") or "/." in n for n in names)  # no temporary files left behind
+    assert simplecil_run.parent.name == "simplecil-digits"
+
+
+def test_env_and_summary_contents(simplecil_run):
+    env = json.loads((simplecil_run / "env.json").read_text())
+    assert env["seed"] == 0 and env["packages"]["torch"] == torch.__version__.split("+")[0] or env["packages"]["torch"]
+    assert {"git_commit", "device", "python", "command"} <= set(env)
+    summary = json.loads((simplecil_run / "summary.json").read_text())
+    assert summary["complete"] and summary["n_sessions"] == 5
+    for name in ("avg_incremental_acc", "last_acc", "forgetting", "bwt", "fwt", "last_harmonic_mean"):
+        assert summary["metrics"][name]["definition"]
+    assert [s["session"] for s in summary["sessions"]] == list(range(5))
+    assert all(s["trainable_params"] == 0 and s["epochs"] == 0 for s in summary["sessions"])  # frozen backbone
+    assert all(s["wall_time_s"] > 0 and s["peak_memory_mb"] > 0 for s in summary["sessions"])
+
+
+def test_load_run_tables_agree_with_each_other(simplecil_run):
+    run = load_run(simplecil_run)
+    R = run.accuracy_matrix.to_numpy()
+    assert R.shape == (5, 5)
+    assert (np.triu(R, 1) == 0).all()  # a growing head cannot predict unseen classes
+    tidy = run.metrics.query("metric == 'accuracy'").pivot(index="session", columns="eval_session", values="value")
+    np.testing.assert_allclose(tidy.to_numpy(), R)
+    counts = run.summary["test_samples_per_session"]
+    np.testing.assert_allclose(run.seen_accuracy.to_numpy(), seen_accuracy(R, counts))
+    assert run.metric("last_acc") == pytest.approx(seen_accuracy(R, counts)[-1])
+    assert run.config.strategy.name == "simplecil"
+
+
+def test_simplecil_beats_chance_and_forgets_less_than_finetune(simplecil_run, tmp_path):
+    finetune = run_experiment(tiny_config("finetune", tmp_path, *FAST_FINETUNE))
+    ours, theirs = load_run(simplecil_run), load_run(finetune)
+    assert ours.metric("last_acc") > 0.3  # 10 classes: chance is 0.1
+    assert ours.metric("forgetting") < theirs.metric("forgetting")
+    # finetune trains body and head: its trainable parameters are counted, and its logs exist
+    sessions = theirs.summary["sessions"]
+    assert all(s["trainable_params"] > 0 and s["epochs"] == 2 for s in sessions)
+    assert (finetune / "logs" / "csv" / "session_0" / "metrics.csv").is_file()
+    steps = pd.read_csv(finetune / "logs" / "csv" / "session_0" / "metrics.csv")
+    assert "train/loss" in steps.columns
+    assert any((finetune / "logs" / "tb" / "session_0").glob("events.out.tfevents.*"))
+
+
+def test_config_yaml_reproduces_the_run(simplecil_run, tmp_path, capsys):
+    assert main(["run", str(simplecil_run / "config.yaml"), f"run.output_dir={tmp_path}"]) == 0
+    again = next((tmp_path / "simplecil-digits").iterdir())
+    pd.testing.assert_frame_equal(load_run(again).accuracy_matrix, load_run(simplecil_run).accuracy_matrix)
+
+
+def test_report_prints_a_table_and_writes_a_plot(simplecil_run, tmp_path, capsys):
+    plot = tmp_path / "cmp.png"
+    assert main(["report", str(simplecil_run), str(simplecil_run), "--plot", str(plot)]) == 0
+    out = capsys.readouterr().out
+    assert "avg_incremental_acc" in out and "simplecil" in out and plot.stat().st_size > 1000
+
+
+class Fault(Callback):
+    """Raise at the start of a given epoch of a given session (the session loop's k-th fit)."""
+
+    def __init__(self, session: int, epoch: int):
+        self.session, self.epoch = session, epoch
+
+    def on_train_epoch_start(self, trainer, pl_module):
+        if pl_module.session_index == self.session and trainer.current_epoch == self.epoch:
+            raise RuntimeError("injected fault")
+
+
+def test_resume_after_a_fault_mid_session_gives_the_same_matrix(tmp_path):
+    overrides = [*FAST_FINETUNE, "strategy.epochs=3", "trainer.deterministic=true"]
+    full = run_experiment(tiny_config("finetune", tmp_path / "a", *overrides))
+    cfg = tiny_config("finetune", tmp_path / "b", *overrides)
+    with pytest.raises(RuntimeError, match="injected fault"):
+        run_experiment(cfg, callbacks=[Fault(session=2, epoch=2)])
+    broken = next((tmp_path / "b" / "finetune-digits").iterdir())
+    assert (broken / "checkpoints" / "session_1.ckpt").is_file()  # sessions 0 and 1 completed
+    assert torch.load(broken / "checkpoints" / "last.ckpt", weights_only=False)["cil_session"] == 2
+    assert load_run(broken).summary["completed_sessions"] == 2
+    assert main(["run", "--resume", str(broken)]) == 0
+    resumed = load_run(broken)
+    assert resumed.summary["complete"]
+    np.testing.assert_array_equal(resumed.accuracy_matrix.to_numpy(), load_run(full).accuracy_matrix.to_numpy())
+    assert not (broken / "checkpoints" / "last.ckpt").exists()
+
+
+def test_resume_between_sessions(tmp_path):
+    overrides = ["strategy.epochs=1", "stream.batch_size=64", "stream.split=B6-Inc2"]
+    full = run_experiment(tiny_config("finetune", tmp_path / "a", *overrides))
+    cfg = tiny_config("finetune", tmp_path / "b", *overrides)
+    with pytest.raises(RuntimeError):
+        run_experiment(cfg, callbacks=[Fault(session=1, epoch=0)])  # dies before any epoch of session 1
+    broken = next((tmp_path / "b" / "finetune-digits").iterdir())
+    run_experiment(cfg, run_dir=broken)
+    np.testing.assert_array_equal(
+        load_run(broken).accuracy_matrix.to_numpy(), load_run(full).accuracy_matrix.to_numpy()
+    )
+
+
+def test_two_process_ddp_matches_one_process(simplecil_run, tmp_path):
+    """A 2-process CPU DDP run (gloo) of simplecil gives the accuracy matrix of the 1-process run."""
+    cil = ROOT / ".venv" / "bin" / "cil"
+    cmd = [str(cil)] if cil.exists() else [sys.executable, "-m", "cil.cli"]
+    args = ["run", str(CONFIGS / "simplecil" / "digits.yaml"), f"run.output_dir={tmp_path}", "trainer.devices=2"]
+    args += ["trainer.strategy=ddp", "trainer.accelerator=cpu", "backbone.image_size=16"]
+    args += ["trainer.enable_progress_bar=false", "stream.eval_batch_size=512"]
+    env = {k: v for k, v in os.environ.items() if k not in ("LOCAL_RANK", "WORLD_SIZE", "MASTER_PORT")}
+    out = subprocess.run([*cmd, *args], capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    runs = list((tmp_path / "simplecil-digits").iterdir())
+    assert len(runs) == 1  # only rank 0 wrote a run folder
+    np.testing.assert_array_equal(
+        load_run(runs[0]).accuracy_matrix.to_numpy(), load_run(simplecil_run).accuracy_matrix.to_numpy()
+    )
