@@ -1,0 +1,57 @@
+"""The strategy contract: growing head, shape-adopting loads, joint's data, create_strategy."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.utils.data import TensorDataset
+
+from cil.module import GrowingClassifier, Session, create_strategy
+from strategies.finetune import Finetune
+from strategies.joint import Joint
+from tests.conftest import tiny_config
+
+
+def test_growing_classifier_keeps_trained_rows():
+    torch.manual_seed(0)
+    head = GrowingClassifier(5)
+    head.grow(2)
+    old_w, old_b = head.weight.detach().clone(), head.bias.detach().clone()
+    head.grow(4)
+    assert head.weight.shape == (4, 5) and head.num_classes == 4
+    torch.testing.assert_close(head.weight[:2].detach(), old_w)
+    torch.testing.assert_close(head.bias[:2].detach(), old_b)
+    head.grow(3)  # never shrinks
+    assert head.num_classes == 4
+
+
+def test_finetune_begin_session_grows_to_seen_classes_and_loads_bigger_state():
+    backbone = nn.Sequential(nn.Flatten(), nn.Linear(4, 3))
+    model = Finetune(backbone, num_features=3)
+    model.begin_session(Session(0, [0, 1], [0, 1]))
+    assert model(torch.randn(2, 4)).shape == (2, 2)
+    model.begin_session(Session(1, [2, 3, 4], [0, 1, 2, 3, 4]))
+    assert model(torch.randn(2, 4)).shape == (2, 5)
+    fresh = Finetune(nn.Sequential(nn.Flatten(), nn.Linear(4, 3)), num_features=3)
+    fresh.load_state_dict(model.state_dict())  # the head adopts the saved size
+    x = torch.randn(3, 4)
+    torch.testing.assert_close(fresh(x), model(x))
+
+
+def test_joint_trains_on_every_session_seen_so_far():
+    sets = [TensorDataset(torch.randn(n, 4), torch.zeros(n, dtype=torch.long)) for n in (3, 5, 7)]
+    model = Joint(nn.Linear(4, 2), num_features=2)
+    data = model.train_data(Session(2, [2], [0, 1, 2], train_data=sets[2], seen_train_data=sets))
+    assert len(data) == 15
+    assert (
+        Finetune(nn.Linear(4, 2), num_features=2).train_data(Session(2, [2], [0, 1, 2], train_data=sets[2])) is sets[2]
+    )
+
+
+def test_create_strategy_from_config(tmp_path):
+    cfg = tiny_config("finetune", tmp_path, "strategy.lr=0.123", "strategy.optimizer=adamw")
+    strategy = create_strategy(cfg)
+    assert isinstance(strategy, Finetune)
+    assert strategy.hparams.lr == 0.123 and strategy.num_features == strategy.backbone.num_features
+    strategy.begin_session(Session(0, [0, 1], [0, 1]))
+    assert strategy(torch.randn(2, 3, 16, 16)).shape == (2, 2)
