@@ -147,3 +147,17 @@ def test_two_process_ddp_matches_one_process(simplecil_run, tmp_path):
     np.testing.assert_array_equal(
         load_run(runs[0]).accuracy_matrix.to_numpy(), load_run(simplecil_run).accuracy_matrix.to_numpy()
     )
+
+
+def test_cli_end_to_end_on_digits(tmp_path):
+    """`cil run` as a user types it: trains, evaluates, prints the run folder, which `load_run` reads."""
+    cil = ROOT / ".venv" / "bin" / "cil"
+    cmd = [str(cil)] if cil.exists() else [sys.executable, "-m", "cil.cli"]
+    args = ["run", str(CONFIGS / "finetune" / "digits.yaml"), f"run.output_dir={tmp_path}", "strategy.epochs=1"]
+    args += ["backbone.image_size=16", "trainer.enable_progress_bar=false", "run.name=e2e"]
+    out = subprocess.run([*cmd, *args], capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    folder = next((tmp_path / "e2e").iterdir())
+    assert f"run folder: {folder}" in out.stdout
+    run = load_run(folder)
+    assert run.summary["complete"] and run.accuracy_matrix.shape == (5, 5)
