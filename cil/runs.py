@@ -258,7 +258,8 @@ def plot_run(folder: Path, R: np.ndarray, counts: Sequence[int]) -> None:
     for i in range(done):
         for j in range(done):
             if not np.isnan(R[i, j]):
-                ax.text(j, i, f"{100 * R[i, j]:.0f}", ha="center", va="center", color="w", fontsize=8)
+                color = "k" if R[i, j] > 0.6 else "w"  # readable on viridis' bright end
+                ax.text(j, i, f"{100 * R[i, j]:.0f}", ha="center", va="center", color=color, fontsize=8)
     ax.set(xlabel="evaluated on session", ylabel="after session", xticks=sessions, yticks=sessions)
     ax.set_title("Accuracy matrix R[i, j] (%)")
     fig.colorbar(image, ax=ax)

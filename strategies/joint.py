@@ -12,12 +12,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from torch import nn
 from torch.utils.data import ConcatDataset, Dataset
 
 from cil.config import param
-from cil.module import CILModule, Session, TrainingConfig
+from cil.module import Session, TrainingConfig
 from cil.registry import register_strategy
+from strategies.finetune import Finetune
 
 
 @dataclass
@@ -26,20 +26,8 @@ class JointConfig(TrainingConfig):
     epochs: int = param(5, ge=0, help="epochs per session, over all data seen so far")
 
 
-class Joint(CILModule):
-    def __init__(
-        self,
-        backbone: nn.Module,
-        num_features: int | None = None,
-        epochs: int = 5,
-        lr: float = 0.01,
-        optimizer: str = "sgd",
-        momentum: float = 0.9,
-        weight_decay: float = 0.0,
-        scheduler: str = "cosine",
-    ):
-        super().__init__(backbone, num_features)
-        self.save_hyperparameters(ignore=["backbone"])
+class Joint(Finetune):
+    """Fine-tuning's training step and hyper-parameters, over the data of every session seen so far."""
 
     def train_data(self, session: Session) -> Dataset:
         if not session.seen_train_data:

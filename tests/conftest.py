@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -24,3 +25,9 @@ def _quiet_lightning():
     from cil.cli import quiet_lightning
 
     quiet_lightning()
+
+
+def cil_command() -> list[str]:
+    """The installed console script (the real entry point), or the module when run outside the venv."""
+    script = ROOT / ".venv" / "bin" / "cil"
+    return [str(script)] if script.exists() else [sys.executable, "-m", "cil.cli"]

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import subprocess
-import sys
 
 import pytest
 import torch
@@ -11,7 +10,7 @@ from omegaconf import OmegaConf
 
 from cil.cli import main
 from cil.config import ConfigError, load_config
-from tests.conftest import CONFIGS, ROOT
+from tests.conftest import CONFIGS, ROOT, cil_command
 
 SIMPLECIL = str(CONFIGS / "simplecil" / "digits.yaml")
 
@@ -134,8 +133,7 @@ def test_resume_of_a_non_run_folder(capsys, tmp_path):
 
 def test_console_script_prints_no_traceback():
     """The real entry point: one line, exit code 2, no traceback."""
-    cil = ROOT / ".venv" / "bin" / "cil"
-    cmd = [str(cil)] if cil.exists() else [sys.executable, "-m", "cil.cli"]
+    cmd = cil_command()
     out = subprocess.run([*cmd, "run", SIMPLECIL, "run.sed=1"], capture_output=True, text=True, cwd=ROOT)
     assert out.returncode == 2
     assert "Traceback" not in out.stderr

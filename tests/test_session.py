@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 
 import numpy as np
 import pandas as pd
@@ -17,7 +16,7 @@ from cil.cli import main
 from cil.metrics import seen_accuracy
 from cil.runs import load_run
 from cil.session import run_experiment
-from tests.conftest import CONFIGS, ROOT, tiny_config
+from tests.conftest import CONFIGS, ROOT, cil_command, tiny_config
 
 FAST_FINETUNE = ["strategy.epochs=2", "stream.batch_size=64"]
 
@@ -134,8 +133,7 @@ def test_resume_between_sessions(tmp_path):
 
 def test_two_process_ddp_matches_one_process(simplecil_run, tmp_path):
     """A 2-process CPU DDP run (gloo) of simplecil gives the accuracy matrix of the 1-process run."""
-    cil = ROOT / ".venv" / "bin" / "cil"
-    cmd = [str(cil)] if cil.exists() else [sys.executable, "-m", "cil.cli"]
+    cmd = cil_command()
     args = ["run", str(CONFIGS / "simplecil" / "digits.yaml"), f"run.output_dir={tmp_path}", "trainer.devices=2"]
     args += ["trainer.strategy=ddp", "trainer.accelerator=cpu", "backbone.image_size=16"]
     args += ["trainer.enable_progress_bar=false", "stream.eval_batch_size=512"]
@@ -151,8 +149,7 @@ def test_two_process_ddp_matches_one_process(simplecil_run, tmp_path):
 
 def test_cli_end_to_end_on_digits(tmp_path):
     """`cil run` as a user types it: trains, evaluates, prints the run folder, which `load_run` reads."""
-    cil = ROOT / ".venv" / "bin" / "cil"
-    cmd = [str(cil)] if cil.exists() else [sys.executable, "-m", "cil.cli"]
+    cmd = cil_command()
     args = ["run", str(CONFIGS / "finetune" / "digits.yaml"), f"run.output_dir={tmp_path}", "strategy.epochs=1"]
     args += ["backbone.image_size=16", "trainer.enable_progress_bar=false", "run.name=e2e"]
     out = subprocess.run([*cmd, *args], capture_output=True, text=True, cwd=ROOT, timeout=600)
