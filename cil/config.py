@@ -60,7 +60,11 @@ class StreamConfig:
     shuffle_classes: bool = param(True, help="seeded shuffle of the class order")
     seed: int = param(II("run.seed"), ge=0, help="seed of the class order, splits and k-shot sampling")
     shots: Optional[int] = param(None, ge=1, help="k-shot incremental sessions (base session stays full)")
-    index_dir: Optional[str] = param(None, help="FSCIL index lists session_1.txt ... (session_1 = base)")
+    index_dir: Optional[str] = param(
+        None,
+        help="FSCIL index lists session_1.txt ... (session_1 = base); they fix the sessions and class order, "
+        "so split, class_order and shuffle_classes are not used",
+    )
     test_size: float = param(0.2, gt=0.0, lt=1.0, help="held-out fraction (streams without a test split)")
     augment: bool = param(False, help="timm's training augmentation on train data")
     verify_checksums: bool = param(True, help="check the md5 of data files where the format defines one")

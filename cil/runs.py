@@ -107,8 +107,8 @@ class SessionRecord:
     trainable_params: int
     wall_time_s: float
     eval_time_s: float
-    peak_memory_mb: float
-    peak_gpu_memory_mb: float | None = None
+    peak_memory_mb: float  # peak resident memory of the process so far (the OS keeps no per-session peak)
+    peak_gpu_memory_mb: float | None = None  # peak CUDA memory allocated during this session
 
 
 class RunFolder:
