@@ -272,7 +272,8 @@ def _mid_session(folder: RunFolder, session: int) -> Path | None:
     path = folder.last_checkpoint
     if not path.is_file():
         return None
-    tag = torch.load(path, map_location="cpu", weights_only=False).get("cil_session")
+    # memory-mapped: only the tag is read here; Lightning loads the weights itself when it resumes
+    tag = torch.load(path, map_location="cpu", weights_only=False, mmap=True).get("cil_session")
     return path if tag == session else None
 
 
