@@ -68,13 +68,18 @@ class EpochSeededSampler(RandomSampler):
 
 
 class EpochSeed(Callback):
-    """Reseed the global generators at each epoch start (dropout, augmentation), so a resumed epoch replays."""
+    """Reseed the global generators at each epoch and batch start (dropout, augmentation): a resumed epoch replays."""
 
     def __init__(self, seed: int, session: int):
         self.seed, self.session = seed, session
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         seed_all(derived_seed(self.seed, self.session, trainer.current_epoch))
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch, batch_idx: int) -> None:
+        # and at each batch: a resumed fit creates its data iterator at another moment than an uninterrupted one
+        # (which draws from the global generator), so only a per-batch seed makes dropout masks replay exactly
+        seed_all(derived_seed(self.seed, self.session, trainer.current_epoch, batch_idx))
 
 
 class SessionTag(Callback):
@@ -159,7 +164,12 @@ def train_loader(data: Dataset, cfg: DictConfig, session: int) -> DataLoader:
     sampler = EpochSeededSampler(data, seed=derived_seed(cfg.run.seed, session))
     # drop a ragged last batch: a batch of one breaks BatchNorm in training mode
     drop_last = len(data) > cfg.stream.batch_size
-    return _loader(data, cfg, batch_size=cfg.stream.batch_size, sampler=sampler, drop_last=drop_last)
+    # its own generator: creating the iterator then draws no number from the global generator, whose state must
+    # not depend on whether the fit was resumed (a resumed fit creates its iterator at another moment)
+    generator = torch.Generator().manual_seed(derived_seed(cfg.run.seed, session))
+    return _loader(
+        data, cfg, batch_size=cfg.stream.batch_size, sampler=sampler, drop_last=drop_last, generator=generator
+    )
 
 
 def evaluate(strategy: CILModule, stream, session: int, cfg: DictConfig) -> np.ndarray:

@@ -1,0 +1,153 @@
+"""FSA: the body adapts in session 1 only, then stays bit-identical; the LDA head is exact without replay."""
+
+from __future__ import annotations
+
+from functools import partial
+
+import numpy as np
+import pytest
+import pytorch_lightning as pl
+import torch
+
+from cil.backbones import data_transforms
+from cil.cli import main
+from cil.config import ConfigError
+from cil.module import Session, create_strategy
+from cil.runs import RunFolder, load_run
+from cil.session import run_experiment
+from tests.conftest import CONFIGS, tiny_config
+from tests.test_heads import official_fsa_head
+from tests.test_session import Fault
+
+FAST = ["strategy.epochs=2", "strategy.milestones=[1]", "stream.batch_size=64", "run.keep_session_checkpoints=true"]
+
+
+def initial_strategy(cfg):
+    pl.seed_everything(cfg.run.seed, verbose=False)  # what run_experiment does before building the strategy
+    return create_strategy(cfg)
+
+
+def session_state(run, k):
+    return RunFolder(run).load_session(k)[0]
+
+
+def part(state, prefix):
+    return {k: v for k, v in state.items() if k.startswith(prefix)}
+
+
+def assert_bit_identical(a, b):
+    assert a.keys() == b.keys() and a
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+@pytest.fixture(scope="module")
+def full_run(tmp_path_factory):
+    cfg = tiny_config("fsa", tmp_path_factory.mktemp("runs"), *FAST)
+    return cfg, run_experiment(cfg)
+
+
+def test_body_changes_in_session_1_then_stays_bit_identical(full_run):
+    cfg, run = full_run
+    initial = initial_strategy(cfg).state_dict()
+    after_1, after_5 = session_state(run, 0), session_state(run, 4)
+    body_0, body_1 = part(initial, "backbone."), part(after_1, "backbone.")
+    assert any(not torch.equal(body_0[k], body_1[k]) for k in body_0)  # session 1 adapted the body (and BN stats)
+    assert_bit_identical(body_1, part(after_5, "backbone."))  # sessions 2-5 trained nothing
+    assert after_5["classifier.weight"].numel() == 0  # the temporary head was discarded
+    records = load_run(run).summary
+    assert records["complete"]
+
+
+def test_the_head_equals_lda_on_all_data_seen_without_replay(full_run):
+    """The streamed head after session 5 = the official FSA head fitted on every training feature at once."""
+    cfg, run = full_run
+    strategy = initial_strategy(cfg)
+    strategy.load_state_dict(session_state(run, 4))
+    strategy.begin_session(Session(index=5, new_classes=[], seen_classes=list(range(10))))  # freezes as on resume
+    from streams import create_stream
+
+    stream = create_stream(cfg.stream, partial(data_transforms, strategy.backbone, cfg.backbone.image_size, False))
+    xs, ys = zip(*[(x, y) for data in stream.stats_data for x, y, *_ in torch.utils.data.DataLoader(data, 256)])
+    with torch.no_grad():
+        features = strategy.features(torch.cat(xs)).double()
+    labels = torch.cat(ys)
+    assert strategy.lda.num_samples == len(labels)
+    expected = official_fsa_head(features, labels, 10)(features)
+    torch.testing.assert_close(strategy.lda.logits(features), expected, atol=1e-6, rtol=1e-9)
+
+
+def test_frozen_body_stays_in_eval_mode_and_keeps_its_statistics(full_run):
+    cfg, run = full_run
+    strategy = initial_strategy(cfg)
+    strategy.load_state_dict(session_state(run, 1))
+    strategy.begin_session(Session(index=2, new_classes=[4, 5], seen_classes=list(range(6))))
+    strategy.train()  # what Lightning does before fit
+    assert not strategy.backbone.training
+    assert not any(p.requires_grad for p in strategy.backbone.parameters())
+    before = {k: v.clone() for k, v in strategy.backbone.state_dict().items()}
+    strategy(torch.randn(8, 3, 16, 16))
+    assert_bit_identical(before, strategy.backbone.state_dict())  # BN running statistics untouched
+    assert strategy.epochs_for(Session(index=2, new_classes=[4, 5], seen_classes=list(range(6)))) == 0
+
+
+def test_film_mode_trains_only_gamma_and_beta(tmp_path):
+    cfg = tiny_config("fsa", tmp_path, *FAST, "strategy.adaptation=film", "stream.split=B4-Inc3")
+    initial = initial_strategy(cfg)
+    assert {n.split(".")[0] for n, p in initial.named_parameters() if p.requires_grad} == {"film", "classifier"}
+    run = run_experiment(cfg)
+    after_1, last = session_state(run, 0), session_state(run, 2)
+    assert_bit_identical(part(initial.state_dict(), "backbone."), part(after_1, "backbone."))  # BN stats too
+    film_0, film_1 = part(initial.state_dict(), "film."), part(after_1, "film.")
+    assert any(not torch.equal(film_0[k], film_1[k]) for k in film_0)
+    assert_bit_identical(film_1, part(last, "film."))
+
+
+def test_fsa_beats_finetune_on_digits(full_run, tmp_path):
+    _, run = full_run
+    finetune = run_experiment(tiny_config("finetune", tmp_path, "strategy.epochs=2", "stream.batch_size=64"))
+    ours, theirs = load_run(run).metric("last_acc"), load_run(finetune).metric("last_acc")
+    assert ours > theirs + 0.2, (ours, theirs)
+
+
+def test_resume_mid_adaptation_gives_the_same_matrix(tmp_path):
+    # dropout and augmentation draw random numbers: the resumed epoch must draw the same ones
+    overrides = [
+        *FAST,
+        "strategy.epochs=3",
+        "trainer.deterministic=true",
+        "stream.split=B4-Inc3",
+        "stream.augment=true",
+    ]
+    full = run_experiment(tiny_config("fsa", tmp_path / "a", *overrides))
+    cfg = tiny_config("fsa", tmp_path / "b", *overrides)
+    with pytest.raises(RuntimeError, match="injected fault"):
+        run_experiment(cfg, callbacks=[Fault(session=0, epoch=2)])
+    broken = next((tmp_path / "b" / "fsa-digits").iterdir())
+    assert main(["run", "--resume", str(broken)]) == 0
+    np.testing.assert_array_equal(
+        load_run(broken).accuracy_matrix.to_numpy(), load_run(full).accuracy_matrix.to_numpy()
+    )
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("strategy.shrinkage=1.5", "strategy.shrinkage=1.5 is out of range"),
+        ("strategy.shrinkage=-0.1", "strategy.shrinkage=-0.1 is out of range"),
+        ("strategy.adaptation=partial", "strategy.adaptation='partial' is not valid"),
+        ("strategy.lda_mode=qda", "strategy.lda_mode='qda' is not valid"),
+    ],
+)
+def test_bad_values_are_rejected_before_training(override, message, tmp_path, capsys):
+    assert main(["run", str(CONFIGS / "fsa" / "digits.yaml"), f"run.output_dir={tmp_path}", override]) == 2
+    assert message in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())  # nothing ran, no run folder
+
+
+def test_film_on_an_unsupported_backbone_is_a_config_error(tmp_path, capsys):
+    args = ["strategy.adaptation=film", "backbone.name=convnext_atto", f"run.output_dir={tmp_path}"]
+    assert main(["run", str(CONFIGS / "fsa" / "digits.yaml"), *args]) == 2
+    assert "adaptation='film'" in capsys.readouterr().err and not any(tmp_path.iterdir())
+    with pytest.raises(ConfigError):
+        create_strategy(tiny_config("fsa", tmp_path, *args))
