@@ -1,7 +1,7 @@
-"""``make demo``: finetune (lower bound), joint (upper bound) and SimpleCIL on the embedded digits stream.
+"""``make demo``: finetune (lower bound), joint (upper bound), SimpleCIL and FSA on the embedded digits stream.
 
 Prints one row per strategy (average incremental accuracy, last accuracy, forgetting) and the run folders.
-Extra ``key=value`` arguments apply to all three runs (e.g. ``python -m cil.demo run.seed=1``).
+Extra ``key=value`` arguments apply to every run (e.g. ``python -m cil.demo run.seed=1``).
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from cil.cli import quiet_lightning
 from cil.config import ConfigError, load_config
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
-STRATEGIES = ["finetune", "joint", "simplecil"]
+STRATEGIES = ["finetune", "joint", "simplecil", "fsa"]
 
 
 def main(overrides: list[str]) -> int:
