@@ -106,14 +106,22 @@ class Transforms:
 
 
 def data_transforms(
-    model: nn.Module, image_size: int | None = None, augment: bool = False, crop_pct: float | None = None
+    model: nn.Module,
+    image_size: int | None = None,
+    augment: bool = False,
+    crop_pct: float | None = None,
+    augment_kwargs: dict[str, Any] | None = None,
 ) -> Transforms:
     """timm's transforms for ``model``: resize (+ crop) to its input size, normalise with its mean/std.
 
-    ``augment=True`` uses timm's training pipeline (random-resized crop, flip) for the train transform;
-    otherwise train and eval use the same deterministic transform. ``crop_pct=1.0`` resizes the whole image
-    without a centre crop (used for tiny images such as the 8×8 digits).
+    ``augment=True`` uses timm's training pipeline (random-resized crop, flip) for the train transform, with
+    ``augment_kwargs`` passed on to ``timm.data.create_transform`` (e.g. ``scale=(1, 1), ratio=(1, 1),
+    vflip=0.5``); otherwise train and eval use the same deterministic transform. ``crop_pct=1.0`` resizes the
+    whole image without a centre crop (used for tiny images such as the 8×8 digits).
     """
+    augment_kwargs = dict(augment_kwargs or {})
+    if augment_kwargs and not augment:
+        raise ConfigError(f"stream.augment_kwargs={augment_kwargs} needs stream.augment=true")
     overrides: dict[str, Any] = {}
     if image_size is not None:
         overrides["input_size"] = (3, image_size, image_size)
@@ -121,7 +129,12 @@ def data_transforms(
         overrides["crop_pct"] = crop_pct
     config = resolve_data_config(overrides, model=model)
     eval_tf = create_transform(**config, is_training=False)
-    train_tf = create_transform(**config, is_training=True) if augment else eval_tf
+    train_tf = eval_tf
+    if augment:
+        try:
+            train_tf = create_transform(**{**config, **augment_kwargs}, is_training=True)
+        except TypeError as e:  # an argument create_transform does not take
+            raise ConfigError(f"stream.augment_kwargs: {e}") from None
     return Transforms(train=train_tf, eval=eval_tf, input_size=tuple(config["input_size"]))
 
 

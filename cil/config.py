@@ -60,6 +60,9 @@ class StreamConfig:
     shuffle_classes: bool = param(True, help="seeded shuffle of the class order")
     seed: int = param(II("run.seed"), ge=0, help="seed of the class order, splits and k-shot sampling")
     shots: Optional[int] = param(None, ge=1, help="k-shot incremental sessions (base session stays full)")
+    base_shots: Optional[int] = param(
+        None, ge=1, help="k-shot base session too (with shots; FSA's few-shot+ uses shots=base_shots=50)"
+    )
     index_dir: Optional[str] = param(
         None,
         help="FSCIL index lists session_1.txt ... (session_1 = base); they fix the sessions and class order, "
@@ -67,6 +70,14 @@ class StreamConfig:
     )
     test_size: float = param(0.2, gt=0.0, lt=1.0, help="held-out fraction (streams without a test split)")
     augment: bool = param(False, help="timm's training augmentation on train data")
+    crop_pct: Optional[float] = param(
+        None, gt=0.0, le=1.0, help="eval crop fraction; 1.0 resizes the whole image (default: stream's, then model's)"
+    )
+    augment_kwargs: dict[str, Any] = param(
+        {},
+        help="keyword arguments of timm's create_transform for the training transform (with augment=true), "
+        "e.g. {scale: [1, 1], ratio: [1, 1], hflip: 0.5, vflip: 0.5, color_jitter: null}",
+    )
     verify_checksums: bool = param(True, help="check the md5 of data files where the format defines one")
     batch_size: int = param(32, ge=1)
     eval_batch_size: int = param(256, ge=1)

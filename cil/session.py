@@ -19,7 +19,7 @@ import resource
 import time
 from functools import partial
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import pytorch_lightning as pl
@@ -31,7 +31,7 @@ from pytorch_lightning.plugins.io import TorchCheckpointIO
 from torch.utils.data import ConcatDataset, DataLoader, Dataset, RandomSampler, Subset
 
 from cil import distributed
-from cil.backbones import data_transforms
+from cil.backbones import Transforms, data_transforms
 from cil.config import ConfigError
 from cil.module import CILModule, Session, create_strategy
 from cil.runs import RunFolder, SessionRecord, atomic_write
@@ -191,6 +191,14 @@ def _barrier() -> None:
         torch.distributed.barrier()
 
 
+def stream_transforms(backbone: torch.nn.Module, cfg: DictConfig, **stream_defaults: Any) -> Transforms:
+    """The backbone's transforms as the config asks; a stream's defaults (``crop_pct``) yield to the config's."""
+    kwargs = {**stream_defaults, "augment_kwargs": OmegaConf.to_container(cfg.stream.augment_kwargs)}
+    if cfg.stream.crop_pct is not None:
+        kwargs["crop_pct"] = cfg.stream.crop_pct
+    return data_transforms(backbone, cfg.backbone.image_size, cfg.stream.augment, **kwargs)
+
+
 def run_experiment(cfg: DictConfig, run_dir: str | Path | None = None, callbacks: Sequence[Callback] = ()) -> Path:
     """Run the experiment of a validated config, or resume the one in ``run_dir``; returns the run folder.
 
@@ -199,7 +207,7 @@ def run_experiment(cfg: DictConfig, run_dir: str | Path | None = None, callbacks
     resume = run_dir is not None
     pl.seed_everything(cfg.run.seed, workers=True, verbose=False)
     strategy = create_strategy(cfg)
-    transforms = partial(data_transforms, strategy.backbone, cfg.backbone.image_size, cfg.stream.augment)
+    transforms = partial(stream_transforms, strategy.backbone, cfg)
     from streams import create_stream
 
     # the stream is built (and Avalanche imported) before the process group exists: Avalanche refuses to

@@ -126,17 +126,21 @@ def build_stream(
 
     train_labels = _targets(train_set)
     if cfg.index_dir is not None:
-        if cfg.shots is not None:
-            raise ConfigError("set stream.index_dir (fixed FSCIL index lists) or stream.shots (sampled), not both")
+        if cfg.shots is not None or cfg.base_shots is not None:
+            raise ConfigError(
+                "set stream.index_dir (fixed FSCIL index lists) or stream.shots/base_shots (sampled), not both"
+            )
         raw_indices, sessions = index_list_sessions(cfg.index_dir, train_labels, sample_names)
         fewshot = True
     else:
         sessions = split_sessions(class_order(train_labels, cfg, name), cfg.split, name)
         raw_indices = None
         fewshot = cfg.shots is not None
+        if cfg.base_shots is not None and not fewshot:
+            raise ConfigError(f"stream.base_shots={cfg.base_shots} needs stream.shots (the incremental sessions' K)")
         if fewshot:
             first_fewshot = 1 if split_sizes(cfg.split)[0] > 0 else 0
-            raw_indices = sample_shots(train_labels, sessions, cfg.shots, cfg.seed, first_fewshot)
+            raw_indices = sample_shots(train_labels, sessions, cfg.shots, cfg.seed, first_fewshot, cfg.base_shots)
     return make_benchmark(name, train_set, test_set, sessions, class_names, transforms, raw_indices, fewshot)
 
 

@@ -23,9 +23,15 @@ from cil.config import ConfigError
 
 
 def sample_shots(
-    labels: Sequence[Any], sessions: list[list[Any]], shots: int, seed: int, first_fewshot: int = 1
+    labels: Sequence[Any],
+    sessions: list[list[Any]],
+    shots: int,
+    seed: int,
+    first_fewshot: int = 1,
+    base_shots: int | None = None,
 ) -> list[list[int]]:
-    """Raw training indices per session: every sample of sessions before ``first_fewshot``, K per class after."""
+    """Raw training indices per session: K per class from session ``first_fewshot`` on; before it every sample,
+    or ``base_shots`` per class when given."""
     rng = np.random.default_rng(seed)
     by_class: dict[Any, list[int]] = {}
     for i, t in enumerate(labels):
@@ -35,12 +41,13 @@ def sample_shots(
         idx: list[int] = []
         for c in classes:
             pool = by_class[c]
-            if s < first_fewshot:
+            k, key = (shots, "shots") if s >= first_fewshot else (base_shots, "base_shots")
+            if k is None:
                 idx += pool
                 continue
-            if len(pool) < shots:
-                raise ConfigError(f"stream.shots={shots} but class {c} has only {len(pool)} training samples")
-            idx += sorted(rng.choice(pool, size=shots, replace=False).tolist())
+            if len(pool) < k:
+                raise ConfigError(f"stream.{key}={k} but class {c} has only {len(pool)} training samples")
+            idx += sorted(rng.choice(pool, size=k, replace=False).tolist())
         out.append(idx)
     return out
 

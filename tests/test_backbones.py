@@ -55,3 +55,13 @@ def test_transforms_follow_timm_data_config():
     augmented, plain = data_transforms(model, 24, augment=True), data_transforms(model, 24)
     assert "RandomResizedCrop" in repr(augmented.train) and "RandomResizedCrop" not in repr(augmented.eval)
     assert plain.train is plain.eval
+
+
+def test_augment_kwargs_reach_timm_and_bad_ones_are_config_errors():
+    model = create_backbone("resnet10t")
+    flips = data_transforms(model, 24, augment=True, augment_kwargs={"vflip": 0.5, "scale": (1.0, 1.0)})
+    assert "RandomVerticalFlip" in repr(flips.train) and "scale=(1.0, 1.0)" in repr(flips.train)
+    with pytest.raises(ConfigError, match="stream.augment_kwargs: .*vertical_flip"):
+        data_transforms(model, 24, augment=True, augment_kwargs={"vertical_flip": 0.5})
+    with pytest.raises(ConfigError, match="needs stream.augment=true"):
+        data_transforms(model, 24, augment_kwargs={"vflip": 0.5})

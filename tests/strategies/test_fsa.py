@@ -151,3 +151,69 @@ def test_film_on_an_unsupported_backbone_is_a_config_error(tmp_path, capsys):
     assert "adaptation='film'" in capsys.readouterr().err and not any(tmp_path.iterdir())
     with pytest.raises(ConfigError):
         create_strategy(tiny_config("fsa", tmp_path, *args))
+
+
+def paper_stream(config: str, root, *overrides: str):
+    from cil.config import load_config
+    from cil.session import stream_transforms
+    from streams import create_stream
+
+    cfg = load_config(
+        CONFIGS / "fsa" / config,
+        [f"stream.data_root={root}", "stream.verify_checksums=false", "backbone.name=resnet10t", *overrides],
+    )
+    return cfg, create_stream(cfg.stream, partial(stream_transforms, create_strategy(cfg).backbone, cfg))
+
+
+def test_paper_configs_build_the_paper_streams(tmp_path):
+    from tests.streams.test_vision import write_cifar100
+
+    write_cifar100(tmp_path, per_class_train=52, per_class_test=1)
+    cfg, high = paper_stream("cifar100_b10inc10.yaml", tmp_path, "backbone.pretrained=false")
+    assert [len(c) for c in high.classes_per_session] == [10] * 10
+    assert high.original_class_ids[:10] == list(range(10))  # natural class order
+    from cil.session import stream_transforms
+
+    transforms = stream_transforms(create_strategy(cfg).backbone, cfg)
+    assert "RandomVerticalFlip" in repr(transforms.train) and "Resize(size=224," in repr(transforms.eval)  # no crop
+    _, plus = paper_stream("cifar100_fewshot_plus.yaml", tmp_path, "backbone.pretrained=false")
+    assert [len(c) for c in plus.classes_per_session] == [20] + [10] * 8
+    assert [len(d) for d in plus.train_data] == [20 * 50] + [10 * 50] * 8  # 50 shots, base session included
+    _, fscil = paper_stream("cifar100_fscil.yaml", tmp_path, "backbone.pretrained=false")
+    assert [len(d) for d in fscil.train_data] == [60 * 52] + [25] * 8  # full base, then 5-way 5-shot
+
+
+def test_fscil_config_runs_end_to_end_on_index_lists(tmp_path):
+    """The CIFAR-100 FSCIL config on real-format files and CEC-style index lists, shrunk to run on a CPU."""
+    from tests.streams.test_vision import write_cifar100
+
+    write_cifar100(tmp_path / "data", per_class_train=6, per_class_test=1)
+    lists = tmp_path / "index_list"
+    lists.mkdir()
+    (lists / "session_1.txt").write_text("\n".join(str(i) for i in range(60 * 6)))  # base: classes 0-59
+    for s in range(8):
+        classes = range(60 + 5 * s, 65 + 5 * s)
+        (lists / f"session_{s + 2}.txt").write_text("\n".join(str(c * 6 + k) for c in classes for k in range(5)))
+    overrides = [
+        f"stream.data_root={tmp_path / 'data'}",
+        "stream.verify_checksums=false",
+        "stream.shots=null",
+        f"stream.index_dir={lists}",
+        "stream.num_workers=0",
+        "stream.batch_size=64",
+        "backbone.name=resnet10t",
+        "backbone.pretrained=false",
+        "backbone.image_size=16",
+        "strategy.epochs=1",
+        "trainer.accelerator=cpu",
+        "trainer.enable_progress_bar=false",
+        f"run.output_dir={tmp_path / 'runs'}",
+    ]
+    from cil.config import load_config
+
+    cfg = load_config(CONFIGS / "fsa" / "cifar100_fscil.yaml", overrides)
+    run = load_run(run_experiment(cfg))
+    assert run.summary["complete"] and run.accuracy_matrix.shape == (9, 9)
+    state = session_state(run.path, 8)
+    assert state["lda.counts"].sum().item() == 60 * 6 + 8 * 25  # every base sample and every shot, once
+    assert any(not torch.equal(v, torch.ones_like(v)) for k, v in state.items() if k.endswith("gamma"))

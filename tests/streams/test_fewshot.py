@@ -77,3 +77,22 @@ def test_index_list_errors(tmp_path):
     (tmp_path / "session_1.txt").write_text("a/b/c.jpg\n")
     with pytest.raises(ConfigError, match="indexed by integers"):
         stream_of(f"stream.index_dir={tmp_path}")
+
+
+def test_few_shot_plus_samples_the_base_session_too():
+    """FSA's few-shot+: K shots per class in every session, the base one included."""
+    stream = stream_of("stream.split=B4-Inc2", "stream.shots=3", "stream.base_shots=5")
+    assert Counter(stream.train_data[0].targets) == {c: 5 for c in stream.classes_per_session[0]}
+    assert Counter(stream.train_data[2].targets) == {c: 3 for c in stream.classes_per_session[2]}
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["stream.base_shots=5"], "stream.base_shots=5 needs stream.shots"),
+        (["stream.shots=3", "stream.base_shots=500"], "stream.base_shots=500 but class"),
+    ],
+)
+def test_bad_base_shots(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        stream_of("stream.split=B4-Inc2", *overrides)
