@@ -3,6 +3,11 @@
 - ``cifar100``: torchvision's CIFAR-100 format, ``<root>/cifar-100-python/{meta,train,test}``.
 - ``imagenet_r`` and ``cub200``: the LAMDA-PILOT layout, ``<root>/train/<class>/*.jpg`` and
   ``<root>/test/<class>/*.jpg``, read with torchvision's ``ImageFolder``.
+- ``svhn``: torchvision's SVHN (cropped digits) format, ``<root>/train_32x32.mat`` and ``<root>/test_32x32.mat``.
+- ``fgvc_aircraft``: the FGVC-Aircraft 2013b archive as torchvision reads it (100 variants, trainval/test), under
+  ``<root>/fgvc-aircraft-2013b/``.
+- ``stanford_cars``: the Stanford Cars layout torchvision reads (196 classes, train/test), under
+  ``<root>/stanford_cars/``.
 - ``miniimagenet``: the FSCIL layout (CEC, xyutao/fscil), ``<root>/images/*.jpg`` with
   ``<root>/split/train.csv`` and ``<root>/split/test.csv`` (``filename,label`` rows, label = WordNet id);
   ``<root>/miniimagenet/`` is accepted as well.
@@ -17,7 +22,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from torch.utils.data import Dataset
-from torchvision.datasets import CIFAR100, ImageFolder
+from torchvision.datasets import CIFAR100, SVHN, FGVCAircraft, ImageFolder, StanfordCars
 from torchvision.datasets.folder import default_loader
 
 from cil.backbones import Transforms
@@ -27,6 +32,14 @@ from streams.common import Stream, build_stream
 
 CIFAR_LAYOUT = "<root>/cifar-100-python/{meta,train,test} (torchvision's CIFAR-100 python format)"
 FOLDER_LAYOUT = "<root>/train/<class>/<image> and <root>/test/<class>/<image> (LAMDA-PILOT layout)"
+SVHN_LAYOUT = "<root>/train_32x32.mat and <root>/test_32x32.mat (torchvision's SVHN format)"
+AIRCRAFT_LAYOUT = (
+    "<root>/fgvc-aircraft-2013b/data/{variants.txt, images_variant_trainval.txt, images_variant_test.txt, images/}"
+)
+CARS_LAYOUT = (
+    "<root>/stanford_cars/{devkit/cars_meta.mat, devkit/cars_train_annos.mat, cars_train/, "
+    "cars_test_annos_withlabels.mat, cars_test/}"
+)
 MINI_LAYOUT = "<root>/images/<file>.jpg, <root>/split/train.csv and <root>/split/test.csv (filename,label rows)"
 
 
@@ -69,6 +82,57 @@ def build_cifar100(cfg: Any, make_transforms: Callable[..., Transforms]) -> Stre
             f"stream.data_root='{root}': {e} (set stream.verify_checksums=false for a re-packed copy)"
         ) from None
     return build_stream("cifar100", cfg, train, test, dict(enumerate(train.classes)), make_transforms())
+
+
+class _UncheckedSVHN(SVHN):
+    """torchvision's SVHN reader without its md5 checks (``stream.verify_checksums=false``)."""
+
+    def _check_integrity(self) -> bool:
+        return (Path(self.root) / self.filename).is_file()
+
+
+def _torchvision_pair(stream: str, layout: str, make: Callable[[str], Any], splits=("train", "test")):
+    """Train and test sets of a torchvision reader; its errors become config errors showing the layout."""
+    try:
+        return tuple(make(split) for split in splits)
+    except (RuntimeError, FileNotFoundError, KeyError, ValueError) as e:
+        raise ConfigError(
+            f"stream '{stream}' could not read stream.data_root: {e}; expected layout: {layout}"
+        ) from None
+
+
+def build_svhn(cfg: Any, make_transforms: Callable[..., Transforms]) -> Stream:
+    root = _root(cfg, "svhn", SVHN_LAYOUT)
+    cls = SVHN if cfg.verify_checksums else _UncheckedSVHN
+    train, test = _torchvision_pair("svhn", SVHN_LAYOUT, lambda split: cls(str(root), split=split))
+    for ds in (train, test):
+        ds.targets = [int(t) for t in ds.labels]  # torchvision maps the file's label 10 to digit 0
+    return build_stream("svhn", cfg, train, test, {d: str(d) for d in range(10)}, make_transforms())
+
+
+def build_fgvc_aircraft(cfg: Any, make_transforms: Callable[..., Transforms]) -> Stream:
+    """The 100 variants; trainval for training and test for evaluation, as the FSA code reads them."""
+    root = _root(cfg, "fgvc_aircraft", AIRCRAFT_LAYOUT)
+    train, test = _torchvision_pair(
+        "fgvc_aircraft", AIRCRAFT_LAYOUT, lambda split: FGVCAircraft(str(root), split=split), ("trainval", "test")
+    )
+    for ds in (train, test):
+        ds.targets = list(ds._labels)
+    names = dict(enumerate(train.classes))
+    return build_stream("fgvc_aircraft", cfg, train, test, names, make_transforms(), sample_names=_file_name(train))
+
+
+def build_stanford_cars(cfg: Any, make_transforms: Callable[..., Transforms]) -> Stream:
+    root = _root(cfg, "stanford_cars", CARS_LAYOUT)
+    train, test = _torchvision_pair("stanford_cars", CARS_LAYOUT, lambda split: StanfordCars(str(root), split=split))
+    for ds in (train, test):
+        ds.targets = [int(label) for _, label in ds._samples]
+    names = dict(enumerate(train.classes))
+    return build_stream("stanford_cars", cfg, train, test, names, make_transforms())
+
+
+def _file_name(ds: Any) -> Callable[[int], str]:
+    return lambda i: Path(ds._image_files[i]).name
 
 
 def _image_folders(cfg: Any, stream: str) -> tuple[ImageFolder, ImageFolder]:
@@ -154,3 +218,6 @@ register_stream("cifar100", build_cifar100)
 register_stream("imagenet_r", _folder_stream("imagenet_r"))
 register_stream("cub200", _folder_stream("cub200"))
 register_stream("miniimagenet", build_miniimagenet)
+register_stream("svhn", build_svhn)
+register_stream("fgvc_aircraft", build_fgvc_aircraft)
+register_stream("stanford_cars", build_stanford_cars)

@@ -217,3 +217,35 @@ def test_fscil_config_runs_end_to_end_on_index_lists(tmp_path):
     state = session_state(run.path, 8)
     assert state["lda.counts"].sum().item() == 60 * 6 + 8 * 25  # every base sample and every shot, once
     assert any(not torch.equal(v, torch.ones_like(v)) for k, v in state.items() if k.endswith("gamma"))
+
+
+# methods/fsa.md §7 and the code's schedules: (split, shots, base_shots, adaptation, milestones, gamma)
+PAPER = {
+    "cifar100_b10inc10": ("B10-Inc10", None, None, "full", [50, 100, 150], 0.7),
+    "svhn_b2inc2": ("B2-Inc2", None, None, "full", [50, 100, 150], 0.7),
+    "fgvc_aircraft_b10inc10": ("B10-Inc10", None, None, "full", [50, 100, 150], 0.7),
+    "stanford_cars_b16inc20": ("B16-Inc20", None, None, "full", [50, 100, 150], 0.7),
+    "cifar100_fewshot_plus": ("B20-Inc10", 50, 50, "film", [25, 50, 100], 0.3),
+    "svhn_fewshot_plus": ("B2-Inc2", 50, 50, "film", [25, 50, 100], 0.3),
+    "fgvc_aircraft_fewshot_plus": ("B20-Inc10", 50, 50, "film", [25, 50, 100], 0.3),
+    "cifar100_fscil": ("B60-Inc5", 5, None, "film", [50, 100, 150], 0.7),
+    "cub200_fscil": ("B100-Inc10", 5, None, "film", [50, 100, 150], 0.7),
+}
+
+
+@pytest.mark.parametrize("name", sorted(PAPER))
+def test_paper_configs_carry_the_paper_settings(name):
+    from cil.config import load_config
+
+    cfg = load_config(CONFIGS / "fsa" / f"{name}.yaml")
+    s, st = cfg.stream, cfg.strategy
+    assert (s.split, s.shots, s.base_shots, st.adaptation, list(st.milestones), st.lr_gamma) == PAPER[name]
+    assert (cfg.backbone.name, cfg.backbone.image_size, st.epochs, st.lr, st.dropout, s.batch_size) == (
+        "efficientnet_b0",
+        224,
+        200,
+        0.005,
+        0.5,
+        256,
+    )
+    assert st.lda_mode == "fsa" and not s.shuffle_classes

@@ -137,3 +137,86 @@ def test_miniimagenet_missing_split_shows_layout(tmp_path):
     (tmp_path / "images").mkdir()
     with pytest.raises(ConfigError, match=r"split/train.csv.*filename,label"):
         stream_of("miniimagenet", tmp_path)
+
+
+def write_svhn(root: Path, per_class: int = 3) -> None:
+    """SVHN's cropped-digits .mat files: X (32, 32, 3, N) uint8, y (N, 1) with 10 standing for digit 0."""
+    from scipy.io import savemat
+
+    rng = np.random.default_rng(0)
+    root.mkdir(parents=True, exist_ok=True)
+    for split in ("train", "test"):
+        labels = np.repeat(np.arange(1, 11), per_class).reshape(-1, 1)
+        images = rng.integers(0, 256, size=(32, 32, 3, len(labels)), dtype=np.uint8)
+        savemat(root / f"{split}_32x32.mat", {"X": images, "y": labels})
+
+
+def test_svhn_real_format(tmp_path):
+    write_svhn(tmp_path)
+    stream = stream_of("svhn", tmp_path, "stream.split=B2-Inc2", "stream.verify_checksums=false")
+    assert [len(c) for c in stream.classes_per_session] == [2, 2, 2, 2, 2]
+    assert sorted(stream.original_class_ids) == list(range(10))  # label 10 became digit 0
+    assert len(stream.train_data[0]) == 6
+    with pytest.raises(ConfigError, match="could not read stream.data_root.*train_32x32.mat"):
+        stream_of("svhn", tmp_path)  # the md5 of these tiny files is not the real one
+
+
+def write_aircraft(root: Path, variants: list[str], train: int = 3, test: int = 2) -> None:
+    data = root / "fgvc-aircraft-2013b" / "data"
+    (data / "images").mkdir(parents=True)
+    (data / "variants.txt").write_text("\n".join(variants) + "\n")
+    n = 0
+    for split, per_class in (("trainval", train), ("test", test)):
+        lines = []
+        for k, variant in enumerate(variants):
+            for _ in range(per_class):
+                name = f"{1000000 + n}"
+                _image(data / "images" / f"{name}.jpg", 10 * k)
+                lines.append(f"{name} {variant}")
+                n += 1
+        (data / f"images_variant_{split}.txt").write_text("\n".join(lines) + "\n")
+
+
+def test_fgvc_aircraft_real_format(tmp_path):
+    variants = ["707-320", "727-200", "A300B4", "Cessna 172"]  # names may contain spaces
+    write_aircraft(tmp_path, variants)
+    stream = stream_of("fgvc_aircraft", tmp_path, "stream.split=B2-Inc1", "stream.shuffle_classes=false")
+    assert stream.class_names == variants
+    assert [len(d) for d in stream.train_data] == [6, 3, 3]
+    assert tuple(stream.train_data[0][0][0].shape) == (3, 16, 16)
+
+
+def write_cars(root: Path, classes: list[str], train: int = 3, test: int = 2) -> None:
+    from scipy.io import savemat
+
+    base = root / "stanford_cars"
+    (base / "devkit").mkdir(parents=True)
+    savemat(base / "devkit" / "cars_meta.mat", {"class_names": np.array(classes, dtype=object).reshape(1, -1)})
+    for split, per_class, annos in (
+        ("train", train, base / "devkit" / "cars_train_annos.mat"),
+        ("test", test, base / "cars_test_annos_withlabels.mat"),
+    ):
+        (base / f"cars_{split}").mkdir()
+        rows = []
+        for k in range(len(classes)):
+            for i in range(per_class):
+                name = f"{k:03d}{i:02d}.jpg"
+                _image(base / f"cars_{split}" / name, 10 * k)
+                rows.append((name, k + 1))  # the .mat counts classes from 1
+        annotations = np.array(rows, dtype=[("fname", object), ("class", object)]).reshape(1, -1)
+        savemat(annos, {"annotations": annotations})
+
+
+def test_stanford_cars_real_format(tmp_path):
+    classes = ["AM General Hummer SUV 2000", "Acura RL Sedan 2012", "Audi R8 Coupe 2012"]
+    write_cars(tmp_path, classes)
+    stream = stream_of("stanford_cars", tmp_path, "stream.split=B1-Inc1", "stream.shuffle_classes=false")
+    assert stream.class_names == classes
+    assert [len(d) for d in stream.train_data] == [3, 3, 3]
+    assert len(stream.eval_data[2]) == 2
+
+
+@pytest.mark.parametrize("name", ["svhn", "fgvc_aircraft", "stanford_cars"])
+def test_torchvision_streams_show_the_layout_when_files_are_missing(tmp_path, name):
+    with pytest.raises(ConfigError, match="expected layout"):
+        stream_of(name, tmp_path)
