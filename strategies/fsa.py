@@ -85,7 +85,10 @@ class FSA(CILModule):
         if adaptation != "full":
             self.backbone.requires_grad_(False)
         self.dropout = nn.Dropout(dropout)
-        self.lda = StreamingLDA(self.num_features, mode=lda_mode, shrinkage=shrinkage, priors=priors)
+        try:
+            self.lda = StreamingLDA(self.num_features, mode=lda_mode, shrinkage=shrinkage, priors=priors)
+        except ValueError as e:  # e.g. priors='none' with lda_mode='sklearn': refused before any training
+            raise ConfigError(f"LDA head: {e}") from None
         self.register_buffer("adapted", torch.tensor(False))  # set once session 1 is over: the body is frozen
         self.train()
 

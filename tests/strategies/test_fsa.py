@@ -137,10 +137,12 @@ def test_resume_mid_adaptation_gives_the_same_matrix(tmp_path):
         ("strategy.shrinkage=-0.1", "strategy.shrinkage=-0.1 is out of range"),
         ("strategy.adaptation=partial", "strategy.adaptation='partial' is not valid"),
         ("strategy.lda_mode=qda", "strategy.lda_mode='qda' is not valid"),
+        ("strategy.lda_mode=sklearn strategy.priors=none", "priors='none' is not valid with mode='sklearn'"),
     ],
 )
 def test_bad_values_are_rejected_before_training(override, message, tmp_path, capsys):
-    assert main(["run", str(CONFIGS / "fsa" / "digits.yaml"), f"run.output_dir={tmp_path}", override]) == 2
+    args = [str(CONFIGS / "fsa" / "digits.yaml"), f"run.output_dir={tmp_path}", *override.split()]
+    assert main(["run", *args]) == 2
     assert message in capsys.readouterr().err
     assert not any(tmp_path.iterdir())  # nothing ran, no run folder
 
@@ -249,3 +251,23 @@ def test_paper_configs_carry_the_paper_settings(name):
         256,
     )
     assert st.lda_mode == "fsa" and not s.shuffle_classes
+
+
+@pytest.mark.slow
+def test_two_process_ddp_head_matches_one_process(tmp_path):
+    """Under 2-process gloo DDP each process streams its shard; the merged head predicts as one process's."""
+    import os
+    import subprocess
+
+    from tests.conftest import ROOT, TINY, cil_command
+
+    args = [str(CONFIGS / "fsa" / "digits.yaml"), "strategy.adaptation=none", *TINY]
+    single = run_experiment(tiny_config("fsa", tmp_path / "one", "strategy.adaptation=none"))
+    env = {k: v for k, v in os.environ.items() if k not in ("LOCAL_RANK", "WORLD_SIZE", "MASTER_PORT")}
+    ddp = ["trainer.devices=2", "trainer.strategy=ddp", f"run.output_dir={tmp_path / 'two'}"]
+    out = subprocess.run([*cil_command(), "run", *args, *ddp], capture_output=True, text=True, cwd=ROOT, env=env)
+    assert out.returncode == 0, out.stderr[-3000:]
+    (two,) = (tmp_path / "two" / "fsa-digits").iterdir()
+    np.testing.assert_array_equal(load_run(two).accuracy_matrix.to_numpy(), load_run(single).accuracy_matrix.to_numpy())
+    a, b = session_state(two, 4), session_state(single, 4)
+    torch.testing.assert_close(a["lda.scatter"], b["lda.scatter"], rtol=1e-10, atol=1e-8)
