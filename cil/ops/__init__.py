@@ -1,0 +1,1 @@
+"""Numerical operators with a short PyTorch reference beside every fast implementation."""

@@ -1,0 +1,239 @@
+"""Chunked selective scan with a hand-written backward: the fast path on CPU and on GPUs without the CUDA kernel.
+
+Time is cut into chunks of ``chunk`` steps. Within a chunk the affine recurrence ``h_t = a_t h_{t-1} + b_t``
+(``a_t = exp(Δ_t A)``, ``b_t = Δ_t B_t u_t``) is solved in parallel by recursive doubling: ``log2(chunk)`` rounds
+of ``(a, b)_t <- (a_t a_{t-k}, a_t b_{t-k} + b_t)``, which only multiplies decays in [0, 1] and so never overflows
+(unlike ``exp(cumsum)`` and a division). Across chunks the state is carried sequentially.
+
+The forward pass keeps only the state at each chunk start (``O(batch * dim * dstate * chunks)``); the backward pass
+recomputes each chunk's states from it, runs the adjoint recurrence ``λ_t = C_t gy_t + a_{t+1} λ_{t+1}`` backwards
+with the same doubling scan, and forms every gradient from ``(λ, h)`` of the chunk. The batch is processed in tiles
+so a chunk's temporaries stay within ``tile_bytes``.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from cil.ops.selective_scan.reference import compute_dtype
+
+DEFAULT_CHUNK = 16
+DEFAULT_TILE_BYTES = 32 * 2**20
+
+
+def _doubling_scan(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """All h_t of h_t = a_t h_{t-1} + b_t along dim 0 with h_{-1} = 0 (fold an initial state into b_0)."""
+    length, k = a.shape[0], 1
+    while k < length:
+        b_next = b.clone()
+        b_next[k:].addcmul_(a[k:], b[:-k])
+        if 2 * k < length:  # the products are only needed for the next round
+            a_next = a.clone()
+            a_next[k:].mul_(a[:-k])
+            a = a_next
+        b, k = b_next, 2 * k
+    return b
+
+
+class _Layout:
+    """Views of the inputs as (time, batch, groups, channels per group, dstate) for one batch tile and chunk.
+
+    Fixed B/C (dim, n) are per channel, varying B/C (batch, groups, n, L) are per group; both broadcast against the
+    5-D state.
+    """
+
+    def __init__(self, dim: int, B: torch.Tensor, C: torch.Tensor):
+        groups = [M.shape[1] for M in (B, C) if M.dim() == 4]
+        self.groups = groups[0] if groups else 1
+        self.per_group = dim // self.groups
+
+    def channels(self, x: torch.Tensor) -> torch.Tensor:
+        """(b, dim, T) -> (T, b, G, Dg, 1)"""
+        b, _, t = x.shape
+        return x.permute(2, 0, 1).reshape(t, b, self.groups, self.per_group, 1)
+
+    def weights(self, M: torch.Tensor) -> torch.Tensor:
+        """(dim, n) -> (1, 1, G, Dg, n)"""
+        return M.reshape(1, 1, self.groups, self.per_group, M.shape[-1])
+
+    def step_input(self, M: torch.Tensor, batch: slice, t0: int, t1: int) -> torch.Tensor:
+        """B or C for a tile and chunk: (1, 1, G, Dg, n) if fixed, else (T, b, G, 1, n)."""
+        if M.dim() == 2:
+            return self.weights(M)
+        return M[batch, :, :, t0:t1].permute(3, 0, 1, 2).unsqueeze(3)
+
+    def state(self, h: torch.Tensor) -> torch.Tensor:
+        """(b, dim, n) -> (b, G, Dg, n)"""
+        return h.reshape(h.shape[0], self.groups, self.per_group, h.shape[-1])
+
+
+def _chunk_states(layout, A5, dt5, u5, Bc, h0):
+    """Decays a_t and states h_t (T, b, G, Dg, n) of one chunk, starting from state h0 (b, G, Dg, n)."""
+    a = torch.exp(dt5 * A5)
+    b = (dt5 * u5) * Bc
+    b[0].addcmul_(a[0], h0)
+    return a, _doubling_scan(a, b)
+
+
+def _sum_n(x: torch.Tensor, M: torch.Tensor) -> torch.Tensor:
+    """Σ_n x * M with x (T, b, G, Dg, n) and M fixed (1, 1, G, Dg, n) or varying (T, b, G, 1, n) -> (T, b, G, Dg, 1)."""
+    if M.shape[3] == 1:
+        return x @ M.transpose(-1, -2)
+    return (x * M).sum(-1, keepdim=True)
+
+
+class ChunkedSelectiveScan(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, delta_softplus, chunk, tile_bytes):
+        dtype = compute_dtype(u, delta, A, B, C, D, z, delta_bias)
+        batch, dim, length = u.shape
+        n = A.shape[1]
+        layout = _Layout(dim, B, C)
+        uc, dt = u.to(dtype), _delta(delta, delta_bias, delta_softplus, dtype)
+        A5 = layout.weights(A.to(dtype))
+        Bx, Cx = B.to(dtype), C.to(dtype)
+        chunk = max(1, min(chunk, length))
+        starts = list(range(0, length, chunk))
+        tile = _tile(batch, dim, n, chunk, dtype, tile_bytes)
+        y = torch.empty(batch, dim, length, dtype=dtype, device=u.device)
+        checkpoints = torch.empty(len(starts), batch, dim, n, dtype=dtype, device=u.device)
+        last = torch.empty(batch, dim, n, dtype=dtype, device=u.device)
+        for b0 in range(0, batch, tile):
+            rows = slice(b0, min(b0 + tile, batch))
+            h = torch.zeros(rows.stop - rows.start, layout.groups, layout.per_group, n, dtype=dtype, device=u.device)
+            for c, t0 in enumerate(starts):
+                t1 = min(t0 + chunk, length)
+                checkpoints[c, rows] = h.reshape(-1, dim, n)
+                dt5, u5 = layout.channels(dt[rows, :, t0:t1]), layout.channels(uc[rows, :, t0:t1])
+                _, H = _chunk_states(layout, A5, dt5, u5, layout.step_input(Bx, rows, t0, t1), h)
+                yc = _sum_n(H, layout.step_input(Cx, rows, t0, t1))  # (T, b, G, Dg, 1)
+                y[rows, :, t0:t1] = yc.reshape(t1 - t0, -1, dim).permute(1, 2, 0)
+                h = H[-1]
+            last[rows] = h.reshape(-1, dim, n)
+        if D is not None:
+            y = y + uc * D.to(dtype)[:, None]
+        out = y if z is None else y * F.silu(z.to(dtype))
+        ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, checkpoints, y if z is not None else None)
+        ctx.config = (delta_softplus, chunk, tile, dtype)
+        return out.to(u.dtype), last
+
+    @staticmethod
+    def backward(ctx, dout, dlast):
+        u, delta, A, B, C, D, z, delta_bias, checkpoints, y = ctx.saved_tensors
+        delta_softplus, chunk, tile, dtype = ctx.config
+        batch, dim, length = u.shape
+        n = A.shape[1]
+        layout = _Layout(dim, B, C)
+        uc, Ac = u.to(dtype), A.to(dtype)
+        raw = delta.to(dtype) + (delta_bias.to(dtype)[:, None] if delta_bias is not None else 0)
+        dt = F.softplus(raw) if delta_softplus else raw
+        A5 = layout.weights(Ac)
+        Bx, Cx = B.to(dtype), C.to(dtype)
+        dout = dout.to(dtype) if dout is not None else torch.zeros_like(uc)
+
+        dz = None
+        if z is not None:
+            zc = z.to(dtype)
+            sig = torch.sigmoid(zc)
+            dz = dout * y * sig * (1 + zc * (1 - sig))
+            gy = dout * zc * sig  # dout * silu(z)
+        else:
+            gy = dout
+        du = gy * D.to(dtype)[:, None] if D is not None else torch.zeros_like(uc)
+        dD = (gy * uc).sum((0, 2)) if D is not None else None
+        ddt = torch.zeros_like(uc)
+        dA = torch.zeros_like(A5[0, 0])  # (G, Dg, n)
+        dB = (
+            torch.zeros_like(Bx)
+            if B.dim() == 2
+            else torch.zeros(batch, layout.groups, n, length, dtype=dtype, device=u.device)
+        )
+        dC = (
+            torch.zeros_like(Cx)
+            if C.dim() == 2
+            else torch.zeros(batch, layout.groups, n, length, dtype=dtype, device=u.device)
+        )
+        dB5, dC5 = (layout.weights(dB) if B.dim() == 2 else None), (layout.weights(dC) if C.dim() == 2 else None)
+        starts = list(range(0, length, chunk))
+        for b0 in range(0, batch, tile):
+            rows = slice(b0, min(b0 + tile, batch))
+            size = rows.stop - rows.start
+            if dlast is not None:
+                carry = layout.state(dlast[rows].to(dtype)).clone()
+            else:
+                carry = torch.zeros(size, layout.groups, layout.per_group, n, dtype=dtype, device=u.device)
+            for c in reversed(range(len(starts))):
+                t0 = starts[c]
+                t1 = min(t0 + chunk, length)
+                h0 = layout.state(checkpoints[c, rows])
+                dt5, u5 = layout.channels(dt[rows, :, t0:t1]), layout.channels(uc[rows, :, t0:t1])
+                gy5 = layout.channels(gy[rows, :, t0:t1])
+                Bc, Cc = layout.step_input(Bx, rows, t0, t1), layout.step_input(Cx, rows, t0, t1)
+                a, H = _chunk_states(layout, A5, dt5, u5, Bc, h0)
+                # adjoint λ_t = C_t gy_t + a_{t+1} λ_{t+1}, run backwards; the later chunks arrive through `carry`
+                src = (gy5 * Cc).flip(0)
+                src[0] += carry
+                decay = torch.cat([a[1:], torch.zeros_like(a[:1])]).flip(0)
+                lam = _doubling_scan(decay, src).flip(0)
+                H_prev = torch.cat([h0.unsqueeze(0), H[:-1]])
+                lam_B = _sum_n(lam, Bc)  # Σ_n λ B
+                w = lam * a * H_prev  # λ_t Ā_t h_{t-1}
+                du_c = dt5 * lam_B
+                ddt_c = u5 * lam_B + (w * A5).sum(-1, keepdim=True)
+                dA += (w * dt5).sum((0, 1))
+                dtu = dt5 * u5
+                if dB5 is not None:
+                    dB5 += (lam * dtu).sum((0, 1))
+                else:  # Σ over the channels of the group
+                    dB[rows, :, :, t0:t1] = (lam * dtu).sum(3).permute(1, 2, 3, 0)
+                if dC5 is not None:
+                    dC5 += (H * gy5).sum((0, 1))
+                else:
+                    dC[rows, :, :, t0:t1] = (H * gy5).sum(3).permute(1, 2, 3, 0)
+                du[rows, :, t0:t1] += du_c.reshape(t1 - t0, size, dim).permute(1, 2, 0)
+                ddt[rows, :, t0:t1] = ddt_c.reshape(t1 - t0, size, dim).permute(1, 2, 0)
+                carry = a[0] * lam[0]
+        ddelta = ddt * torch.sigmoid(raw) if delta_softplus else ddt
+        dbias = ddelta.sum((0, 2)) if delta_bias is not None else None
+        grads = (du, ddelta, dA.reshape(dim, n), dB, dC, dD, dz, dbias)
+        inputs = (u, delta, A, B, C, D, z, delta_bias)
+        cast = tuple(g.to(x.dtype) if g is not None else None for g, x in zip(grads, inputs))
+        return (*cast, None, None, None)
+
+
+def _delta(delta, delta_bias, softplus, dtype):
+    dt = delta.to(dtype)
+    if delta_bias is not None:
+        dt = dt + delta_bias.to(dtype)[:, None]
+    return F.softplus(dt) if softplus else dt
+
+
+def _tile(batch: int, dim: int, n: int, chunk: int, dtype: torch.dtype, tile_bytes: int) -> int:
+    """Batch rows per tile so one (chunk, rows, dim, n) temporary stays within tile_bytes."""
+    per_row = chunk * dim * n * torch.finfo(dtype).bits // 8
+    return max(1, min(batch, tile_bytes // max(per_row, 1)))
+
+
+def selective_scan_chunked(
+    u: torch.Tensor,
+    delta: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    D: Optional[torch.Tensor] = None,
+    z: Optional[torch.Tensor] = None,
+    delta_bias: Optional[torch.Tensor] = None,
+    delta_softplus: bool = False,
+    return_last_state: bool = False,
+    chunk: int = DEFAULT_CHUNK,
+    tile_bytes: int = DEFAULT_TILE_BYTES,
+):
+    if B.dim() == 3:
+        B = B.unsqueeze(1)
+    if C.dim() == 3:
+        C = C.unsqueeze(1)
+    out, last = ChunkedSelectiveScan.apply(u, delta, A, B, C, D, z, delta_bias, delta_softplus, chunk, tile_bytes)
+    return (out, last) if return_last_state else out
