@@ -20,8 +20,8 @@ import torch.nn.functional as F
 
 from cil.ops.selective_scan.reference import compute_dtype
 
-DEFAULT_CHUNK = 16
-DEFAULT_TILE_BYTES = 32 * 2**20
+DEFAULT_CHUNK = 8
+DEFAULT_TILE_BYTES = 4 * 2**20
 
 
 def _doubling_scan(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -63,19 +63,35 @@ class _Layout:
         """B or C for a tile and chunk: (1, 1, G, Dg, n) if fixed, else (T, b, G, 1, n)."""
         if M.dim() == 2:
             return self.weights(M)
-        return M[batch, :, :, t0:t1].permute(3, 0, 1, 2).unsqueeze(3)
+        # contiguous: a permuted operand would make every product's output take its odd strides
+        return M[batch, :, :, t0:t1].permute(3, 0, 1, 2).unsqueeze(3).contiguous()
 
     def state(self, h: torch.Tensor) -> torch.Tensor:
         """(b, dim, n) -> (b, G, Dg, n)"""
         return h.reshape(h.shape[0], self.groups, self.per_group, h.shape[-1])
 
 
-def _chunk_states(layout, A5, dt5, u5, Bc, h0):
+def _chunk_states(A5, dt5, u5, Bc, h0, parallel: bool):
     """Decays a_t and states h_t (T, b, G, Dg, n) of one chunk, starting from state h0 (b, G, Dg, n)."""
-    a = torch.exp(dt5 * A5)
-    b = (dt5 * u5) * Bc
-    b[0].addcmul_(a[0], h0)
-    return a, _doubling_scan(a, b)
+    a = torch.mul(dt5, A5).exp_()
+    h = torch.mul(dt5 * u5, Bc)  # Δ_t B_t u_t
+    h[0].addcmul_(a[0], h0)
+    if parallel:
+        return a, _doubling_scan(a, h)
+    for t in range(1, h.shape[0]):  # in place, one pass over the chunk: the cheapest form on a CPU
+        h[t].addcmul_(a[t], h[t - 1])
+    return a, h
+
+
+def _reverse_scan(a: torch.Tensor, src: torch.Tensor, carry: torch.Tensor, parallel: bool) -> torch.Tensor:
+    """λ_t = src_t + a_{t+1} λ_{t+1} along dim 0, with λ_{T-1} = src_{T-1} + carry (in place on src)."""
+    src[-1] += carry
+    if parallel:
+        decay = torch.cat([a[1:], torch.zeros_like(a[:1])]).flip(0)
+        return _doubling_scan(decay, src.flip(0)).flip(0)
+    for t in range(src.shape[0] - 2, -1, -1):
+        src[t].addcmul_(a[t + 1], src[t + 1])
+    return src
 
 
 def _sum_n(x: torch.Tensor, M: torch.Tensor) -> torch.Tensor:
@@ -87,7 +103,7 @@ def _sum_n(x: torch.Tensor, M: torch.Tensor) -> torch.Tensor:
 
 class ChunkedSelectiveScan(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, delta_softplus, chunk, tile_bytes):
+    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, delta_softplus, chunk, tile_bytes, parallel):
         dtype = compute_dtype(u, delta, A, B, C, D, z, delta_bias)
         batch, dim, length = u.shape
         n = A.shape[1]
@@ -108,7 +124,7 @@ class ChunkedSelectiveScan(torch.autograd.Function):
                 t1 = min(t0 + chunk, length)
                 checkpoints[c, rows] = h.reshape(-1, dim, n)
                 dt5, u5 = layout.channels(dt[rows, :, t0:t1]), layout.channels(uc[rows, :, t0:t1])
-                _, H = _chunk_states(layout, A5, dt5, u5, layout.step_input(Bx, rows, t0, t1), h)
+                _, H = _chunk_states(A5, dt5, u5, layout.step_input(Bx, rows, t0, t1), h, parallel)
                 yc = _sum_n(H, layout.step_input(Cx, rows, t0, t1))  # (T, b, G, Dg, 1)
                 y[rows, :, t0:t1] = yc.reshape(t1 - t0, -1, dim).permute(1, 2, 0)
                 h = H[-1]
@@ -117,13 +133,13 @@ class ChunkedSelectiveScan(torch.autograd.Function):
             y = y + uc * D.to(dtype)[:, None]
         out = y if z is None else y * F.silu(z.to(dtype))
         ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, checkpoints, y if z is not None else None)
-        ctx.config = (delta_softplus, chunk, tile, dtype)
+        ctx.config = (delta_softplus, chunk, tile, dtype, parallel)
         return out.to(u.dtype), last
 
     @staticmethod
     def backward(ctx, dout, dlast):
         u, delta, A, B, C, D, z, delta_bias, checkpoints, y = ctx.saved_tensors
-        delta_softplus, chunk, tile, dtype = ctx.config
+        delta_softplus, chunk, tile, dtype, parallel = ctx.config
         batch, dim, length = u.shape
         n = A.shape[1]
         layout = _Layout(dim, B, C)
@@ -172,36 +188,34 @@ class ChunkedSelectiveScan(torch.autograd.Function):
                 dt5, u5 = layout.channels(dt[rows, :, t0:t1]), layout.channels(uc[rows, :, t0:t1])
                 gy5 = layout.channels(gy[rows, :, t0:t1])
                 Bc, Cc = layout.step_input(Bx, rows, t0, t1), layout.step_input(Cx, rows, t0, t1)
-                a, H = _chunk_states(layout, A5, dt5, u5, Bc, h0)
+                a, H = _chunk_states(A5, dt5, u5, Bc, h0, parallel)
                 # adjoint λ_t = C_t gy_t + a_{t+1} λ_{t+1}, run backwards; the later chunks arrive through `carry`
-                src = (gy5 * Cc).flip(0)
-                src[0] += carry
-                decay = torch.cat([a[1:], torch.zeros_like(a[:1])]).flip(0)
-                lam = _doubling_scan(decay, src).flip(0)
-                H_prev = torch.cat([h0.unsqueeze(0), H[:-1]])
-                lam_B = _sum_n(lam, Bc)  # Σ_n λ B
-                w = lam * a * H_prev  # λ_t Ā_t h_{t-1}
+                lam = _reverse_scan(a, gy5 * Cc, carry, parallel)
+                carry = a[0] * lam[0]
+                lam_B = _sum_n(lam, Bc)  # Σ_n λ_t B_t
+                w = a.mul_(lam)  # λ_t Ā_t h_{t-1}, in place of the decays
+                w[0].mul_(h0)
+                w[1:].mul_(H[:-1])
                 du_c = dt5 * lam_B
                 ddt_c = u5 * lam_B + (w * A5).sum(-1, keepdim=True)
                 dA += (w * dt5).sum((0, 1))
                 dtu = dt5 * u5
                 if dB5 is not None:
                     dB5 += (lam * dtu).sum((0, 1))
-                else:  # Σ over the channels of the group
-                    dB[rows, :, :, t0:t1] = (lam * dtu).sum(3).permute(1, 2, 3, 0)
+                else:  # Σ over the channels of the group, as a batched product
+                    dB[rows, :, :, t0:t1] = (dtu.transpose(-1, -2) @ lam).squeeze(3).permute(1, 2, 3, 0)
                 if dC5 is not None:
                     dC5 += (H * gy5).sum((0, 1))
                 else:
-                    dC[rows, :, :, t0:t1] = (H * gy5).sum(3).permute(1, 2, 3, 0)
+                    dC[rows, :, :, t0:t1] = (gy5.transpose(-1, -2) @ H).squeeze(3).permute(1, 2, 3, 0)
                 du[rows, :, t0:t1] += du_c.reshape(t1 - t0, size, dim).permute(1, 2, 0)
                 ddt[rows, :, t0:t1] = ddt_c.reshape(t1 - t0, size, dim).permute(1, 2, 0)
-                carry = a[0] * lam[0]
         ddelta = ddt * torch.sigmoid(raw) if delta_softplus else ddt
         dbias = ddelta.sum((0, 2)) if delta_bias is not None else None
         grads = (du, ddelta, dA.reshape(dim, n), dB, dC, dD, dz, dbias)
         inputs = (u, delta, A, B, C, D, z, delta_bias)
         cast = tuple(g.to(x.dtype) if g is not None else None for g, x in zip(grads, inputs))
-        return (*cast, None, None, None)
+        return (*cast, None, None, None, None)
 
 
 def _delta(delta, delta_bias, softplus, dtype):
@@ -230,10 +244,16 @@ def selective_scan_chunked(
     return_last_state: bool = False,
     chunk: int = DEFAULT_CHUNK,
     tile_bytes: int = DEFAULT_TILE_BYTES,
+    parallel: Optional[bool] = None,
 ):
+    """The chunked scan; ``parallel`` solves each chunk by recursive doubling (default on GPUs) instead of one
+    in-place step at a time (default on CPUs, where it moves the least memory)."""
+    if parallel is None:
+        parallel = u.device.type != "cpu"
     if B.dim() == 3:
         B = B.unsqueeze(1)
     if C.dim() == 3:
         C = C.unsqueeze(1)
-    out, last = ChunkedSelectiveScan.apply(u, delta, A, B, C, D, z, delta_bias, delta_softplus, chunk, tile_bytes)
+    args = (u, delta, A, B, C, D, z, delta_bias, delta_softplus, chunk, tile_bytes, parallel)
+    out, last = ChunkedSelectiveScan.apply(*args)
     return (out, last) if return_last_state else out

@@ -1,0 +1,183 @@
+"""The chunked selective scan against the sequential reference: outputs, final states and every gradient.
+
+Tolerances: float64 — 1e-10 (same arithmetic, another order of summation); float32 — rtol 1e-4 / atol 1e-4 relative
+to the largest value (sums of up to 257 terms in another order); bfloat16 inputs — both compute in float32 from the
+same rounded inputs, so outputs agree to bfloat16 rounding of the result (rtol 2e-2).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from cil.ops.selective_scan import selective_scan, selective_scan_chunked, selective_scan_reference
+
+NAMES = ["u", "delta", "A", "B", "C", "D", "z", "delta_bias"]
+
+# (B/C form, groups, z, D, delta_bias, softplus)
+VARIANTS = {
+    "everything, varying B/C, 2 groups": ("varying", 2, True, True, True, True),
+    "nothing optional, fixed B/C": ("fixed", 1, False, False, False, False),
+    "fixed B, 3-D varying C, z only": ("fixedB-3dC", 1, True, False, False, True),
+    "4 groups, D and bias, no softplus": ("varying", 4, False, True, True, False),
+}
+
+
+def make_inputs(batch, dim, length, n, form, groups, z, D, bias, dtype=torch.float32, seed=0, positive_delta=False):
+    """Random inputs; ``positive_delta`` for scans without softplus (a negative Δ makes exp(Δ A) grow without bound)."""
+    g = torch.Generator().manual_seed(seed)
+
+    def r(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=g, dtype=torch.float64) * scale).to(dtype)
+
+    varying = (batch, groups, n, length)
+    B = r(dim, n) if form.startswith("fixed") else r(*varying)
+    C = r(dim, n) if form == "fixed" else (r(batch, n, length) if form == "fixedB-3dC" else r(*varying))
+    inputs = {
+        "u": r(batch, dim, length),
+        "delta": r(batch, dim, length, scale=0.5).abs() if positive_delta else r(batch, dim, length, scale=0.5),
+        "A": -torch.rand(dim, n, generator=g, dtype=torch.float64).mul(2).add(0.05).to(dtype),
+        "B": B,
+        "C": C,
+        "D": r(dim) if D else None,
+        "z": r(batch, dim, length) if z else None,
+        "delta_bias": (r(dim, scale=0.5).abs() if positive_delta else r(dim, scale=0.5)) if bias else None,
+    }
+    return {k: (v.requires_grad_() if v is not None else None) for k, v in inputs.items()}
+
+
+def run(fn, inputs, softplus, **kwargs):
+    """Output, final state and the gradients of a loss that weighs every output and the final state."""
+    out, last = fn(**inputs, delta_softplus=softplus, return_last_state=True, **kwargs)
+    weights = torch.linspace(-1, 1, out.numel(), dtype=torch.float64).view_as(out)
+    loss = (out.double() * weights).sum() + last.double().pow(2).sum()
+    present = [k for k in NAMES if inputs[k] is not None]
+    grads = torch.autograd.grad(loss, [inputs[k] for k in present])
+    return out, last, dict(zip(present, grads))
+
+
+def assert_close(a, b, rtol, atol_rel, name):
+    scale = max(b.abs().max().item(), 1.0)
+    torch.testing.assert_close(a.double(), b.double(), rtol=rtol, atol=atol_rel * scale, msg=name)
+
+
+@pytest.mark.parametrize("length", [1, 7, 64, 257])
+@pytest.mark.parametrize("n", [1, 4, 16])
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_chunked_equals_reference_fp32(length, n, variant):
+    form, groups, z, D, bias, softplus = VARIANTS[variant]
+    inputs = make_inputs(2, 8, length, n, form, groups, z, D, bias, positive_delta=not softplus)
+    ref = run(selective_scan_reference, inputs, softplus)
+    fast = run(selective_scan_chunked, inputs, softplus)
+    assert fast[0].dtype == torch.float32 and fast[1].shape == (2, 8, n)
+    assert_close(fast[0], ref[0], 1e-4, 1e-4, "out")
+    assert_close(fast[1], ref[1], 1e-4, 1e-4, "last state")
+    assert fast[2].keys() == ref[2].keys()
+    for name in ref[2]:
+        assert fast[2][name].shape == inputs[name].shape
+        assert_close(fast[2][name], ref[2][name], 1e-4, 1e-4, f"d{name}")
+
+
+@pytest.mark.parametrize("parallel", [False, True])
+@pytest.mark.parametrize("chunk, tile_bytes", [(1, 1), (3, 1), (8, 2**30), (300, 2**30)])
+def test_every_chunking_and_tiling_gives_the_same_float64_result(parallel, chunk, tile_bytes):
+    """Chunk of 1 step, ragged chunks, one chunk for all; a batch row per tile or one tile; both chunk solvers."""
+    inputs = make_inputs(3, 8, 45, 4, "varying", 2, True, True, True, dtype=torch.float64)
+    ref = run(selective_scan_reference, inputs, True)
+    fast = run(selective_scan_chunked, inputs, True, chunk=chunk, tile_bytes=tile_bytes, parallel=parallel)
+    for a, b, name in [(fast[0], ref[0], "out"), (fast[1], ref[1], "last")] + [
+        (fast[2][k], ref[2][k], f"d{k}") for k in ref[2]
+    ]:
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10, msg=name)
+
+
+def test_bfloat16_inputs():
+    inputs = make_inputs(2, 8, 33, 4, "varying", 2, True, True, True, dtype=torch.bfloat16)
+    ref = run(selective_scan_reference, inputs, True)
+    fast = run(selective_scan_chunked, inputs, True)
+    assert fast[0].dtype == torch.bfloat16 and fast[1].dtype == torch.float32  # computed in float32
+    assert_close(fast[0], ref[0], 2e-2, 2e-2, "out")
+    assert_close(fast[1], ref[1], 1e-4, 1e-4, "last")
+    for name in ref[2]:
+        assert fast[2][name].dtype == torch.bfloat16
+        assert_close(fast[2][name], ref[2][name], 2e-2, 2e-2, f"d{name}")
+
+
+@pytest.mark.parametrize("parallel", [False, True])
+@pytest.mark.parametrize("form", ["varying", "fixed"])
+def test_gradcheck_float64(parallel, form):
+    inputs = make_inputs(2, 4, 5, 3, form, 2 if form == "varying" else 1, True, True, True, dtype=torch.float64)
+    order = [inputs[k] for k in NAMES]
+
+    def fn(*args):
+        kwargs = dict(zip(NAMES, args))
+        out, last = selective_scan_chunked(
+            **kwargs, delta_softplus=True, return_last_state=True, chunk=2, parallel=parallel
+        )
+        return out, last
+
+    assert torch.autograd.gradcheck(fn, order, eps=1e-6, atol=1e-6)
+
+
+def test_saved_memory_grows_with_chunks_not_steps():
+    """Autograd keeps the inputs, y and one state per chunk; the reference keeps about a state per step."""
+    batch, dim, length, n, chunk = 2, 8, 256, 16, 32
+    inputs = make_inputs(batch, dim, length, n, "varying", 1, True, True, True)
+    inputs_numel = sum(t.numel() for t in inputs.values() if t is not None)
+    states = batch * dim * n
+
+    def saved_beyond_inputs(fn, **kwargs):
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+            fn(**inputs, delta_softplus=True, **kwargs)
+        unique = {t.data_ptr(): t.numel() for t in saved}  # a tensor saved twice is kept once
+        return sum(unique.values()) - inputs_numel
+
+    assert saved_beyond_inputs(selective_scan_chunked, chunk=chunk) == batch * dim * length + (length // chunk) * states
+    assert saved_beyond_inputs(selective_scan_reference) >= length * states
+
+
+def test_dispatch():
+    inputs = {
+        k: v.detach() if v is not None else None
+        for k, v in make_inputs(2, 8, 9, 4, "varying", 2, True, True, True).items()
+    }
+    auto = selective_scan(**inputs, delta_softplus=True)
+    torch.testing.assert_close(auto, selective_scan_chunked(**inputs, delta_softplus=True), rtol=0, atol=0)
+    with pytest.raises(RuntimeError, match="impl='cuda' is unavailable: "):
+        selective_scan(**inputs, impl="cuda")
+    with pytest.raises(ValueError, match="impl='fast' is not valid"):
+        selective_scan(**inputs, impl="fast")
+
+
+BAD = [
+    ({"u": torch.zeros(2, 8)}, r"u has shape \(2, 8\); expected \(batch, dim, L\)"),
+    ({"delta": torch.zeros(2, 8, 5)}, r"delta has shape \(2, 8, 5\); expected u's shape .* \(2, 8, 9\)"),
+    ({"A": torch.zeros(7, 4)}, r"A has shape \(7, 4\); expected \(dim, dstate\) with dim = 8"),
+    ({"B": torch.zeros(2, 3, 4, 9)}, r"B has shape \(2, 3, 4, 9\); expected .*with 8 divisible by groups"),
+    ({"C": torch.zeros(2, 4, 8)}, r"C has shape \(2, 4, 8\); expected .*\(batch, dstate, L\) = \(2, 4, 9\)"),
+    ({"D": torch.zeros(4)}, r"D has shape \(4,\); expected \(dim,\) = \(8,\)"),
+    ({"u": torch.zeros(2, 8, 9, dtype=torch.long)}, "u has dtype torch.int64; expected a real floating dtype"),
+    ({"A": torch.zeros(8, 4, dtype=torch.complex64)}, "A has dtype torch.complex64"),
+]
+
+
+@pytest.mark.parametrize("bad, message", BAD)
+def test_bad_inputs_name_the_argument_and_the_expected_shape(bad, message):
+    inputs = {
+        k: v.detach() if v is not None else None
+        for k, v in make_inputs(2, 8, 9, 4, "varying", 2, True, True, True).items()
+    }
+    with pytest.raises(ValueError, match=message):
+        selective_scan(**{**inputs, **bad})
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_chunked_on_gpu_equals_reference():
+    inputs = make_inputs(2, 16, 130, 16, "varying", 4, True, True, True)
+    gpu = {k: (v.detach().cuda().requires_grad_() if v is not None else None) for k, v in inputs.items()}
+    ref = run(selective_scan_reference, inputs, True)
+    fast = run(selective_scan_chunked, gpu, True)
+    assert_close(fast[0].cpu(), ref[0], 1e-4, 1e-4, "out")
+    for name in ref[2]:
+        assert_close(fast[2][name].cpu(), ref[2][name], 1e-4, 1e-4, f"d{name}")
