@@ -79,7 +79,7 @@ def test_chunked_equals_reference_fp32(length, n, variant):
 
 
 @pytest.mark.parametrize("parallel", [False, True])
-@pytest.mark.parametrize("chunk, tile_bytes", [(1, 1), (3, 1), (8, 2**30), (300, 2**30)])
+@pytest.mark.parametrize("chunk, tile_bytes", [(1, 1), (3, 1), (3, 384), (8, 2**30), (300, 2**30)])
 def test_every_chunking_and_tiling_gives_the_same_float64_result(parallel, chunk, tile_bytes):
     """Chunk of 1 step, ragged chunks, one chunk for all; a batch row per tile or one tile; both chunk solvers."""
     inputs = make_inputs(3, 8, 45, 4, "varying", 2, True, True, True, dtype=torch.float64)

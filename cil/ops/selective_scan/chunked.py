@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from cil.ops.selective_scan.reference import compute_dtype
 
 DEFAULT_CHUNK = 8
-DEFAULT_TILE_BYTES = 4 * 2**20
+DEFAULT_TILE_BYTES = 2 * 2**20  # about one core's L2 here: temporaries stay in cache
 
 
 def _doubling_scan(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -38,37 +38,65 @@ def _doubling_scan(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return b
 
 
-class _Layout:
-    """Views of the inputs as (time, batch, groups, channels per group, dstate) for one batch tile and chunk.
+class _Tile:
+    """A block of batch rows and channels, viewed as (time, batch, groups, channels per group, dstate).
 
-    Fixed B/C (dim, n) are per channel, varying B/C (batch, groups, n, L) are per group; both broadcast against the
-    5-D state.
+    Channels are cut into whole groups, or into parts of one group, so a tile's channels read one slice of the
+    varying B/C (batch, groups, n, L); fixed B/C (dim, n) are per channel and simply sliced.
     """
 
-    def __init__(self, dim: int, B: torch.Tensor, C: torch.Tensor):
-        groups = [M.shape[1] for M in (B, C) if M.dim() == 4]
-        self.groups = groups[0] if groups else 1
-        self.per_group = dim // self.groups
+    def __init__(self, rows: slice, chans: slice, groups: slice, per_group: int):
+        self.rows, self.chans, self.groups = rows, chans, groups
+        self.num_groups, self.per_group = groups.stop - groups.start, per_group
 
-    def channels(self, x: torch.Tensor) -> torch.Tensor:
-        """(b, dim, T) -> (T, b, G, Dg, 1)"""
-        b, _, t = x.shape
-        return x.permute(2, 0, 1).reshape(t, b, self.groups, self.per_group, 1)
+    def channels(self, x: torch.Tensor, t0: int, t1: int) -> torch.Tensor:
+        """(batch, dim, L) -> this tile's (T, b, G, Dg, 1)"""
+        x = x[self.rows, self.chans, t0:t1]
+        return x.permute(2, 0, 1).reshape(t1 - t0, x.shape[0], self.num_groups, self.per_group, 1)
 
     def weights(self, M: torch.Tensor) -> torch.Tensor:
         """(dim, n) -> (1, 1, G, Dg, n)"""
-        return M.reshape(1, 1, self.groups, self.per_group, M.shape[-1])
+        return M[self.chans].reshape(1, 1, self.num_groups, self.per_group, M.shape[-1])
 
-    def step_input(self, M: torch.Tensor, batch: slice, t0: int, t1: int) -> torch.Tensor:
-        """B or C for a tile and chunk: (1, 1, G, Dg, n) if fixed, else (T, b, G, 1, n)."""
+    def step_input(self, M: torch.Tensor, t0: int, t1: int) -> torch.Tensor:
+        """B or C for the tile and chunk: (1, 1, G, Dg, n) if fixed, else (T, b, G, 1, n)."""
         if M.dim() == 2:
             return self.weights(M)
         # contiguous: a permuted operand would make every product's output take its odd strides
-        return M[batch, :, :, t0:t1].permute(3, 0, 1, 2).unsqueeze(3).contiguous()
+        return M[self.rows, self.groups, :, t0:t1].permute(3, 0, 1, 2).unsqueeze(3).contiguous()
 
     def state(self, h: torch.Tensor) -> torch.Tensor:
-        """(b, dim, n) -> (b, G, Dg, n)"""
-        return h.reshape(h.shape[0], self.groups, self.per_group, h.shape[-1])
+        """(batch, dim, n) -> this tile's (b, G, Dg, n)"""
+        h = h[self.rows, self.chans]
+        return h.reshape(h.shape[0], self.num_groups, self.per_group, h.shape[-1])
+
+    def put(self, target: torch.Tensor, value: torch.Tensor, t0: int, t1: int, add: bool = False) -> None:
+        """Write (T, b, G, Dg, 1) back into (batch, dim, L)."""
+        value = value.reshape(t1 - t0, -1, self.num_groups * self.per_group).permute(1, 2, 0)
+        view = target[self.rows, self.chans, t0:t1]
+        view.add_(value) if add else view.copy_(value)
+
+
+def _tiles(batch: int, dim: int, groups: int, n: int, chunk: int, dtype: torch.dtype, tile_bytes: int):
+    """Tiles whose (chunk, rows, channels, n) temporaries stay within ``tile_bytes`` (small enough for the cache)."""
+    per_group = dim // groups
+    per_channel = chunk * n * torch.finfo(dtype).bits // 8
+    width = max(1, tile_bytes // per_channel)  # channels of one batch row that fit
+    blocks = []
+    if width >= per_group:
+        k = min(groups, width // per_group)  # whole groups per tile
+        for g0 in range(0, groups, k):
+            g1 = min(g0 + k, groups)
+            blocks.append((slice(g0 * per_group, g1 * per_group), slice(g0, g1), per_group))
+    else:
+        for g in range(groups):
+            for c0 in range(0, per_group, width):
+                c1 = min(c0 + width, per_group)
+                blocks.append((slice(g * per_group + c0, g * per_group + c1), slice(g, g + 1), c1 - c0))
+    for chans, grps, part in blocks:
+        rows_per_tile = max(1, tile_bytes // (per_channel * (chans.stop - chans.start)))
+        for b0 in range(0, batch, rows_per_tile):
+            yield _Tile(slice(b0, min(b0 + rows_per_tile, batch)), chans, grps, part)
 
 
 def _chunk_states(A5, dt5, u5, Bc, h0, parallel: bool):
@@ -107,46 +135,40 @@ class ChunkedSelectiveScan(torch.autograd.Function):
         dtype = compute_dtype(u, delta, A, B, C, D, z, delta_bias)
         batch, dim, length = u.shape
         n = A.shape[1]
-        layout = _Layout(dim, B, C)
-        uc, dt = u.to(dtype), _delta(delta, delta_bias, delta_softplus, dtype)
-        A5 = layout.weights(A.to(dtype))
+        uc, dt, Ac = u.to(dtype), _delta(delta, delta_bias, delta_softplus, dtype), A.to(dtype)
         Bx, Cx = B.to(dtype), C.to(dtype)
         chunk = max(1, min(chunk, length))
         starts = list(range(0, length, chunk))
-        tile = _tile(batch, dim, n, chunk, dtype, tile_bytes)
         y = torch.empty(batch, dim, length, dtype=dtype, device=u.device)
         checkpoints = torch.empty(len(starts), batch, dim, n, dtype=dtype, device=u.device)
         last = torch.empty(batch, dim, n, dtype=dtype, device=u.device)
-        for b0 in range(0, batch, tile):
-            rows = slice(b0, min(b0 + tile, batch))
-            h = torch.zeros(rows.stop - rows.start, layout.groups, layout.per_group, n, dtype=dtype, device=u.device)
+        for tile in _tiles(batch, dim, _groups(B, C), n, chunk, dtype, tile_bytes):
+            A5 = tile.weights(Ac)
+            h = tile.state(last).new_zeros(tile.state(last).shape)
             for c, t0 in enumerate(starts):
                 t1 = min(t0 + chunk, length)
-                checkpoints[c, rows] = h.reshape(-1, dim, n)
-                dt5, u5 = layout.channels(dt[rows, :, t0:t1]), layout.channels(uc[rows, :, t0:t1])
-                _, H = _chunk_states(A5, dt5, u5, layout.step_input(Bx, rows, t0, t1), h, parallel)
-                yc = _sum_n(H, layout.step_input(Cx, rows, t0, t1))  # (T, b, G, Dg, 1)
-                y[rows, :, t0:t1] = yc.reshape(t1 - t0, -1, dim).permute(1, 2, 0)
+                tile.state(checkpoints[c]).copy_(h)
+                dt5, u5 = tile.channels(dt, t0, t1), tile.channels(uc, t0, t1)
+                _, H = _chunk_states(A5, dt5, u5, tile.step_input(Bx, t0, t1), h, parallel)
+                tile.put(y, _sum_n(H, tile.step_input(Cx, t0, t1)), t0, t1)
                 h = H[-1]
-            last[rows] = h.reshape(-1, dim, n)
+            tile.state(last).copy_(h)
         if D is not None:
             y = y + uc * D.to(dtype)[:, None]
         out = y if z is None else y * F.silu(z.to(dtype))
         ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, checkpoints, y if z is not None else None)
-        ctx.config = (delta_softplus, chunk, tile, dtype, parallel)
+        ctx.config = (delta_softplus, chunk, tile_bytes, dtype, parallel)
         return out.to(u.dtype), last
 
     @staticmethod
     def backward(ctx, dout, dlast):
         u, delta, A, B, C, D, z, delta_bias, checkpoints, y = ctx.saved_tensors
-        delta_softplus, chunk, tile, dtype, parallel = ctx.config
+        delta_softplus, chunk, tile_bytes, dtype, parallel = ctx.config
         batch, dim, length = u.shape
         n = A.shape[1]
-        layout = _Layout(dim, B, C)
         uc, Ac = u.to(dtype), A.to(dtype)
         raw = delta.to(dtype) + (delta_bias.to(dtype)[:, None] if delta_bias is not None else 0)
         dt = F.softplus(raw) if delta_softplus else raw
-        A5 = layout.weights(Ac)
         Bx, Cx = B.to(dtype), C.to(dtype)
         dout = dout.to(dtype) if dout is not None else torch.zeros_like(uc)
 
@@ -160,34 +182,19 @@ class ChunkedSelectiveScan(torch.autograd.Function):
             gy = dout
         du = gy * D.to(dtype)[:, None] if D is not None else torch.zeros_like(uc)
         dD = (gy * uc).sum((0, 2)) if D is not None else None
-        ddt = torch.zeros_like(uc)
-        dA = torch.zeros_like(A5[0, 0])  # (G, Dg, n)
-        dB = (
-            torch.zeros_like(Bx)
-            if B.dim() == 2
-            else torch.zeros(batch, layout.groups, n, length, dtype=dtype, device=u.device)
-        )
-        dC = (
-            torch.zeros_like(Cx)
-            if C.dim() == 2
-            else torch.zeros(batch, layout.groups, n, length, dtype=dtype, device=u.device)
-        )
-        dB5, dC5 = (layout.weights(dB) if B.dim() == 2 else None), (layout.weights(dC) if C.dim() == 2 else None)
+        ddt, dA, dB, dC = torch.zeros_like(uc), torch.zeros_like(Ac), torch.zeros_like(Bx), torch.zeros_like(Cx)
         starts = list(range(0, length, chunk))
-        for b0 in range(0, batch, tile):
-            rows = slice(b0, min(b0 + tile, batch))
-            size = rows.stop - rows.start
-            if dlast is not None:
-                carry = layout.state(dlast[rows].to(dtype)).clone()
-            else:
-                carry = torch.zeros(size, layout.groups, layout.per_group, n, dtype=dtype, device=u.device)
+        for tile in _tiles(batch, dim, _groups(B, C), n, chunk, dtype, tile_bytes):
+            A5 = tile.weights(Ac)
+            carry = tile.state(dlast).to(dtype) if dlast is not None else None
+            if carry is None:
+                carry = torch.zeros_like(tile.state(checkpoints[0]))
             for c in reversed(range(len(starts))):
                 t0 = starts[c]
                 t1 = min(t0 + chunk, length)
-                h0 = layout.state(checkpoints[c, rows])
-                dt5, u5 = layout.channels(dt[rows, :, t0:t1]), layout.channels(uc[rows, :, t0:t1])
-                gy5 = layout.channels(gy[rows, :, t0:t1])
-                Bc, Cc = layout.step_input(Bx, rows, t0, t1), layout.step_input(Cx, rows, t0, t1)
+                h0 = tile.state(checkpoints[c])
+                dt5, u5, gy5 = tile.channels(dt, t0, t1), tile.channels(uc, t0, t1), tile.channels(gy, t0, t1)
+                Bc, Cc = tile.step_input(Bx, t0, t1), tile.step_input(Cx, t0, t1)
                 a, H = _chunk_states(A5, dt5, u5, Bc, h0, parallel)
                 # adjoint λ_t = C_t gy_t + a_{t+1} λ_{t+1}, run backwards; the later chunks arrive through `carry`
                 lam = _reverse_scan(a, gy5 * Cc, carry, parallel)
@@ -196,26 +203,29 @@ class ChunkedSelectiveScan(torch.autograd.Function):
                 w = a.mul_(lam)  # λ_t Ā_t h_{t-1}, in place of the decays
                 w[0].mul_(h0)
                 w[1:].mul_(H[:-1])
-                du_c = dt5 * lam_B
-                ddt_c = u5 * lam_B + (w * A5).sum(-1, keepdim=True)
-                dA += (w * dt5).sum((0, 1))
+                tile.put(du, dt5 * lam_B, t0, t1, add=True)
+                tile.put(ddt, u5 * lam_B + (w * A5).sum(-1, keepdim=True), t0, t1, add=True)
+                tile.weights(dA).add_((w * dt5).sum((0, 1)))
                 dtu = dt5 * u5
-                if dB5 is not None:
-                    dB5 += (lam * dtu).sum((0, 1))
-                else:  # Σ over the channels of the group, as a batched product
-                    dB[rows, :, :, t0:t1] = (dtu.transpose(-1, -2) @ lam).squeeze(3).permute(1, 2, 3, 0)
-                if dC5 is not None:
-                    dC5 += (H * gy5).sum((0, 1))
+                if B.dim() == 2:
+                    tile.weights(dB).add_((lam * dtu).sum((0, 1)))
+                else:  # Σ over the tile's channels of each group, as a batched product
+                    dB[tile.rows, tile.groups, :, t0:t1] += (dtu.transpose(-1, -2) @ lam).squeeze(3).permute(1, 2, 3, 0)
+                if C.dim() == 2:
+                    tile.weights(dC).add_((H * gy5).sum((0, 1)))
                 else:
-                    dC[rows, :, :, t0:t1] = (gy5.transpose(-1, -2) @ H).squeeze(3).permute(1, 2, 3, 0)
-                du[rows, :, t0:t1] += du_c.reshape(t1 - t0, size, dim).permute(1, 2, 0)
-                ddt[rows, :, t0:t1] = ddt_c.reshape(t1 - t0, size, dim).permute(1, 2, 0)
+                    dC[tile.rows, tile.groups, :, t0:t1] += (gy5.transpose(-1, -2) @ H).squeeze(3).permute(1, 2, 3, 0)
         ddelta = ddt * torch.sigmoid(raw) if delta_softplus else ddt
         dbias = ddelta.sum((0, 2)) if delta_bias is not None else None
-        grads = (du, ddelta, dA.reshape(dim, n), dB, dC, dD, dz, dbias)
+        grads = (du, ddelta, dA, dB, dC, dD, dz, dbias)
         inputs = (u, delta, A, B, C, D, z, delta_bias)
         cast = tuple(g.to(x.dtype) if g is not None else None for g, x in zip(grads, inputs))
         return (*cast, None, None, None, None)
+
+
+def _groups(B: torch.Tensor, C: torch.Tensor) -> int:
+    """Groups of the varying B/C (batch, groups, n, L); 1 when both are fixed (dim, n)."""
+    return next((M.shape[1] for M in (B, C) if M.dim() == 4), 1)
 
 
 def _delta(delta, delta_bias, softplus, dtype):
@@ -223,12 +233,6 @@ def _delta(delta, delta_bias, softplus, dtype):
     if delta_bias is not None:
         dt = dt + delta_bias.to(dtype)[:, None]
     return F.softplus(dt) if softplus else dt
-
-
-def _tile(batch: int, dim: int, n: int, chunk: int, dtype: torch.dtype, tile_bytes: int) -> int:
-    """Batch rows per tile so one (chunk, rows, dim, n) temporary stays within tile_bytes."""
-    per_row = chunk * dim * n * torch.finfo(dtype).bits // 8
-    return max(1, min(batch, tile_bytes // max(per_row, 1)))
 
 
 def selective_scan_chunked(
