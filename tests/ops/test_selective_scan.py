@@ -1,4 +1,4 @@
-"""The chunked selective scan against the sequential reference: outputs, final states and every gradient.
+"""The chunked and fused-CPU selective scans against the sequential reference: outputs, final states, gradients.
 
 Tolerances: float64 — 1e-10 (same arithmetic, another order of summation); float32 — rtol 1e-4 / atol 1e-4 relative
 to the largest value (sums of up to 257 terms in another order); bfloat16 inputs — both compute in float32 from the
@@ -11,6 +11,9 @@ import pytest
 import torch
 
 from cil.ops.selective_scan import selective_scan, selective_scan_chunked, selective_scan_reference
+from cil.ops.selective_scan.cpu import selective_scan_cpu
+
+FAST = {"chunked": selective_scan_chunked, "cpu": selective_scan_cpu}
 
 NAMES = ["u", "delta", "A", "B", "C", "D", "z", "delta_bias"]
 
@@ -64,11 +67,12 @@ def assert_close(a, b, rtol, atol_rel, name):
 @pytest.mark.parametrize("length", [1, 7, 64, 257])
 @pytest.mark.parametrize("n", [1, 4, 16])
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
-def test_chunked_equals_reference_fp32(length, n, variant):
+@pytest.mark.parametrize("impl", sorted(FAST))
+def test_fast_paths_equal_reference_fp32(impl, length, n, variant):
     form, groups, z, D, bias, softplus = VARIANTS[variant]
     inputs = make_inputs(2, 8, length, n, form, groups, z, D, bias, positive_delta=not softplus)
     ref = run(selective_scan_reference, inputs, softplus)
-    fast = run(selective_scan_chunked, inputs, softplus)
+    fast = run(FAST[impl], inputs, softplus)
     assert fast[0].dtype == torch.float32 and fast[1].shape == (2, 8, n)
     assert_close(fast[0], ref[0], 1e-4, 1e-4, "out")
     assert_close(fast[1], ref[1], 1e-4, 1e-4, "last state")
@@ -91,10 +95,11 @@ def test_every_chunking_and_tiling_gives_the_same_float64_result(parallel, chunk
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10, msg=name)
 
 
-def test_bfloat16_inputs():
+@pytest.mark.parametrize("impl", sorted(FAST))
+def test_bfloat16_inputs(impl):
     inputs = make_inputs(2, 8, 33, 4, "varying", 2, True, True, True, dtype=torch.bfloat16)
     ref = run(selective_scan_reference, inputs, True)
-    fast = run(selective_scan_chunked, inputs, True)
+    fast = run(FAST[impl], inputs, True)
     assert fast[0].dtype == torch.bfloat16 and fast[1].dtype == torch.float32  # computed in float32
     assert_close(fast[0], ref[0], 2e-2, 2e-2, "out")
     assert_close(fast[1], ref[1], 1e-4, 1e-4, "last")
@@ -103,18 +108,17 @@ def test_bfloat16_inputs():
         assert_close(fast[2][name], ref[2][name], 2e-2, 2e-2, f"d{name}")
 
 
-@pytest.mark.parametrize("parallel", [False, True])
+@pytest.mark.parametrize("impl", ["chunked-sequential", "chunked-parallel", "cpu"])
 @pytest.mark.parametrize("form", ["varying", "fixed"])
-def test_gradcheck_float64(parallel, form):
+def test_gradcheck_float64(impl, form):
     inputs = make_inputs(2, 4, 5, 3, form, 2 if form == "varying" else 1, True, True, True, dtype=torch.float64)
     order = [inputs[k] for k in NAMES]
 
     def fn(*args):
-        kwargs = dict(zip(NAMES, args))
-        out, last = selective_scan_chunked(
-            **kwargs, delta_softplus=True, return_last_state=True, chunk=2, parallel=parallel
-        )
-        return out, last
+        kwargs = dict(zip(NAMES, args), delta_softplus=True, return_last_state=True)
+        if impl == "cpu":
+            return selective_scan_cpu(**kwargs)
+        return selective_scan_chunked(**kwargs, chunk=2, parallel=impl.endswith("parallel"))
 
     assert torch.autograd.gradcheck(fn, order, eps=1e-6, atol=1e-6)
 
@@ -142,8 +146,8 @@ def test_dispatch():
         k: v.detach() if v is not None else None
         for k, v in make_inputs(2, 8, 9, 4, "varying", 2, True, True, True).items()
     }
-    auto = selective_scan(**inputs, delta_softplus=True)
-    torch.testing.assert_close(auto, selective_scan_chunked(**inputs, delta_softplus=True), rtol=0, atol=0)
+    auto = selective_scan(**inputs, delta_softplus=True)  # CPU tensors: the fused CPU kernel
+    torch.testing.assert_close(auto, selective_scan_cpu(**inputs, delta_softplus=True), rtol=0, atol=0)
     with pytest.raises(RuntimeError, match="impl='cuda' is unavailable: "):
         selective_scan(**inputs, impl="cuda")
     with pytest.raises(ValueError, match="impl='fast' is not valid"):

@@ -16,8 +16,9 @@ Shapes: ``u``, ``delta``, ``z``: (batch, dim, L). ``A``: (dim, dstate). ``B`` an
 with ``return_last_state`` the result is ``(out, h[..., L-1])``, the state (batch, dim, dstate) in the compute dtype.
 
 Implementations (``impl``): ``"reference"`` (:mod:`.reference`, one step at a time, autograd), ``"chunked"``
-(:mod:`.chunked`, parallel within chunks, hand-written recomputing backward; any device) and ``"cuda"`` (our
-CUDA kernel). ``impl=None`` picks ``"cuda"`` for GPU tensors when the kernel is built, else ``"chunked"``.
+(:mod:`.chunked`, parallel within chunks, hand-written recomputing backward; any device), ``"cpu"`` (:mod:`.cpu`,
+a fused C++ kernel compiled on first use) and ``"cuda"`` (our CUDA kernel). ``impl=None`` picks ``"cuda"`` for GPU
+tensors when that kernel is built, ``"cpu"`` for CPU tensors when that one builds, else ``"chunked"``.
 """
 
 from __future__ import annotations
@@ -26,10 +27,11 @@ from typing import Optional
 
 import torch
 
+from cil.ops.selective_scan import cpu
 from cil.ops.selective_scan.chunked import selective_scan_chunked
 from cil.ops.selective_scan.reference import selective_scan_reference
 
-IMPLS = ("reference", "chunked", "cuda")
+IMPLS = ("reference", "chunked", "cpu", "cuda")
 
 
 def cuda_unavailable_reason(*tensors: torch.Tensor) -> Optional[str]:
@@ -66,11 +68,16 @@ def selective_scan(
     check_inputs(u, delta, A, B, C, D, z, delta_bias)
     args = (u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
     if impl is None:
-        impl = "cuda" if u.is_cuda and cuda_unavailable_reason(u, delta, A, B, C) is None else "chunked"
+        if u.is_cuda:
+            impl = "cuda" if cuda_unavailable_reason(u, delta, A, B, C) is None else "chunked"
+        else:
+            impl = "cpu" if u.device.type == "cpu" and cpu.load() is not None else "chunked"
     if impl == "reference":
         return selective_scan_reference(*args)
     if impl == "chunked":
         return selective_scan_chunked(*args)
+    if impl == "cpu":
+        return cpu.selective_scan_cpu(*args)
     if impl == "cuda":
         reason = cuda_unavailable_reason(u, delta, A, B, C, D, z, delta_bias)
         if reason is not None:
