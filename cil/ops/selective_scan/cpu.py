@@ -32,6 +32,8 @@ def load():
     with _lock:
         if _module is None and _failure is None:
             try:
+                # its import warns that no CUDA runtime exists, which is irrelevant to a CPU build
+                logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
                 from torch.utils.cpp_extension import load as build
 
                 logging.getLogger(__name__).info("building the fused CPU selective scan (once, ~30 s)")
