@@ -1,14 +1,15 @@
-"""Chunked selective scan with a hand-written backward: the fast path on CPU and on GPUs without the CUDA kernel.
+"""Chunked selective scan with a hand-written backward: the pure-PyTorch path for any device.
 
 Time is cut into chunks of ``chunk`` steps. Within a chunk the affine recurrence ``h_t = a_t h_{t-1} + b_t``
-(``a_t = exp(Δ_t A)``, ``b_t = Δ_t B_t u_t``) is solved in parallel by recursive doubling: ``log2(chunk)`` rounds
-of ``(a, b)_t <- (a_t a_{t-k}, a_t b_{t-k} + b_t)``, which only multiplies decays in [0, 1] and so never overflows
-(unlike ``exp(cumsum)`` and a division). Across chunks the state is carried sequentially.
+(``a_t = exp(Δ_t A)``, ``b_t = Δ_t B_t u_t``) is solved either in parallel by recursive doubling (``parallel=True``,
+the default on GPUs): ``log2(chunk)`` rounds of ``(a, b)_t <- (a_t a_{t-k}, a_t b_{t-k} + b_t)``, which only
+multiplies decays in [0, 1] and so never overflows (unlike ``exp(cumsum)`` and a division); or one in-place step at
+a time (the default on CPUs, where it moves far less memory). Across chunks the state is carried sequentially.
 
 The forward pass keeps only the state at each chunk start (``O(batch * dim * dstate * chunks)``); the backward pass
 recomputes each chunk's states from it, runs the adjoint recurrence ``λ_t = C_t gy_t + a_{t+1} λ_{t+1}`` backwards
-with the same doubling scan, and forms every gradient from ``(λ, h)`` of the chunk. The batch is processed in tiles
-so a chunk's temporaries stay within ``tile_bytes``.
+with the same chunk solver, and forms every gradient from ``(λ, h)`` of the chunk. Batch rows and channels are
+processed in tiles so a chunk's temporaries stay within ``tile_bytes``.
 """
 
 from __future__ import annotations
@@ -167,7 +168,7 @@ class ChunkedSelectiveScan(torch.autograd.Function):
         batch, dim, length = u.shape
         n = A.shape[1]
         uc, Ac = u.to(dtype), A.to(dtype)
-        raw = delta.to(dtype) + (delta_bias.to(dtype)[:, None] if delta_bias is not None else 0)
+        raw = _delta(delta, delta_bias, False, dtype)
         dt = F.softplus(raw) if delta_softplus else raw
         Bx, Cx = B.to(dtype), C.to(dtype)
         dout = dout.to(dtype) if dout is not None else torch.zeros_like(uc)
