@@ -160,8 +160,8 @@ class ClassGaussians(Growing):
         self.counts[c] = x.shape[0]
 
     # ---- sampling ---------------------------------------------------------------------------------------
-    def _scales(self) -> list[list[tuple[int, torch.Tensor, torch.Tensor, bool]]]:
-        """Per class, per component: (centroid index, mean, Cholesky factor or std vector, full)."""
+    def _scales(self) -> list[list[tuple[torch.Tensor, torch.Tensor, bool]]]:
+        """Per class, per component: (mean, Cholesky factor or std vector, whether the factor is a full matrix)."""
         out = []
         for c in range(self.num_classes):
             parts = []
@@ -169,15 +169,15 @@ class ClassGaussians(Growing):
                 out.append(parts)
                 continue
             if self.storage == "covariance":
-                parts.append((0, self.means[c, 0], torch.linalg.cholesky(self.spread[c]), True))
+                parts.append((self.means[c, 0], torch.linalg.cholesky(self.spread[c]), True))
             elif self.storage == "variance":
-                parts.append((0, self.means[c, 0], self.spread[c, 0].sqrt(), False))
+                parts.append((self.means[c, 0], self.spread[c, 0].sqrt(), False))
             else:
                 for i in range(self.n_centroids):
                     var = self.spread[c, i]
                     if var.mean() == 0:  # an empty or single-point cluster: skipped, as in the MOS code
                         continue
-                    parts.append((i, self.means[c, i], (var + self.ridge).sqrt(), False))
+                    parts.append((self.means[c, i], (var + self.ridge).sqrt(), False))
             out.append(parts)
         return out
 
@@ -190,7 +190,7 @@ class ClassGaussians(Growing):
             self._factors = self._scales()  # Cholesky factors: computed once per change, not per epoch
         xs, ys = [], []
         for c, parts in enumerate(self._factors):
-            for _, mean, scale, full in parts:
+            for mean, scale, full in parts:
                 z = torch.randn(per_component, self.num_features, dtype=torch.float64, generator=generator)
                 z = z.to(mean.device)
                 xs.append(mean + (z @ scale.T if full else z * scale))
