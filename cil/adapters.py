@@ -20,7 +20,8 @@ from __future__ import annotations
 
 import copy
 import math
-from typing import Optional, Union
+from contextlib import contextmanager
+from typing import Iterator, Optional, Union
 
 import torch
 from torch import nn
@@ -86,6 +87,15 @@ class AdapterBank(nn.Module):
 
         return hook
 
+    @contextmanager
+    def use(self, which: Optional[Union[str, int]]) -> Iterator[AdapterBank]:
+        """Apply ``which`` (``"current"``, a snapshot index, or ``None``) inside the block, then restore."""
+        before, self.active = self.active, which
+        try:
+            yield self
+        finally:
+            self.active = before
+
     def selected(self) -> Optional[nn.ModuleList]:
         if self.active is None:
             return None
@@ -130,7 +140,9 @@ class AdapterBank(nn.Module):
         else:
             sums = [sum(ps) for ps in zip(*(s.parameters() for s in self.snapshots[:k]))]
         for p, s in zip(self.current.parameters(), sums):
-            p.mul_(1 - momentum).add_(s, alpha=momentum / k)
+            # on .data, as the official code: a merge inside a forward (MOS's official mode) must not trip
+            # autograd's version check, and the backward then sees the merged values, as the official one does
+            p.data.mul_(1 - momentum).add_(s, alpha=momentum / k)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         # a checkpoint written after session k holds k snapshots: make room before the children load

@@ -111,13 +111,15 @@ def data_transforms(
     augment: bool = False,
     crop_pct: float | None = None,
     augment_kwargs: dict[str, Any] | None = None,
+    normalize: bool = True,
 ) -> Transforms:
     """timm's transforms for ``model``: resize (+ crop) to its input size, normalise with its mean/std.
 
     ``augment=True`` uses timm's training pipeline (random-resized crop, flip) for the train transform, with
     ``augment_kwargs`` passed on to ``timm.data.create_transform`` (e.g. ``scale=(1, 1), ratio=(1, 1),
     vflip=0.5``); otherwise train and eval use the same deterministic transform. ``crop_pct=1.0`` resizes the
-    whole image without a centre crop (used for tiny images such as the 8×8 digits).
+    whole image without a centre crop (used for tiny images such as the 8×8 digits). ``normalize=False`` keeps
+    pixels in [0, 1] (mean 0, std 1), as LAMDA-PILOT's methods (MOS) feed their ViTs.
     """
     augment_kwargs = dict(augment_kwargs or {})
     if augment_kwargs and not augment:
@@ -127,6 +129,8 @@ def data_transforms(
         overrides["input_size"] = (3, image_size, image_size)
     if crop_pct is not None:
         overrides["crop_pct"] = crop_pct
+    if not normalize:
+        overrides.update(mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
     config = resolve_data_config(overrides, model=model)
     eval_tf = create_transform(**config, is_training=False)
     train_tf = eval_tf

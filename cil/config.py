@@ -78,6 +78,9 @@ class StreamConfig:
         help="keyword arguments of timm's create_transform for the training transform (with augment=true), "
         "e.g. {scale: [1, 1], ratio: [1, 1], hflip: 0.5, vflip: 0.5, color_jitter: null}",
     )
+    normalize: bool = param(
+        True, help="normalise with the backbone's mean/std; false feeds [0, 1] pixels (LAMDA-PILOT's convention)"
+    )
     verify_checksums: bool = param(True, help="check the md5 of data files where the format defines one")
     batch_size: int = param(32, ge=1)
     eval_batch_size: int = param(256, ge=1)

@@ -156,6 +156,11 @@ class CILModule(pl.LightningModule):
         self.log("train/acc", (logits.argmax(1) == y).float().mean(), prog_bar=True)
         return loss
 
+    def on_fit_start(self) -> None:
+        # Lightning keeps the mode the module is in, and statistics passes leave it in eval mode: train now
+        # (a strategy's own ``train`` override decides what stays in eval mode, e.g. FSA's frozen body)
+        self.train()
+
     def predict_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0):
         """(predicted class, true class) per sample: what the evaluator counts."""
         return self(batch[0]).argmax(1), batch[1]

@@ -15,6 +15,8 @@ from typing import Callable
 
 import torch
 
+from cil.module import Growing
+
 
 def self_refined_retrieval(
     first_task: torch.Tensor,
@@ -51,4 +53,30 @@ def self_refined_retrieval(
     return final, task
 
 
-__all__ = ["self_refined_retrieval"]
+class SelfRefinedRetrieval(Growing):
+    """The class-to-session table and the retrieval over it; the table is a buffer, so it is checkpointed."""
+
+    def __init__(self, max_iter: int = 4):
+        super().__init__()
+        if max_iter < 1:
+            raise ValueError(f"max_iter={max_iter} must be >= 1")
+        self.max_iter = max_iter
+        self.register_buffer("class_to_task", torch.zeros(0, dtype=torch.long))
+
+    def add_task(self, num_seen: int, task: int) -> None:
+        """Classes ``[known, num_seen)`` belong to session ``task``."""
+        extra = num_seen - self.class_to_task.numel()
+        self.class_to_task = torch.cat([self.class_to_task, self.class_to_task.new_full((max(extra, 0),), task)])
+
+    def task_of(self, logits: torch.Tensor) -> torch.Tensor:
+        """The session of each row's predicted class."""
+        return self.class_to_task[logits.argmax(1)]
+
+    def forward(
+        self, first_logits: torch.Tensor, logits_for: Callable[[int], torch.Tensor]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Start from the session of ``first_logits``' predictions; see :func:`self_refined_retrieval`."""
+        return self_refined_retrieval(self.task_of(first_logits), logits_for, self.class_to_task, self.max_iter)
+
+
+__all__ = ["SelfRefinedRetrieval", "self_refined_retrieval"]

@@ -193,7 +193,11 @@ def _barrier() -> None:
 
 def stream_transforms(backbone: torch.nn.Module, cfg: DictConfig, **stream_defaults: Any) -> Transforms:
     """The backbone's transforms as the config asks; a stream's defaults (``crop_pct``) yield to the config's."""
-    kwargs = {**stream_defaults, "augment_kwargs": OmegaConf.to_container(cfg.stream.augment_kwargs)}
+    kwargs = {
+        **stream_defaults,
+        "augment_kwargs": OmegaConf.to_container(cfg.stream.augment_kwargs),
+        "normalize": cfg.stream.normalize,
+    }
     if cfg.stream.crop_pct is not None:
         kwargs["crop_pct"] = cfg.stream.crop_pct
     return data_transforms(backbone, cfg.backbone.image_size, cfg.stream.augment, **kwargs)

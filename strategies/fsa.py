@@ -103,9 +103,6 @@ class FSA(CILModule):
             self.backbone.eval()
         return self
 
-    def on_fit_start(self) -> None:
-        self.train()  # Lightning keeps the module's mode at fit start: set ours (frozen backbone in eval mode)
-
     def freeze_body(self) -> None:
         """Step 2: drop the temporary head, freeze body and FiLM for every later session."""
         self.backbone.requires_grad_(False)

@@ -52,6 +52,21 @@ class ClassMeans(Growing):
     def means(self) -> torch.Tensor:
         return self.sums / self.counts.clamp_min(1).unsqueeze(1)
 
+    def all_reduce(self) -> ClassMeans:
+        """Sum over processes (each having fed its own shard)."""
+        all_reduce_sum(self.sums)
+        all_reduce_sum(self.counts)
+        return self
+
+    def adopt(self, other: ClassMeans, classes: list[int]) -> None:
+        """Take ``classes``' sums and counts from ``other``; the other rows stay as they are."""
+        self.sums[classes] = other.sums[classes].to(self.sums)
+        self.counts[classes] = other.counts[classes].to(self.counts)
+
+    def cosine(self, features: torch.Tensor) -> torch.Tensor:
+        """Cosine similarity of each feature to each class mean (float64): a cosine classifier with sigma 1."""
+        return F.normalize(features.to(torch.float64), dim=1) @ F.normalize(self.means(), dim=1).T
+
 
 class SimpleCIL(CILModule):
     def __init__(self, backbone: nn.Module, num_features: int | None = None, metric: str = "cosine"):
@@ -72,26 +87,20 @@ class SimpleCIL(CILModule):
     def end_session(self, session: Session) -> None:
         """Prototypes of the new classes: the mean frozen feature of their training samples."""
         self.to(session.device).eval()
-        new = torch.zeros(session.num_seen, dtype=torch.bool)
-        new[session.new_classes] = True
         fresh = ClassMeans(self.num_features).to(session.device)
         fresh.grow(session.num_seen)
         batches = tqdm(session.train_loader(), desc=f"prototypes s{session.index}", disable=not is_rank_zero())
         for batch in batches:
             x, y = batch[0].to(session.device), batch[1].to(session.device)
             fresh.update(self.backbone(x), y)
-        all_reduce_sum(fresh.sums)
-        all_reduce_sum(fresh.counts)
-        self.class_means.sums[new] = fresh.sums[new]
-        self.class_means.counts[new] = fresh.counts[new]
+        self.class_means.adopt(fresh.all_reduce(), session.new_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        features = self.backbone(x).to(torch.float64)
-        means = self.class_means.means()
+        features = self.backbone(x)
         if self.hparams.metric == "cosine":
-            logits = F.normalize(features, dim=1) @ F.normalize(means, dim=1).T
+            logits = self.class_means.cosine(features)
         else:
-            logits = -torch.cdist(features, means).pow(2)
+            logits = -torch.cdist(features.to(torch.float64), self.class_means.means()).pow(2)
         return logits.float()
 
 

@@ -1,7 +1,8 @@
 """Real image data sets through their real loaders, from a local ``stream.data_root`` (never downloaded).
 
 - ``cifar100``: torchvision's CIFAR-100 format, ``<root>/cifar-100-python/{meta,train,test}``.
-- ``imagenet_r`` and ``cub200``: the LAMDA-PILOT layout, ``<root>/train/<class>/*.jpg`` and
+- ``imagenet_r``, ``cub200``, ``imagenet_a``, ``objectnet``, ``omnibenchmark`` and ``vtab``: the LAMDA-PILOT
+  layout (the train/test splits PILOT distributes for these), ``<root>/train/<class>/*.jpg`` and
   ``<root>/test/<class>/*.jpg``, read with torchvision's ``ImageFolder``.
 - ``svhn``: torchvision's SVHN (cropped digits) format, ``<root>/train_32x32.mat`` and ``<root>/test_32x32.mat``.
 - ``fgvc_aircraft``: the FGVC-Aircraft 2013b archive as torchvision reads it (100 variants, trainval/test), under
@@ -217,6 +218,8 @@ def build_miniimagenet(cfg: Any, make_transforms: Callable[..., Transforms]) -> 
 register_stream("cifar100", build_cifar100)
 register_stream("imagenet_r", _folder_stream("imagenet_r"))
 register_stream("cub200", _folder_stream("cub200"))
+for _name in ("imagenet_a", "objectnet", "omnibenchmark", "vtab"):
+    register_stream(_name, _folder_stream(_name))
 register_stream("miniimagenet", build_miniimagenet)
 register_stream("svhn", build_svhn)
 register_stream("fgvc_aircraft", build_fgvc_aircraft)

@@ -55,6 +55,10 @@ def test_transforms_follow_timm_data_config():
     augmented, plain = data_transforms(model, 24, augment=True), data_transforms(model, 24)
     assert "RandomResizedCrop" in repr(augmented.train) and "RandomResizedCrop" not in repr(augmented.eval)
     assert plain.train is plain.eval
+    raw = data_transforms(model, 24, crop_pct=1.0, normalize=False)  # LAMDA-PILOT: ToTensor only
+    assert raw.eval(Image.new("RGB", (8, 8), color=(255, 128, 0))).mean((1, 2)).tolist() == pytest.approx(
+        [1.0, 128 / 255, 0.0], abs=1e-6
+    )
 
 
 def test_augment_kwargs_reach_timm_and_bad_ones_are_config_errors():

@@ -73,7 +73,7 @@ def write_image_folders(root: Path, classes: list[str], train: int = 3, test: in
             _image(root / "test" / name / f"{name}_t{i}.jpg", 10 * c + i)
 
 
-@pytest.mark.parametrize("name", ["imagenet_r", "cub200"])
+@pytest.mark.parametrize("name", ["imagenet_r", "cub200", "imagenet_a", "objectnet", "omnibenchmark", "vtab"])
 def test_image_folder_layout(tmp_path, name):
     classes = ["001.albatross", "002.auklet", "003.blackbird", "004.bunting"]
     write_image_folders(tmp_path, classes)
