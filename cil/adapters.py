@@ -21,6 +21,7 @@ from __future__ import annotations
 import copy
 import math
 from contextlib import contextmanager
+from functools import partial
 from typing import Iterator, Optional, Union
 
 import torch
@@ -68,24 +69,19 @@ class AdapterBank(nn.Module):
         self.total = self._frozen_copy(self.current, zero=True)
         self.active: Optional[Union[str, int]] = "current"
         self._residual: list[Optional[torch.Tensor]] = [None] * len(blocks)
+        # hooks are bound methods (through partial), so a deep copy of the model hooks the copied bank
         for i, block in enumerate(blocks):
-            block.norm2.register_forward_pre_hook(self._capture(i))
-            block.register_forward_hook(self._add(i))
+            block.norm2.register_forward_pre_hook(partial(self._capture, i))
+            block.register_forward_hook(partial(self._add, i))
 
     # ---- hooks ---------------------------------------------------------------------------------------
-    def _capture(self, i: int):
-        def hook(module, inputs):
-            self._residual[i] = inputs[0]  # h = x + Attn(LN1(x)), the input of norm2
+    def _capture(self, i: int, module: nn.Module, inputs: tuple) -> None:
+        self._residual[i] = inputs[0]  # h = x + Attn(LN1(x)), the input of norm2
 
-        return hook
-
-    def _add(self, i: int):
-        def hook(module, inputs, output):
-            h, self._residual[i] = self._residual[i], None
-            adapters = self.selected()
-            return output if adapters is None else output + adapters[i](h)
-
-        return hook
+    def _add(self, i: int, module: nn.Module, inputs: tuple, output: torch.Tensor) -> torch.Tensor:
+        h, self._residual[i] = self._residual[i], None
+        adapters = self.selected()
+        return output if adapters is None else output + adapters[i](h)
 
     @contextmanager
     def use(self, which: Optional[Union[str, int]]) -> Iterator[AdapterBank]:

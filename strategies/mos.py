@@ -228,15 +228,19 @@ class MOS(CILModule):
         return F.cross_entropy(similarity, torch.arange(len(m), device=m.device))
 
     # ---- Lightning ---------------------------------------------------------------------------------------------
-    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
-        x, y = batch[0], batch[1]
+    def loss(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(loss, cross-entropy, logits) of a training batch: masked CE + reg * orthogonality (§1.3 step 3)."""
         with self.current_adapter(self.task):
             features = self.features(x)
         logits = self.classifier(features)
         old = torch.arange(logits.shape[1], device=logits.device) < self.known
-        logits = logits.masked_fill(old, float("-inf"))  # no replay: old classes take no part (§1.3 step 3)
+        logits = logits.masked_fill(old, float("-inf"))  # no replay: old classes take no part
         ce = F.cross_entropy(logits, y)
-        loss = ce + self.hparams.reg * self.orthogonality_loss(features)
+        return ce + self.hparams.reg * self.orthogonality_loss(features), ce, logits
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        x, y = batch[0], batch[1]
+        loss, ce, logits = self.loss(x, y)
         self.log("train/ce", ce, prog_bar=True)
         self.log("train/loss", loss)
         self.log("train/acc", (logits.argmax(1) == y).float().mean(), prog_bar=True)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
@@ -103,6 +105,19 @@ def test_checkpoint_restores_every_snapshot_into_a_fresh_bank():
     fresh.active = 5
     with pytest.raises(IndexError, match="snapshot 5 does not exist"):
         fresh_model(x)
+
+
+def test_a_deep_copy_hooks_its_own_bank():
+    model = vit().eval()
+    bank = AdapterBank(model).eval()
+    randomise(bank.current)
+    twin_model, twin_bank = copy.deepcopy((model, bank))
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        adapted = model(x)
+        with twin_bank.use(None):  # switches the copy's adapters off, not the original's
+            assert torch.equal(model(x), adapted) and not torch.allclose(twin_model(x), adapted)
+        assert torch.equal(twin_model(x), adapted)
 
 
 def test_non_vit_backbones_are_refused():
