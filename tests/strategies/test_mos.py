@@ -429,3 +429,61 @@ def test_non_vit_backbone_and_bad_merge_mode_are_config_errors(tmp_path, capsys)
     assert "mos needs a timm VisionTransformer backbone" in capsys.readouterr().err
     assert main(["run", str(CONFIGS / "mos" / "digits.yaml"), "strategy.merge_mode=paper"]) == 2
     assert "strategy.merge_mode='paper' is not valid" in capsys.readouterr().err
+
+
+# ---- the paper configs (methods/mos.md §2) -----------------------------------------------------------------------
+# config: (stream, split, epochs, lr, batch size, weight decay, class statistics, shuffled class order)
+PAPER = {
+    "cifar100_b0inc5": ("cifar100", "B0-Inc5", 20, 0.03, 48, 5e-4, "covariance", True),
+    "cub200_b0inc10": ("cub200", "B0-Inc10", 10, 0.01, 32, 5e-4, "covariance", True),
+    "imagenet_r_b0inc20": ("imagenet_r", "B0-Inc20", 10, 0.05, 16, 5e-3, "covariance", True),
+    "imagenet_a_b0inc20": ("imagenet_a", "B0-Inc20", 10, 0.05, 32, 5e-3, "variance", True),
+    "objectnet_b0inc20": ("objectnet", "B0-Inc20", 10, 0.05, 48, 5e-3, "covariance", True),
+    "omnibenchmark_b0inc20": ("omnibenchmark", "B0-Inc20", 10, 0.01, 16, 5e-4, "covariance", True),
+    "vtab_b0inc10": ("vtab", "B0-Inc10", 20, 0.03, 32, 5e-3, "covariance", False),
+}
+WEIGHTS = {"in21k": "vit_base_patch16_224.augreg_in21k", "in1k": "vit_base_patch16_224.augreg_in21k_ft_in1k"}
+
+
+@pytest.mark.parametrize("tag", sorted(WEIGHTS))
+@pytest.mark.parametrize("name", sorted(PAPER))
+def test_paper_configs_carry_the_official_settings(name, tag):
+    from cil.config import load_config
+
+    cfg = load_config(CONFIGS / "mos" / f"{name}_{tag}.yaml")
+    s, st = cfg.stream, cfg.strategy
+    settings = (s.name, s.split, st.epochs, st.lr, s.batch_size, st.weight_decay, st.ca_storage, s.shuffle_classes)
+    assert settings == PAPER[name]
+    assert cfg.backbone.name == WEIGHTS[tag] and cfg.backbone.image_size == 224 and cfg.run.seed == 1993
+    assert st.ca_samples_per_class == 5 * s.batch_size and st.merge_mode == "official" and not s.normalize
+    defaults = (st.head_lr_scale, st.adapter_momentum, st.reg, st.orth_temperature, st.ca_epochs, st.ca_lr)
+    assert defaults == (0.1, 0.1, 0.1, 0.8, 30, 0.005) and (st.bottleneck, st.max_iter, st.ensemble) == (16, 4, True)
+
+
+def test_paper_configs_build_pilot_streams_and_transforms(tmp_path):
+    from PIL import Image
+
+    from cil.config import load_config
+    from cil.module import create_strategy
+    from cil.session import stream_transforms
+    from streams import create_stream
+    from tests.streams.test_vision import write_cifar100, write_image_folders
+
+    small_vit = ["backbone.pretrained=false", "backbone.kwargs={depth: 1}", "stream.verify_checksums=false"]
+    write_cifar100(tmp_path / "cifar")
+    cfg = load_config(
+        CONFIGS / "mos" / "cifar100_b0inc5_in21k.yaml", [f"stream.data_root={tmp_path / 'cifar'}", *small_vit]
+    )
+    transforms = stream_transforms(create_strategy(cfg).backbone, cfg)
+    stream = create_stream(cfg.stream, lambda **kw: transforms)
+    assert (
+        stream.n_sessions == 20
+        and stream.original_class_ids[:20] == np.random.RandomState(1993).permutation(100)[:20].tolist()
+    )
+    assert "scale=(0.05, 1.0)" in repr(transforms.train) and "Resize(size=256" in repr(transforms.eval)
+    x = transforms.eval(Image.new("RGB", (300, 300), color=(255, 0, 0)))
+    assert tuple(x.shape) == (3, 224, 224) and x[0].max() == 1.0 and x[1].max() == 0.0  # no normalisation
+    write_image_folders(tmp_path / "vtab", [f"class{c:02d}" for c in range(20)], train=2, test=1)
+    cfg = load_config(CONFIGS / "mos" / "vtab_b0inc10_in1k.yaml", [f"stream.data_root={tmp_path / 'vtab'}", *small_vit])
+    stream = create_stream(cfg.stream, lambda **kw: transforms)
+    assert stream.original_class_ids == list(range(20)) and stream.n_sessions == 2  # shuffle: false
