@@ -16,23 +16,14 @@ prints the two time curves and the ratio at session 10.
 from __future__ import annotations
 
 import argparse
-import platform
 import time
 
 import numpy as np
 import torch
+from _machine import machine
 from sklearn.discriminant_analysis import LinearDiscriminantAnalysis
 
 from cil.heads import StreamingLDA
-
-
-def machine() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            model = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        model = platform.processor() or platform.machine()
-    return f"{model}, {torch.get_num_threads()} torch threads, torch {torch.__version__}"
 
 
 def session_features(rng, projection, centres, classes, per_class):

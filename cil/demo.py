@@ -1,4 +1,4 @@
-"""``make demo``: finetune (lower bound), joint (upper bound), SimpleCIL and FSA on the embedded digits stream.
+"""``make demo``: finetune (lower bound), joint (upper bound), SimpleCIL, FSA and MOS on the embedded digits stream.
 
 Prints one row per strategy (average incremental accuracy, last accuracy, forgetting) and the run folders.
 Extra ``key=value`` arguments apply to every run (e.g. ``python -m cil.demo run.seed=1``).
@@ -14,7 +14,7 @@ from cil.cli import quiet_lightning
 from cil.config import ConfigError, load_config
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
-STRATEGIES = ["finetune", "joint", "simplecil", "fsa"]
+STRATEGIES = ["finetune", "joint", "simplecil", "fsa", "mos"]
 
 
 def main(overrides: list[str]) -> int:

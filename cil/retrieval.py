@@ -5,8 +5,10 @@ adapter 0's prototypes). Then, as in the official code: score the sample with ad
 head; if the predicted class belongs to session ``j`` stop, else move to that class's session and try again, at
 most ``max_iter`` head evaluations; the result is the last logits computed.
 
-The batched form asks ``logits_for(j)`` for a whole batch once per adapter it needs (cached), instead of one
-forward pass per sample and step.
+The batched form asks ``logits_for(j, rows)`` once per adapter and step, for only the samples that move to
+adapter ``j`` and were not scored with it before: every (adapter, sample) pair is computed at most once, and a
+sample costs as many adapter forwards as the adapters it visits (usually one or two), not one per stored
+adapter as in the official code, which runs every adapter on the whole batch.
 """
 
 from __future__ import annotations
@@ -20,29 +22,39 @@ from cil.module import Growing
 
 def self_refined_retrieval(
     first_task: torch.Tensor,
-    logits_for: Callable[[int], torch.Tensor],
+    logits_for: Callable[[int, torch.Tensor], torch.Tensor],
     class_to_task: torch.Tensor,
     max_iter: int = 4,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(logits, task)`` per sample: the last head logits tried and the adapter they came from.
 
-    ``first_task`` (batch,) long; ``logits_for(j)`` gives (batch, classes) logits of the whole batch with adapter
-    ``j`` (called at most once per adapter); ``class_to_task`` (classes,) maps a class to its session.
+    ``first_task`` (batch,) long; ``logits_for(j, rows)`` gives the (len(rows), classes) head logits of the samples
+    ``rows`` (a long tensor of batch positions) through adapter ``j``; ``class_to_task`` (classes,) maps a class
+    to its session.
     """
     if max_iter < 1:
         raise ValueError(f"max_iter={max_iter} must be >= 1")
-    cache: dict[int, torch.Tensor] = {}
+    batch = len(first_task)
     task = first_task.clone()
-    active = torch.ones_like(task, dtype=torch.bool)
+    scored: dict[int, torch.Tensor] = {}  # adapter -> (batch, classes) logits, NaN rows not computed yet
     final = None
+    active = torch.ones(batch, dtype=torch.bool, device=task.device)
     for step in range(max_iter):
-        for j in task[active].unique().tolist():
-            if j not in cache:
-                cache[j] = logits_for(j)
         rows = torch.nonzero(active).flatten()
-        z = torch.stack([cache[int(task[i])][i] for i in rows.tolist()])
+        z = None
+        for j in task[rows].unique().tolist():
+            mine = rows[task[rows] == j]
+            missing = mine if j not in scored else mine[scored[j][mine, 0].isnan()]
+            if len(missing):
+                logits = logits_for(j, missing)
+                if j not in scored:
+                    scored[j] = logits.new_full((batch, logits.shape[1]), float("nan"))
+                scored[j][missing] = logits
+            if z is None:
+                z = scored[j].new_empty(len(rows), scored[j].shape[1])
+            z[task[rows] == j] = scored[j][mine]
         if final is None:
-            final = torch.empty(len(task), z.shape[1], dtype=z.dtype, device=z.device)
+            final = torch.empty(batch, z.shape[1], dtype=z.dtype, device=z.device)
         final[rows] = z
         proposed = class_to_task.to(z.device)[z.argmax(1)]
         stop = (proposed == task[rows]) | (step + 1 >= max_iter)

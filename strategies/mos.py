@@ -258,13 +258,12 @@ class MOS(CILModule):
         if sessions == 0:
             raise RuntimeError("mos has no trained adapter yet: finish a session (end_session) before predicting")
         features0, z_orig = self.first_guess(x)
-        features = {0: features0}
 
-        def head_logits(j: int) -> torch.Tensor:
-            if j not in features:
-                with self.adapters.use(j):
-                    features[j] = self.features(x)
-            return self.classifier(features[j])
+        def head_logits(j: int, rows: torch.Tensor) -> torch.Tensor:
+            if j == 0:
+                return self.classifier(features0[rows])
+            with self.adapters.use(j):  # only the samples the retrieval sends to adapter j
+                return self.classifier(self.features(x[rows]))
 
         z, _ = self.retrieval(z_orig, head_logits)
         if not self.hparams.ensemble:
