@@ -487,3 +487,27 @@ def test_paper_configs_build_pilot_streams_and_transforms(tmp_path):
     cfg = load_config(CONFIGS / "mos" / "vtab_b0inc10_in1k.yaml", [f"stream.data_root={tmp_path / 'vtab'}", *small_vit])
     stream = create_stream(cfg.stream, lambda **kw: transforms)
     assert stream.original_class_ids == list(range(20)) and stream.n_sessions == 2  # shuffle: false
+
+
+@pytest.mark.slow
+def test_two_process_ddp_statistics_and_alignment_match_one_process(tmp_path):
+    """Without adapter training (epochs=0) every process streams its shard into the class statistics and the
+    prototypes; the all-reduced ones, the aligned head and the accuracy matrix equal one process's."""
+    import os
+    import subprocess
+
+    from cil.runs import RunFolder
+    from tests.conftest import ROOT, TINY, cil_command
+
+    extra = ["backbone.image_size=32", "strategy.epochs=0", "strategy.ca_epochs=3"]
+    args = [str(CONFIGS / "mos" / "digits.yaml"), *TINY, *extra]
+    single = run_experiment(tiny_config("mos", tmp_path / "one", *extra))
+    env = {k: v for k, v in os.environ.items() if k not in ("LOCAL_RANK", "WORLD_SIZE", "MASTER_PORT")}
+    ddp = ["trainer.devices=2", "trainer.strategy=ddp", f"run.output_dir={tmp_path / 'two'}"]
+    out = subprocess.run([*cil_command(), "run", *args, *ddp], capture_output=True, text=True, cwd=ROOT, env=env)
+    assert out.returncode == 0, out.stderr[-3000:]
+    (two,) = (tmp_path / "two" / "mos-digits").iterdir()
+    a, b = RunFolder(two).load_session(4)[0], RunFolder(single).load_session(4)[0]
+    for key in ("statistics.means", "statistics.spread", "prototypes.sums", "classifier.weight"):
+        torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(load_run(two).accuracy_matrix.to_numpy(), load_run(single).accuracy_matrix.to_numpy())
