@@ -157,8 +157,9 @@ def test_4_merge_formula_and_running_sums_do_not_alias_the_current_adapter():
     mean = [sum(ps) / 3 for ps in zip(*(s.parameters() for s in bank.snapshots))]
     current = [p.clone() for p in bank.current.parameters()]
     bank.merge_toward_mean(0.1)
-    for p, c, m in zip(bank.current.parameters(), current, mean):
-        assert torch.equal(p, (1 - 0.1) * c + (0.1 / 3) * (m * 3)) or torch.allclose(p, 0.9 * c + 0.1 * m, atol=1e-7)
+    for p, c, m, total in zip(bank.current.parameters(), current, mean, sums):
+        assert torch.equal(p, (c * 0.9).add(total, alpha=0.1 / 3))  # (1 - m) C + m S / k, bit for bit
+        torch.testing.assert_close(p, 0.9 * c + 0.1 * m, rtol=0, atol=1e-6)  # = (1 - m) C + m mean(A_i)
     with torch.no_grad():  # training the current adapter in place leaves the sums and snapshots alone
         for p in bank.current.parameters():
             p.add_(1.0)
