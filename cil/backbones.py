@@ -16,6 +16,7 @@ import torch
 from timm.data import create_transform, resolve_data_config
 from torch import nn
 
+from cil import resnet12 as _resnet12  # noqa: F401  (registers "resnet12" with timm)
 from cil.config import ConfigError
 
 

@@ -41,3 +41,21 @@ def broadcast_object(obj):
     box = [obj]
     dist.broadcast_object_list(box, src=0)
     return box[0]
+
+
+def gather_cat(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor`` of every process concatenated in rank order (no gradient; any first-dimension sizes)."""
+    if not is_distributed():
+        return tensor
+    parts: list = [None] * world_size()
+    dist.all_gather_object(parts, tensor.detach().cpu())
+    return torch.cat(parts).to(tensor.device)
+
+
+def all_reduce_min(value: int, device: torch.device | None = None) -> int:
+    """The minimum of an integer over processes (itself in a single process)."""
+    if not is_distributed():
+        return int(value)
+    t = torch.tensor([int(value)], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return int(t.item())
