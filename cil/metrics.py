@@ -24,6 +24,9 @@ DEFINITIONS = {
     "last_old_acc": "after the last session: accuracy on the classes of sessions < T-1 (sample-weighted)",
     "last_new_acc": "after the last session: accuracy on the classes of session T-1",
     "last_harmonic_mean": "2·old·new / (old + new) after the last session (FSCIL)",
+    "last_base_acc": "after the last session: accuracy on the classes of session 0 (FSCIL's base classes)",
+    "last_novel_acc": "after the last session: accuracy on the classes of sessions >= 1 (FSCIL's novel classes)",
+    "performance_drop": "A_0 - A_{T-1}: seen-class accuracy lost from the base session to the last (FSCIL's PD)",
     "mtil_transfer": "mean over j>=1 of (mean over i<j of R[i,j]) (ZSCL's MTIL Transfer)",
     "mtil_avg": "mean over j of (mean over all i of R[i,j]) (ZSCL's MTIL Avg)",
     "mtil_last": "mean over j of R[T-1,j] (ZSCL's MTIL Last)",
@@ -130,6 +133,23 @@ def old_new_accuracy(R: np.ndarray, counts: Sequence[int]) -> tuple[np.ndarray, 
     return old, new, harmonic
 
 
+def base_novel_accuracy(R: np.ndarray, counts: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+    """Per session i: accuracy on the base classes (session 0) and on every novel class seen (sessions 1..i,
+    sample-weighted); novel is NaN for session 0 (FSCIL)."""
+    R, n = np.asarray(R, dtype=float), np.asarray(counts, dtype=float)
+    base = R[:, 0].copy()
+    novel = np.array(
+        [(R[i, 1 : i + 1] * n[1 : i + 1]).sum() / n[1 : i + 1].sum() if i else np.nan for i in range(len(R))]
+    )
+    return base, novel
+
+
+def performance_drop(R: np.ndarray, counts: Sequence[int]) -> float:
+    """FSCIL's PD: seen-class accuracy after the base session minus after the last session."""
+    seen = seen_accuracy(R, counts)
+    return float(seen[0] - seen[-1])
+
+
 def harmonic_mean(old: float, new: float) -> float:
     """``2·old·new / (old + new)`` (0 when both are 0)."""
     return 2 * old * new / (old + new) if old + new > 0 else 0.0
@@ -165,6 +185,9 @@ def summarize(R: np.ndarray, counts: Sequence[int]) -> dict[str, float]:
         "last_old_acc": float(old[-1]),
         "last_new_acc": float(new[-1]),
         "last_harmonic_mean": float(harmonic[-1]),
+        "last_base_acc": float(base_novel_accuracy(R[:, : R.shape[0]], counts)[0][-1]),
+        "last_novel_acc": float(base_novel_accuracy(R[:, : R.shape[0]], counts)[1][-1]),
+        "performance_drop": performance_drop(R[:, : R.shape[0]], counts[: R.shape[0]]),
         "mtil_transfer": mtil_transfer(R) if full and R.shape[0] > 1 else float("nan"),
         "mtil_avg": mtil_avg(R) if full else float("nan"),
         "mtil_last": mtil_last(R),

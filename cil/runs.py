@@ -216,6 +216,7 @@ def tidy_metrics(R: np.ndarray, counts: Sequence[int]) -> pd.DataFrame:
     square = R[:, :done]
     seen = M.seen_accuracy(square, counts[:done])
     old, new, harmonic = M.old_new_accuracy(square, counts[:done])
+    base, novel = M.base_novel_accuracy(square, counts[:done])
     curve = M.forgetting_curve(square)
     for i in range(done):
         for name, values in [
@@ -223,6 +224,8 @@ def tidy_metrics(R: np.ndarray, counts: Sequence[int]) -> pd.DataFrame:
             ("old_accuracy", old),
             ("new_accuracy", new),
             ("harmonic_mean", harmonic),
+            ("base_accuracy", base),
+            ("novel_accuracy", novel),
             ("forgetting", curve),
         ]:
             rows.append((i, None, "test", name, values[i]))

@@ -54,6 +54,18 @@ def test_old_new_harmonic():
     assert M.harmonic_mean(0.0, 0.0) == 0.0
 
 
+def test_fscil_base_novel_and_performance_drop():
+    base, novel = M.base_novel_accuracy(R, N)
+    assert base == pytest.approx([0.9, 0.6, 0.5])
+    assert np.isnan(novel[0]) and novel[1:] == pytest.approx([0.8, (0.7 * 20 + 0.9 * 30) / 50])
+    assert M.performance_drop(R, N) == pytest.approx(0.9 - 46 / 60)
+    summary = M.summarize(R, N)
+    assert summary["last_base_acc"] == pytest.approx(0.5) and summary["performance_drop"] == pytest.approx(
+        0.9 - 46 / 60
+    )
+    assert summary["last_novel_acc"] == pytest.approx(41 / 50)
+
+
 def test_mtil_definitions_from_zscl():
     # [[a,b,c],[d,e,f],[g,h,i]]: Transfer = (b + (c+f)/2)/2, Avg = mean of all cells, Last = (g+h+i)/3
     assert M.mtil_transfer(R) == pytest.approx((0.1 + (0.0 + 0.2) / 2) / 2)
