@@ -137,6 +137,10 @@ class CILModule(pl.LightningModule):
         """Epochs to train in ``session``; 0 skips ``fit`` (the hooks still run)."""
         return int(self.hparams.get("epochs", 0))
 
+    def batch_size_for(self, session: Session) -> Optional[int]:
+        """The training batch size of ``session``; None keeps ``stream.batch_size``."""
+        return None
+
     def train_data(self, session: Session) -> Dataset:
         """The data ``fit`` trains on in ``session``: the session's own data by default."""
         return session.train_data

@@ -160,16 +160,15 @@ def stats_loader(data: Dataset, cfg: DictConfig) -> DataLoader:
     return _loader(Subset(data, distributed.shard(len(data))), cfg, batch_size=cfg.stream.eval_batch_size)
 
 
-def train_loader(data: Dataset, cfg: DictConfig, session: int) -> DataLoader:
+def train_loader(data: Dataset, cfg: DictConfig, session: int, batch_size: int | None = None) -> DataLoader:
+    batch_size = batch_size or cfg.stream.batch_size
     sampler = EpochSeededSampler(data, seed=derived_seed(cfg.run.seed, session))
     # drop a ragged last batch: a batch of one breaks BatchNorm in training mode
-    drop_last = len(data) > cfg.stream.batch_size
+    drop_last = len(data) > batch_size
     # its own generator: creating the iterator then draws no number from the global generator, whose state must
     # not depend on whether the fit was resumed (a resumed fit creates its iterator at another moment)
     generator = torch.Generator().manual_seed(derived_seed(cfg.run.seed, session))
-    return _loader(
-        data, cfg, batch_size=cfg.stream.batch_size, sampler=sampler, drop_last=drop_last, generator=generator
-    )
+    return _loader(data, cfg, batch_size=batch_size, sampler=sampler, drop_last=drop_last, generator=generator)
 
 
 def evaluate(strategy: CILModule, stream, session: int, cfg: DictConfig) -> np.ndarray:
@@ -319,7 +318,8 @@ def _fit(strategy, session, epochs, cfg, folder, callbacks, resume_from) -> None
         num_sanity_val_steps=0,
     )
     data = strategy.train_data(session)
-    trainer.fit(strategy, train_dataloaders=train_loader(data, cfg, session.index), ckpt_path=resume_from)
+    loader = train_loader(data, cfg, session.index, strategy.batch_size_for(session))
+    trainer.fit(strategy, train_dataloaders=loader, ckpt_path=resume_from)
 
 
 def _print_session(summary: dict, k: int) -> None:

@@ -199,11 +199,14 @@ class DualSelectiveProjector(nn.Module):
         if not residual_proj and in_channels != out_channels:
             raise ValueError(f"in_channels {in_channels} != out_channels {out_channels} needs residual_proj=True")
         self.detach_base = detach_base
-        self.new = None
+        self.new: Optional[SelectiveBranch] = None
+        self._new_settings = (layers_new, d_state, dt_rank, faithful_quirks)
         if new_branch:
-            self.add_new_branch(layers_new, d_state, dt_rank, faithful_quirks)
+            self.add_new_branch()
 
-    def add_new_branch(self, layers: int = 2, d_state: int = 256, dt_rank=None, faithful_quirks: bool = True):
+    def add_new_branch(self) -> None:
+        """Attach the incremental branch (layers_new MLP layers), its gate projection at zero."""
+        layers, d_state, dt_rank, faithful_quirks = self._new_settings
         conv = self.base.mlp[0]
         out_channels = self.base.pos_embed.shape[-1]
         size = tuple(self.base.mlp[1].normalized_shape[1:])
@@ -211,6 +214,13 @@ class DualSelectiveProjector(nn.Module):
         with torch.no_grad():
             in_proj = self.new.ssm.block.in_proj.weight
             in_proj[in_proj.shape[0] // 2 :].zero_()  # z = 0: the new branch outputs exactly 0 at first
+        self.new.to(self.base.pos_embed.device)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # a checkpoint written after the base session holds the new branch: create it before the children load
+        if self.new is None and any(key.startswith(prefix + "new.") for key in state_dict):
+            self.add_new_branch()
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def forward(self, feature_map: torch.Tensor) -> ProjectorOutput:
         base = self.base(feature_map)

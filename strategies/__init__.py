@@ -1,10 +1,11 @@
 """Strategies: one file per method; importing this package registers them all."""
 
-from strategies import finetune, fsa, joint, mos, simplecil  # noqa: F401  (registration)
+from strategies import finetune, fsa, joint, mamba_fscil, mos, simplecil  # noqa: F401  (registration)
 from strategies.finetune import Finetune
 from strategies.fsa import FSA
 from strategies.joint import Joint
+from strategies.mamba_fscil import MambaFSCIL
 from strategies.mos import MOS
 from strategies.simplecil import SimpleCIL
 
-__all__ = ["FSA", "Finetune", "Joint", "MOS", "SimpleCIL"]
+__all__ = ["FSA", "Finetune", "Joint", "MOS", "MambaFSCIL", "SimpleCIL"]

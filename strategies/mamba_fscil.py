@@ -1,18 +1,56 @@
-"""Mamba-FSCIL (Li et al., 2024): a dual selective-SSM projector on a frozen-after-base backbone, a fixed ETF
-classifier, and class-sensitive losses on the new branch's selective-scan inputs (``methods/mamba_fscil.md``).
+"""Mamba-FSCIL (Li et al., 2024): a dual selective-SSM projector on a backbone's last feature map, a fixed ETF
+classifier trained by dot regression, and class-sensitive losses on the new branch's selective-scan inputs.
 
-This file holds the method's losses (§1, "class-sensitive selective scan"); the projector is
-:class:`cil.ssm.DualSelectiveProjector`, the classifier :class:`cil.heads.EtfClassifier` with
-:func:`cil.heads.dot_regression_loss`. All losses work without a process group; under DDP the presence checks
-take the minimum over processes, as the official code's ``all_reduce(MIN)``.
+Follows the official code (``xiaojieli0903/Mamba-FSCIL``, an mmcls fork); ``methods/mamba_fscil.md`` sections are
+cited below. Sessions:
+
+- **Base session** (session 0): backbone + base branch of :class:`cil.ssm.DualSelectiveProjector` train with the
+  dot-regression loss toward the fixed :class:`cil.heads.EtfClassifier` (SGD 0.9, warm-up + cosine-with-cooldown or
+  step schedule, per iteration), optionally with image-level mixup / cutmix (CIFAR). At its end the backbone is
+  frozen (kept in eval mode for good), the per-class mean feature map of every base class is stored, and the new
+  branch is attached with its gate projection at zero (it adds exactly nothing until trained).
+- **Incremental sessions**: the backbone is not run during training: the session trains on cached feature maps
+  (evaluation transforms) — the session's shots, plus the mean map of every earlier novel class ``copies[i]``
+  times and of every base class ``base_copies[i]`` times — for ``inc_steps[i]`` iterations of ``inc_batch_size``
+  maps, with a new SGD per session, the base branch at ``base_branch_lr_scale`` x lr (0: frozen and detached),
+  feature mixup at the fixed lambda 0.5 with probability ``feat_mixup_prob``, and the class-sensitive losses
+  (§1): suppression of the new branch's gate on base samples, enhancement on novel ones, and separation of the
+  base/novel means of its dt, B, C.
+
+``faithful_quirks`` (default on) reproduces two things the code does that look unintended: the gate map flips the
+reversed directions along the channel axis (see :class:`cil.ssm.FourDirectionSSM`), and with image-level mixing
+the unmixed loss of the first labels is added again (``λ L(y_a) + (1 - λ) L(y_b) + L(y_a)``).
+
+Differences from the code: the "cycled" incremental loader is a shuffled multiset in which every cached map appears
+equally often (``inc_steps[i] x inc_batch_size`` draws), and the base session runs ``base_epochs`` over the stream
+(the code's ``RepeatDataset`` x epochs). Needs from the user: a backbone with ``forward_features`` returning the
+last feature map (timm models, ``resnet12``), ``feat_size`` matching it, and ``Session.loader_fn``.
+
+The losses work without a process group; under DDP the presence checks take the minimum over processes (the
+code's ``all_reduce(MIN)``) and the dot-regression class counts use the labels gathered from every process.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import numpy as np
 import torch
 import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import Dataset, TensorDataset
+from tqdm.auto import tqdm
 
-from cil.distributed import all_reduce_min
+from cil.config import ConfigError, StrategyConfig, param
+from cil.distributed import all_reduce_min, gather_cat, is_rank_zero
+from cil.heads import EtfClassifier, dot_regression_loss
+from cil.module import CILModule, Session
+from cil.registry import register_strategy
+from cil.ssm import DualSelectiveProjector
+from strategies.simplecil import ClassMeans
 
 
 def suppression_loss(gate: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
@@ -68,4 +106,308 @@ def _with_directions(param: torch.Tensor) -> torch.Tensor:
     return param.unsqueeze(1) if param.dim() == 3 else param
 
 
-__all__ = ["class_sensitive_losses", "separation_loss", "suppression_loss"]
+# ---- schedules and mixing (§1 "Base session", "Incremental sessions") -------------------------------------------
+def cosine_cooldown(step: int, total: int, warmup: int, warmup_ratio: float, min_ratio: float, cooldown: int):
+    """LR factor of the code's ``CosineAnnealingCooldown`` with mmcv's linear warm-up, per iteration: cosine from 1
+    to ``min_ratio`` over ``total - cooldown`` iterations, then ``min_ratio * 0.1`` for the last ``cooldown``."""
+    if step > total - cooldown:
+        factor = min_ratio * 0.1
+    else:
+        progress = step / max(total - cooldown, 1)
+        factor = min_ratio + (1 - min_ratio) * (math.cos(math.pi * progress) + 1) / 2
+    if step < warmup:  # mmcv's linear warm-up scales the regular value
+        factor *= 1 - (1 - step / warmup) * (1 - warmup_ratio)
+    return factor
+
+
+def step_decay(step: int, milestones: list[int], gamma: float, warmup: int, warmup_ratio: float) -> float:
+    factor = gamma ** sum(step >= m for m in milestones)
+    if step < warmup:
+        factor *= 1 - (1 - step / warmup) * (1 - warmup_ratio)
+    return factor
+
+
+def mix_images(x: torch.Tensor, mixup_alpha: float, cutmix_alpha: float, probs: tuple[float, float, float]):
+    """mmcls' batch mixup / cutmix / identity, chosen with ``probs``: (mixed images, permutation, lambda)."""
+    choice = int(torch.multinomial(torch.tensor(probs), 1))
+    index = torch.randperm(len(x), device=x.device)
+    if choice == 2:
+        return x, index, 1.0
+    alpha = mixup_alpha if choice == 0 else cutmix_alpha
+    lam = float(np.random.beta(alpha, alpha))
+    if choice == 0:
+        return lam * x + (1 - lam) * x[index], index, lam
+    h, w = x.shape[-2:]
+    cut_h, cut_w = int(h * math.sqrt(1 - lam)), int(w * math.sqrt(1 - lam))
+    cy, cx = np.random.randint(h), np.random.randint(w)
+    y0, y1 = np.clip(cy - cut_h // 2, 0, h), np.clip(cy + cut_h // 2, 0, h)
+    x0, x1 = np.clip(cx - cut_w // 2, 0, w), np.clip(cx + cut_w // 2, 0, w)
+    mixed = x.clone()
+    mixed[..., y0:y1, x0:x1] = x[index][..., y0:y1, x0:x1]
+    return mixed, index, 1 - (y1 - y0) * (x1 - x0) / (h * w)  # lambda from the pasted area, as cutmix does
+
+
+# ---- the strategy ------------------------------------------------------------------------------------------------
+@dataclass
+class MambaFSCILConfig(StrategyConfig):
+    name: str = "mamba_fscil"
+    num_classes: int = param(100, ge=2, help="ETF size: every class of the data set (100 CIFAR/mini, 200 CUB)")
+    num_base_classes: int = param(60, ge=1, help="classes of the base session (60 CIFAR/mini, 100 CUB)")
+    feat_size: int = param(2, ge=1, help="side of the backbone's last feature map (2 CIFAR, 5 mini, 7 CUB)")
+    out_channels: int = param(640, ge=1, help="projector output width")
+    residual_proj: bool = param(False, help="bias-free linear map of the pooled map when widths differ")
+    d_state: int = param(256, ge=1)
+    dt_rank: Optional[int] = param(None, ge=1, help="rank of dt (default: d_state, as the code)")
+    layers: int = param(2, ge=2, le=3, help="MLP layers of the base branch")
+    layers_new: int = param(2, ge=2, le=3, help="MLP layers of the new branch")
+    faithful_quirks: bool = param(True, help="reproduce the code's gate flip and re-added unmixed loss")
+    dr_weight: float = param(10.0, gt=0.0)
+    momentum: float = param(0.9, ge=0.0, lt=1.0)
+    weight_decay: float = param(5e-4, ge=0.0)
+    etf_seed: int = param(0, ge=0)
+    # base session
+    base_epochs: int = param(200, ge=0, help="base-session epochs over the stream (code: epochs x RepeatDataset)")
+    base_lr: float = param(0.25, gt=0.0)
+    backbone_lr_scale: float = param(1.0, ge=0.0, help="backbone lr / base lr in the base session (CUB 0.1)")
+    base_schedule: str = param("cosine", choices=["cosine", "step"])
+    base_warmup: int = param(100, ge=0, help="warm-up iterations")
+    base_warmup_ratio: float = param(0.1, gt=0.0, le=1.0)
+    base_min_ratio: float = param(0.01, ge=0.0, le=1.0, help="cosine: final lr / lr")
+    base_cooldown: int = param(10, ge=0, help="cosine: iterations at min_ratio x 0.1 at the end")
+    base_milestones: list[int] = param([], help="step schedule: epochs where lr is multiplied by base_gamma")
+    base_gamma: float = param(0.25, gt=0.0, le=1.0)
+    base_with_length: bool = param(False, help="dot regression with length targets in the base session")
+    image_mix: bool = param(False, help="base session: mixup (0.8, p .4) / cutmix (1.0, p .4) / none (p .2)")
+    # incremental sessions
+    inc_lr: float = param(0.25, gt=0.0)
+    inc_steps: list[int] = param([200], help="iterations per incremental session (last value repeats)")
+    inc_batch_size: int = param(64, ge=1, help="maps per step (code: 8 per GPU x 8 GPUs)")
+    copies: list[int] = param([1], help="copies of each earlier novel class's mean map (last value repeats)")
+    base_copies: list[int] = param([1], help="copies of each base class's mean map (last value repeats)")
+    base_branch_lr_scale: float = param(0.0, ge=0.0, help="base branch lr / inc lr (0: frozen and detached)")
+    inc_with_length: bool = param(True)
+    feat_mixup_prob: float = param(0.75, ge=0.0, le=1.0)
+    feat_mixup: float = param(0.5, gt=0.0, lt=1.0, help="the fixed mixing weight")
+    w_supp: float = param(100.0, ge=0.0)
+    w_novel: float = param(1e-5, ge=0.0)
+    w_sep_new: float = param(1e-3, ge=0.0)
+    w_sep: float = param(0.0, ge=0.0)
+
+
+def _per_session(values: list[int], i: int) -> int:
+    return int(values[min(i, len(values) - 1)])
+
+
+class MambaFSCIL(CILModule):
+    def __init__(self, backbone: nn.Module, num_features: Optional[int] = None, **settings: Any):
+        config = MambaFSCILConfig(**settings)  # the dataclass's defaults; an unknown name is a TypeError
+        super().__init__(backbone, num_features)
+        hparams = dataclasses.asdict(config)
+        hparams.pop("name")
+        self.save_hyperparameters(hparams)
+        hp = self.hparams
+        if not hasattr(backbone, "forward_features"):
+            raise ConfigError("mamba_fscil needs a backbone with forward_features (any timm model, resnet12)")
+        self.projector = DualSelectiveProjector(
+            self.num_features,
+            hp.out_channels,
+            (hp.feat_size, hp.feat_size),
+            layers=hp.layers,
+            layers_new=hp.layers_new,
+            d_state=hp.d_state,
+            dt_rank=hp.dt_rank,
+            residual_proj=hp.residual_proj,
+            detach_base=hp.base_branch_lr_scale == 0,
+            faithful_quirks=hp.faithful_quirks,
+        )
+        try:
+            self.etf = EtfClassifier(hp.out_channels, hp.num_classes, hp.etf_seed)
+        except ValueError as e:
+            raise ConfigError(f"mamba_fscil: {e} (strategy.out_channels)") from None
+        del self.classifier  # the ETF is the classifier
+        self.map_means = ClassMeans(self.num_features * hp.feat_size**2)  # class mean feature maps (flattened)
+        self.register_buffer("base_done", torch.tensor(False))
+
+    # ---- the frozen-after-base backbone --------------------------------------------------------------------------
+    def train(self, mode: bool = True) -> MambaFSCIL:
+        super().train(mode)
+        if bool(self.base_done):
+            self.backbone.eval()
+        return self
+
+    def feature_map(self, x: torch.Tensor) -> torch.Tensor:
+        return self.backbone.forward_features(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.etf(self.projector(self.feature_map(x)).features).float()
+
+    # ---- session hooks -------------------------------------------------------------------------------------------
+    def begin_session(self, session: Session) -> None:
+        self.session_index = session.index
+        self.etf.grow(session.num_seen)
+        self.map_means.grow(session.num_seen)
+        if session.index > 0:
+            self._freeze_base()
+            self._session_data = self.incremental_data(session)
+
+    def _freeze_base(self) -> None:
+        """After the base session: backbone frozen in eval mode, the new branch attached (zero gate)."""
+        self.backbone.requires_grad_(False)
+        self.backbone.eval()
+        self.base_done.fill_(True)
+        if self.projector.new is None:
+            self.projector.add_new_branch()
+        if self.hparams.base_branch_lr_scale == 0:
+            self.projector.base.requires_grad_(False)
+            self.projector.residual.requires_grad_(False)
+
+    def epochs_for(self, session: Session) -> int:
+        return int(self.hparams.base_epochs) if session.index == 0 else 1
+
+    def batch_size_for(self, session: Session) -> Optional[int]:
+        return None if session.index == 0 else int(self.hparams.inc_batch_size)
+
+    def train_data(self, session: Session) -> Dataset:
+        return session.train_data if session.index == 0 else self._session_data
+
+    @torch.no_grad()
+    def end_session(self, session: Session) -> None:
+        """Store the mean feature map of the session's classes (evaluation transforms, every process's share)."""
+        self.to(session.device)
+        self.backbone.eval()
+        fresh = ClassMeans(self.map_means.sums.shape[1]).to(session.device)
+        fresh.grow(session.num_seen)
+        for x, y in self._session_maps(session):
+            fresh.update(x.flatten(1), y)
+        self.map_means.adopt(fresh.all_reduce(), session.new_classes)
+        if session.index == 0:
+            self._freeze_base()
+
+    def _session_maps(self, session: Session):
+        desc = f"feature maps s{session.index}"
+        for batch in tqdm(session.train_loader(), desc=desc, disable=not is_rank_zero()):
+            x, y = batch[0].to(session.device), batch[1].to(session.device)
+            yield self.feature_map(x), y
+
+    @torch.no_grad()
+    def incremental_data(self, session: Session) -> TensorDataset:
+        """§1 "Incremental sessions": the session's maps, the mean maps of earlier novel classes x copies and of the
+        base classes x base copies, as a multiset of ``steps x batch`` draws (every item equally often)."""
+        self.to(session.device)
+        self.backbone.eval()
+        maps, labels = zip(*self._session_maps(session))
+        maps, labels = gather_cat(torch.cat(maps)), gather_cat(torch.cat(labels))
+        i, hp = session.index - 1, self.hparams
+        shape = maps.shape[1:]
+        means = self.map_means.means().to(maps.dtype).view(-1, *shape)
+        base = torch.arange(hp.num_base_classes, device=maps.device)
+        earlier = torch.arange(hp.num_base_classes, session.num_seen - len(session.new_classes), device=maps.device)
+        parts = [
+            (maps, labels),
+            (means[earlier].repeat(_per_session(hp.copies, i), 1, 1, 1), earlier.repeat(_per_session(hp.copies, i))),
+            (
+                means[base].repeat(_per_session(hp.base_copies, i), 1, 1, 1),
+                base.repeat(_per_session(hp.base_copies, i)),
+            ),
+        ]
+        pool_x, pool_y = torch.cat([p[0] for p in parts]).cpu(), torch.cat([p[1] for p in parts]).cpu()
+        draws = _per_session(hp.inc_steps, i) * hp.inc_batch_size
+        repeats = math.ceil(draws / len(pool_y))
+        order = torch.arange(len(pool_y)).repeat(repeats)[:draws]
+        self.session_pool = (pool_x, pool_y)  # what the session trains on, before repetition (for inspection)
+        return TensorDataset(pool_x[order], pool_y[order])
+
+    # ---- training ------------------------------------------------------------------------------------------------
+    def dr(self, features: torch.Tensor, labels: torch.Tensor, with_length: bool) -> torch.Tensor:
+        return dot_regression_loss(
+            features, labels, self.etf, with_length, self.hparams.dr_weight, all_labels=gather_cat(labels)
+        )
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        x, y = batch[0], batch[1]
+        loss = self.base_loss(x, y) if self.session_index == 0 else self.incremental_loss(x, y)
+        self.log("train/loss", loss, prog_bar=True)
+        return loss
+
+    def base_loss(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        hp = self.hparams
+        if not hp.image_mix:
+            return self.dr(self.projector(self.feature_map(images)).features, labels, hp.base_with_length)
+        mixed, index, lam = mix_images(images, 0.8, 1.0, (0.4, 0.4, 0.2))
+        features = self.projector(self.feature_map(mixed)).features
+        loss = lam * self.dr(features, labels, hp.base_with_length)
+        loss = loss + (1 - lam) * self.dr(features, labels[index], hp.base_with_length)
+        if hp.faithful_quirks:  # the code adds the unmixed-label loss once more
+            loss = loss + self.dr(features, labels, hp.base_with_length)
+        return loss
+
+    def incremental_loss(self, maps: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        hp = self.hparams
+        out = self.projector(maps)
+        losses = class_sensitive_losses(
+            out.gate,
+            out.params,
+            labels,
+            hp.num_base_classes,
+            hp.w_supp,
+            hp.w_novel,
+            hp.w_sep_new,
+            hp.w_sep,
+            out.base_params,
+        )
+        for name, value in losses.items():
+            self.log(f"train/{name}", value)
+        if hp.feat_mixup_prob > 0 and float(torch.rand(())) < hp.feat_mixup_prob:
+            index = torch.randperm(len(labels), device=labels.device)
+            lam = hp.feat_mixup
+            mixed = lam * out.features + (1 - lam) * out.features[index]
+            dr = lam * self.dr(mixed, labels, hp.inc_with_length)
+            dr = dr + (1 - lam) * self.dr(mixed, labels[index], hp.inc_with_length)
+        else:
+            dr = self.dr(out.features, labels, hp.inc_with_length)
+        return dr + sum(losses.values())
+
+    def configure_optimizers(self):
+        hp = self.hparams
+        total = max(1, int(self.trainer.estimated_stepping_batches))
+        if self.session_index == 0:
+            groups = [
+                {
+                    "params": [p for p in self.backbone.parameters() if p.requires_grad],
+                    "lr": hp.base_lr * hp.backbone_lr_scale,
+                },
+                {
+                    "params": [*self.projector.base.parameters(), *self.projector.residual.parameters()],
+                    "lr": hp.base_lr,
+                },
+            ]
+            if hp.base_schedule == "cosine":
+
+                def factor(step):
+                    return cosine_cooldown(
+                        step, total, hp.base_warmup, hp.base_warmup_ratio, hp.base_min_ratio, hp.base_cooldown
+                    )
+            else:
+                per_epoch = max(1, total // max(1, hp.base_epochs))
+                milestones = [m * per_epoch for m in hp.base_milestones]
+
+                def factor(step):
+                    return step_decay(step, milestones, hp.base_gamma, hp.base_warmup, hp.base_warmup_ratio)
+        else:
+            groups = [{"params": list(self.projector.new.parameters()), "lr": hp.inc_lr}]
+            if hp.base_branch_lr_scale > 0:
+                base = [*self.projector.base.parameters(), *self.projector.residual.parameters()]
+                groups.append({"params": base, "lr": hp.inc_lr * hp.base_branch_lr_scale})
+
+            def factor(step):  # the code's incremental schedule: warm-up 5, cosine to 0.01, cool-down 5
+                return cosine_cooldown(step, total, 5, 0.1, 0.01, 5)
+
+        groups = [g for g in groups if g["params"]]
+        optimizer = torch.optim.SGD(groups, lr=groups[0]["lr"], momentum=hp.momentum, weight_decay=hp.weight_decay)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+register_strategy("mamba_fscil", MambaFSCIL, MambaFSCILConfig)
+
+__all__ = ["MambaFSCIL", "MambaFSCILConfig", "class_sensitive_losses", "separation_loss", "suppression_loss"]

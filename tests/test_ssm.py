@@ -23,7 +23,7 @@ def test_1_a_fresh_new_branch_adds_exactly_nothing():
     model = projector()
     x = feature_map()
     base_only = model(x).features
-    model.add_new_branch(d_state=N, dt_rank=R)
+    model.add_new_branch()
     out = model(x)
     assert torch.equal(out.features, base_only)  # bitwise: the new branch's gate z is 0, SiLU(0) = 0
     assert torch.equal(model.new(x).y, torch.zeros(B, C_OUT))
