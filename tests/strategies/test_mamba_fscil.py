@@ -89,3 +89,92 @@ def test_resnet12_is_a_timm_model_returning_the_last_feature_map():
     acts = [m for m in model.modules() if isinstance(m, torch.nn.LeakyReLU)]
     assert acts and all(a.negative_slope == 0.1 for a in acts)
     assert create_backbone("resnet18").forward_features(torch.randn(1, 3, 64, 64)).shape == (1, 512, 2, 2)
+
+
+# ---- the strategy ---------------------------------------------------------------------------------------------
+def tiny_strategy(**settings):
+    from strategies.mamba_fscil import MambaFSCIL
+
+    torch.manual_seed(0)
+    backbone = create_backbone("resnet12", channels=(8, 8, 16, 16))  # 32 px -> a 16 x 2 x 2 map
+    defaults = dict(
+        num_classes=8, num_base_classes=4, feat_size=2, out_channels=16, d_state=4, base_epochs=1, base_warmup=0
+    )
+    return MambaFSCIL(backbone, **{**defaults, **settings})
+
+
+def tiny_session(k: int, classes: list[int], per_class: int, seen: int):
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from cil.module import Session
+
+    g = torch.Generator().manual_seed(k)
+    y = torch.tensor(classes).repeat_interleave(per_class)
+    x = torch.randn(len(y), 3, 32, 32, generator=g) + y.view(-1, 1, 1, 1) / 4
+    data = TensorDataset(x, y)
+    return Session(k, classes, list(range(seen)), data, loader_fn=lambda: DataLoader(data, batch_size=5))
+
+
+def test_10_incremental_session_data_and_evaluation_mask():
+    strategy = tiny_strategy(copies=[3], base_copies=[2, 4], inc_steps=[7], inc_batch_size=5)
+    base = tiny_session(0, [0, 1, 2, 3], per_class=6, seen=4)
+    strategy.begin_session(base)
+    strategy.end_session(base)  # base means stored; backbone frozen; new branch attached
+    assert strategy.projector.new is not None and not any(p.requires_grad for p in strategy.backbone.parameters())
+    first = tiny_session(1, [4, 5], per_class=5, seen=6)
+    strategy.begin_session(first)
+    pool_x, pool_y = strategy.session_pool
+    assert torch.bincount(pool_y).tolist() == [2, 2, 2, 2, 5, 5]  # shots + base means x base_copies[0]
+    with torch.no_grad():
+        maps0 = strategy.feature_map(base.train_data.tensors[0][base.train_data.tensors[1] == 2])
+    torch.testing.assert_close(pool_x[pool_y == 2][0], maps0.mean(0), rtol=1e-5, atol=1e-5)
+    assert len(strategy.train_data(first)) == 7 * 5 and strategy.batch_size_for(first) == 5
+    strategy.end_session(first)
+    second = tiny_session(2, [6, 7], per_class=5, seen=8)
+    strategy.begin_session(second)
+    counts = torch.bincount(strategy.session_pool[1]).tolist()
+    assert counts == [4, 4, 4, 4, 3, 3, 5, 5]  # base x base_copies[1], earlier novel means x copies, shots
+    with torch.no_grad():
+        logits = strategy.eval()(second.train_data.tensors[0][:3])
+    assert logits.shape == (3, 8)  # the ETF over the classes seen so far
+    assert strategy.epochs_for(base) == 1 and strategy.epochs_for(second) == 1
+
+
+def test_the_new_branch_starts_silent_and_checkpoints_restore_it():
+    strategy = tiny_strategy()
+    base = tiny_session(0, [0, 1, 2, 3], per_class=3, seen=4)
+    strategy.begin_session(base)
+    x = base.train_data.tensors[0]
+    strategy.eval()
+    with torch.no_grad():
+        before = strategy(x)
+        strategy.end_session(base)
+        assert torch.equal(strategy.eval()(x), before)  # bitwise: the fresh new branch adds 0
+    fresh = tiny_strategy()
+    fresh.load_state_dict(strategy.state_dict())  # a checkpoint after the base session holds the new branch
+    assert fresh.projector.new is not None and bool(fresh.base_done)
+    with torch.no_grad():
+        fresh.etf.grow(4)
+        assert torch.equal(fresh.eval()(x), before)
+
+
+def test_digits_run_reports_fscil_metrics(tmp_path):
+    from cil.runs import load_run
+    from cil.session import run_experiment
+    from tests.conftest import tiny_config
+
+    fast = [
+        "backbone.image_size=32",
+        "backbone.kwargs={channels: [16, 16, 32, 64]}",
+        "strategy.out_channels=64",
+        "strategy.d_state=8",
+        "strategy.base_epochs=1",
+        "strategy.inc_steps=[10]",
+    ]
+    run = load_run(run_experiment(tiny_config("mamba_fscil", tmp_path, *fast)))
+    metrics = run.summary["metrics"]
+    assert run.summary["complete"] and run.summary["n_sessions"] == 4
+    for key in ("last_base_acc", "last_novel_acc", "performance_drop", "last_harmonic_mean"):
+        assert math.isfinite(metrics[key]["value"]), key
+    seen = run.metrics.query("metric == 'seen_accuracy'").value.to_numpy()
+    assert metrics["performance_drop"]["value"] == pytest.approx(seen[0] - seen[-1])
