@@ -178,3 +178,63 @@ def test_digits_run_reports_fscil_metrics(tmp_path):
         assert math.isfinite(metrics[key]["value"]), key
     seen = run.metrics.query("metric == 'seen_accuracy'").value.to_numpy()
     assert metrics["performance_drop"]["value"] == pytest.approx(seen[0] - seen[-1])
+
+
+# config: (split, image size, feat size, out channels, residual proj, base lr, inc lr, inc steps, copies,
+#          base copies, w_supp, w_novel, w_sep_new, feature-mixup prob, length targets base/inc, image mixing)
+PAPER = {
+    "cifar100_fscil": (
+        "B60-Inc5", 32, 2, 640, False, 0.25, 0.25, [200], [1], [1], 100, 1e-5, 1e-3, 0.75, False, True, True,
+    ),
+    "miniimagenet_fscil": (
+        "B60-Inc5", 84, 5, 512, True, 0.25, 0.01, list(range(100, 171, 10)), [10], list(range(1, 9)),
+        100, 0.0, 0.5, 0.3, True, True, False,
+    ),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("name", sorted(PAPER))
+def test_paper_configs_carry_the_official_settings(name):
+    from cil.config import load_config
+    from tests.conftest import CONFIGS
+
+    cfg = load_config(CONFIGS / "mamba_fscil" / f"{name}.yaml")
+    s, st = cfg.stream, cfg.strategy
+    settings = (
+        s.split, cfg.backbone.image_size, st.feat_size, st.out_channels, st.residual_proj, st.base_lr, st.inc_lr,
+        list(st.inc_steps), list(st.copies), list(st.base_copies), st.w_supp, st.w_novel, st.w_sep_new,
+        st.feat_mixup_prob, st.base_with_length, st.inc_with_length, st.image_mix,
+    )  # fmt: skip
+    assert settings == PAPER[name]
+    assert (s.shots, st.num_classes, st.num_base_classes, st.d_state, st.inc_batch_size, s.batch_size) == (
+        5,
+        100,
+        60,
+        256,
+        64,
+        512,
+    )
+    assert cfg.backbone.name == "resnet12" and st.base_branch_lr_scale == 0 and st.faithful_quirks
+
+
+def test_cifar_config_builds_its_few_shot_stream_and_model(tmp_path):
+    from functools import partial
+
+    from cil.config import load_config
+    from cil.module import create_strategy
+    from cil.session import stream_transforms
+    from streams import create_stream
+    from tests.conftest import CONFIGS
+    from tests.streams.test_vision import write_cifar100
+
+    write_cifar100(tmp_path, per_class_train=6, per_class_test=1)
+    cfg = load_config(
+        CONFIGS / "mamba_fscil" / "cifar100_fscil.yaml",
+        [f"stream.data_root={tmp_path}", "stream.verify_checksums=false"],
+    )
+    strategy = create_strategy(cfg)
+    stream = create_stream(cfg.stream, partial(stream_transforms, strategy.backbone, cfg))
+    assert [len(d) for d in stream.train_data] == [60 * 6] + [25] * 8
+    with torch.no_grad():
+        maps = strategy.feature_map(torch.randn(2, 3, 32, 32))
+        assert maps.shape == (2, 640, 2, 2) and strategy.eval()(torch.randn(2, 3, 32, 32)).shape == (2, 100)
