@@ -130,6 +130,62 @@ class FourDirectionSSM(nn.Module):
         return SSMOutput(y, gate, along.params)
 
 
+class SS2D(nn.Module):
+    """VMamba's 2-D selective scan as Mamba-FSCIL's ``version='ss2d'`` uses it (CUB): ``in_proj`` to (x, z);
+    depthwise 3x3 conv + SiLU on x; the four direction sequences (rows, rows reversed, columns, columns reversed)
+    with their own ``x_proj`` / ``dt_proj`` / ``A_log`` / ``D``, scanned in ONE grouped call (4 groups, no z in
+    the scan); outputs put back in row order and summed, LayerNorm, times SiLU(z). The gate is the pre-activation
+    z map (B, H, W, d_inner); the parameters are dt_low (B, 4, R, L), B and C (B, 4, N, L)."""
+
+    directions = 4
+
+    def __init__(self, d_model: int, d_state: int = 256, dt_rank: Optional[int] = None, d_conv: int = 3,
+                 expand: float = 1, scan_impl: Optional[str] = None):  # fmt: skip
+        super().__init__()
+        k, d = self.directions, int(expand * d_model)
+        self.d_inner, self.d_state, self.scan_impl = d, d_state, scan_impl
+        self.dt_rank = dt_rank if dt_rank is not None else d_state
+        self.in_proj = nn.Linear(d_model, 2 * d, bias=False)
+        self.conv2d = nn.Conv2d(d, d, d_conv, padding=(d_conv - 1) // 2, groups=d)
+        per_direction = [SelectiveSSM(d, d_state, self.dt_rank, expand=1) for _ in range(k)]  # Mamba's inits
+        self.x_proj_weight = nn.Parameter(torch.stack([m.x_proj.weight.detach() for m in per_direction]))
+        self.dt_projs_weight = nn.Parameter(torch.stack([m.dt_proj.weight.detach() for m in per_direction]))
+        self.dt_projs_bias = nn.Parameter(torch.stack([m.dt_proj.bias.detach() for m in per_direction]))
+        self.A_logs = nn.Parameter(torch.cat([m.A_log.detach() for m in per_direction]))  # (K * d, N)
+        self.Ds = nn.Parameter(torch.ones(k * d))
+        self.out_norm = nn.LayerNorm(d)
+
+    def forward(self, x: torch.Tensor, return_params: bool = False) -> SSMOutput:
+        b, h, w, _ = x.shape
+        length, k, d = h * w, self.directions, self.d_inner
+        x, z = self.in_proj(x).chunk(2, dim=-1)  # (B, H, W, d) each; z is the gate before its activation
+        x = F.silu(self.conv2d(x.permute(0, 3, 1, 2)))  # (B, d, H, W)
+        rows, cols = x.flatten(2), x.transpose(2, 3).flatten(2)  # (B, d, L) in row / column order
+        xs = torch.stack([rows, rows.flip(-1), cols, cols.flip(-1)], dim=1)  # (B, K, d, L)
+        dbc = torch.einsum("bkdl,kcd->bkcl", xs, self.x_proj_weight)
+        dt_low, bs, cs = dbc.split([self.dt_rank, self.d_state, self.d_state], dim=2)
+        delta = torch.einsum("bkrl,kdr->bkdl", dt_low, self.dt_projs_weight)
+        ys = selective_scan(
+            xs.reshape(b, k * d, length),
+            delta.reshape(b, k * d, length),
+            -torch.exp(self.A_logs.float()),
+            bs.contiguous(),
+            cs.contiguous(),
+            self.Ds.float(),
+            delta_bias=self.dt_projs_bias.flatten().float(),
+            delta_softplus=True,
+            impl=self.scan_impl,
+        ).view(b, k, d, length)
+
+        def column_to_row(t: torch.Tensor) -> torch.Tensor:  # (B, d, L) in column order -> row order
+            return t.view(b, d, w, h).transpose(-1, -2).reshape(b, d, length)
+
+        y = ys[:, 0] + ys[:, 1].flip(-1) + column_to_row(ys[:, 2] + ys[:, 3].flip(-1))  # (B, d, L), row order
+        y = self.out_norm(y.transpose(1, 2)) * F.silu(z.flatten(1, 2))  # (B, L, d)
+        params = {"dt": dt_low, "B": bs, "C": cs} if return_params else {}
+        return SSMOutput(y, z, params)
+
+
 def mlp_projection(in_channels: int, out_channels: int, mid_channels: int, size: tuple[int, int], layers: int = 2):
     """1x1 conv → LayerNorm over (C, H, W) jointly → LeakyReLU(0.1) [→ again] → 1x1 conv without bias."""
     if layers not in (2, 3):
@@ -146,19 +202,30 @@ def mlp_projection(in_channels: int, out_channels: int, mid_channels: int, size:
 
 
 class SelectiveBranch(nn.Module):
-    """MLP projection → tokens + positional embedding → four-direction selective SSM → mean over tokens."""
+    """MLP projection → tokens + positional embedding → selective SSM (``"ssm"``: four directions through one
+    shared block; ``"ss2d"``: :class:`SS2D`) → mean over tokens."""
 
-    def __init__(self, in_channels, out_channels, size, layers=2, d_state=256, dt_rank=None, faithful_quirks=True):
+    def __init__(
+        self, in_channels, out_channels, size, layers=2, d_state=256, dt_rank=None, faithful_quirks=True, version="ssm"
+    ):
         super().__init__()
+        if version not in ("ssm", "ss2d"):
+            raise ValueError(f"version={version!r} is not valid; choose 'ssm' or 'ss2d'")
         self.mlp = mlp_projection(in_channels, out_channels, 2 * in_channels, size, layers)
         self.pos_embed = nn.Parameter(torch.zeros(1, size[0] * size[1], out_channels))
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
-        self.ssm = FourDirectionSSM(SelectiveSSM(out_channels, d_state, dt_rank), faithful_quirks)
+        if version == "ssm":
+            self.ssm = FourDirectionSSM(SelectiveSSM(out_channels, d_state, dt_rank), faithful_quirks)
+        else:
+            self.ssm = SS2D(out_channels, d_state, dt_rank)
 
     def forward(self, feature_map: torch.Tensor) -> SSMOutput:
         b, _, h, w = feature_map.shape
         tokens = self.mlp(feature_map).flatten(2).transpose(1, 2) + self.pos_embed  # row-major (h, w) tokens
-        out = self.ssm(tokens, h, w, return_params=True)
+        if isinstance(self.ssm, SS2D):
+            out = self.ssm(tokens.view(b, h, w, -1), return_params=True)
+        else:
+            out = self.ssm(tokens, h, w, return_params=True)
         return SSMOutput(out.y.mean(1), out.gate, out.params)
 
 
@@ -192,27 +259,31 @@ class DualSelectiveProjector(nn.Module):
         new_branch: bool = False,
         detach_base: bool = True,
         faithful_quirks: bool = True,
+        version: str = "ssm",
     ):
         super().__init__()
-        self.base = SelectiveBranch(in_channels, out_channels, size, layers, d_state, dt_rank, faithful_quirks)
+        self.base = SelectiveBranch(in_channels, out_channels, size, layers, d_state, dt_rank, faithful_quirks, version)
         self.residual = nn.Linear(in_channels, out_channels, bias=False) if residual_proj else nn.Identity()
         if not residual_proj and in_channels != out_channels:
             raise ValueError(f"in_channels {in_channels} != out_channels {out_channels} needs residual_proj=True")
         self.detach_base = detach_base
         self.new: Optional[SelectiveBranch] = None
-        self._new_settings = (layers_new, d_state, dt_rank, faithful_quirks)
+        self._new_settings = (layers_new, d_state, dt_rank, faithful_quirks, version)
         if new_branch:
             self.add_new_branch()
 
     def add_new_branch(self) -> None:
         """Attach the incremental branch (layers_new MLP layers), its gate projection at zero."""
-        layers, d_state, dt_rank, faithful_quirks = self._new_settings
+        layers, d_state, dt_rank, faithful_quirks, version = self._new_settings
         conv = self.base.mlp[0]
         out_channels = self.base.pos_embed.shape[-1]
         size = tuple(self.base.mlp[1].normalized_shape[1:])
-        self.new = SelectiveBranch(conv.in_channels, out_channels, size, layers, d_state, dt_rank, faithful_quirks)
+        self.new = SelectiveBranch(
+            conv.in_channels, out_channels, size, layers, d_state, dt_rank, faithful_quirks, version
+        )
+        ssm = self.new.ssm
         with torch.no_grad():
-            in_proj = self.new.ssm.block.in_proj.weight
+            in_proj = (ssm.block if isinstance(ssm, FourDirectionSSM) else ssm).in_proj.weight
             in_proj[in_proj.shape[0] // 2 :].zero_()  # z = 0: the new branch outputs exactly 0 at first
         self.new.to(self.base.pos_embed.device)
 
@@ -238,6 +309,7 @@ __all__ = [
     "DualSelectiveProjector",
     "FourDirectionSSM",
     "ProjectorOutput",
+    "SS2D",
     "SSMOutput",
     "SelectiveBranch",
     "SelectiveSSM",

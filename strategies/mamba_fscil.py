@@ -154,6 +154,7 @@ class MambaFSCILConfig(StrategyConfig):
     num_classes: int = param(100, ge=2, help="ETF size: every class of the data set (100 CIFAR/mini, 200 CUB)")
     num_base_classes: int = param(60, ge=1, help="classes of the base session (60 CIFAR/mini, 100 CUB)")
     feat_size: int = param(2, ge=1, help="side of the backbone's last feature map (2 CIFAR, 5 mini, 7 CUB)")
+    version: str = param("ssm", choices=["ssm", "ss2d"], help="ssm: 4 directions, one block (CIFAR/mini); ss2d: CUB")
     out_channels: int = param(640, ge=1, help="projector output width")
     residual_proj: bool = param(False, help="bias-free linear map of the pooled map when widths differ")
     d_state: int = param(256, ge=1)
@@ -169,6 +170,9 @@ class MambaFSCILConfig(StrategyConfig):
     base_epochs: int = param(200, ge=0, help="base-session epochs over the stream (code: epochs x RepeatDataset)")
     base_lr: float = param(0.25, gt=0.0)
     backbone_lr_scale: float = param(1.0, ge=0.0, help="backbone lr / base lr in the base session (CUB 0.1)")
+    frozen_modules: list[str] = param(
+        [], help="backbone submodules kept frozen and in eval mode in the base session (CUB: mmcls frozen_stages=1)"
+    )
     base_schedule: str = param("cosine", choices=["cosine", "step"])
     base_warmup: int = param(100, ge=0, help="warm-up iterations")
     base_warmup_ratio: float = param(0.1, gt=0.0, le=1.0)
@@ -219,7 +223,14 @@ class MambaFSCIL(CILModule):
             residual_proj=hp.residual_proj,
             detach_base=hp.base_branch_lr_scale == 0,
             faithful_quirks=hp.faithful_quirks,
+            version=hp.version,
         )
+        modules = dict(backbone.named_modules())
+        missing = [name for name in hp.frozen_modules if name not in modules]
+        if missing:
+            raise ConfigError(f"strategy.frozen_modules {missing} are not modules of the backbone")
+        for name in hp.frozen_modules:
+            modules[name].requires_grad_(False)
         try:
             self.etf = EtfClassifier(hp.out_channels, hp.num_classes, hp.etf_seed)
         except ValueError as e:
@@ -233,6 +244,9 @@ class MambaFSCIL(CILModule):
         super().train(mode)
         if bool(self.base_done):
             self.backbone.eval()
+        modules = dict(self.backbone.named_modules())
+        for name in self.hparams.frozen_modules:  # frozen stages keep their BatchNorm statistics (mmcls)
+            modules[name].eval()
         return self
 
     def feature_map(self, x: torch.Tensor) -> torch.Tensor:

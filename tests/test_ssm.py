@@ -98,3 +98,51 @@ def test_9_the_block_scan_equals_the_reference_forward_and_gradients():
     b.y.square().sum().backward()
     for (name, p), q in zip(fast.named_parameters(), reference.parameters()):
         torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("h, w", [(3, 3), (2, 3)])
+def test_ss2d_grouped_scan_equals_four_separate_directions(h, w):
+    """One grouped scan call (4 groups, no z) equals a per-direction loop of reference scans, put back in row order."""
+    import torch.nn.functional as F
+
+    from cil.ops.selective_scan import selective_scan
+    from cil.ssm import SS2D
+
+    torch.manual_seed(0)
+    block = SS2D(C_OUT, N, R)
+    tokens = torch.randn(B, h, w, C_OUT)
+    out = block(tokens, return_params=True)
+    d, length = block.d_inner, h * w
+    with torch.no_grad():
+        x, z = block.in_proj(tokens).chunk(2, dim=-1)
+        x = F.silu(block.conv2d(x.permute(0, 3, 1, 2)))
+        rows = [i * w + j for i in range(h) for j in range(w)]
+        cols = [i * w + j for j in range(w) for i in range(h)]
+        flat = x.flatten(2)
+        expected = torch.zeros(B, d, length)
+        for k, order in enumerate((rows, rows[::-1], cols, cols[::-1])):
+            u = flat[:, :, order]
+            dt_low, b, c = (block.x_proj_weight[k] @ u).split([R, N, N], dim=1)
+            y = selective_scan(
+                u,
+                block.dt_projs_weight[k] @ dt_low,
+                -torch.exp(block.A_logs[k * d : (k + 1) * d]),
+                b,
+                c,
+                block.Ds[k * d : (k + 1) * d],
+                delta_bias=block.dt_projs_bias[k],
+                delta_softplus=True,
+                impl="reference",
+            )
+            expected[:, :, order] += y
+        expected = block.out_norm(expected.transpose(1, 2)) * F.silu(z.flatten(1, 2))
+    torch.testing.assert_close(out.y, expected, rtol=1e-4, atol=1e-5)
+    assert out.gate.shape == (B, h, w, d) and out.params["B"].shape == (B, 4, N, length)
+
+
+def test_ss2d_projector_new_branch_starts_silent():
+    model = projector(version="ss2d")
+    x = feature_map()
+    base_only = model(x).features
+    model.add_new_branch()
+    assert torch.equal(model(x).features, base_only)

@@ -190,7 +190,16 @@ PAPER = {
         "B60-Inc5", 84, 5, 512, True, 0.25, 0.01, list(range(100, 171, 10)), [10], list(range(1, 9)),
         100, 0.0, 0.5, 0.3, True, True, False,
     ),
+    "cub200_fscil": (
+        "B100-Inc10", 224, 7, 1024, True, 0.2, 0.05, list(range(200, 291, 10)), [10], [1, 1, 2, 2, 3, 3, 1, 1, 1, 1],
+        100, 10.0, 1e-3, 0.5, False, False, False,
+    ),
 }  # fmt: skip
+EXTRA = {  # (num classes, base classes, version, base-branch lr scale, backbone)
+    "cifar100_fscil": (100, 60, "ssm", 0.0, "resnet12"),
+    "miniimagenet_fscil": (100, 60, "ssm", 0.0, "resnet12"),
+    "cub200_fscil": (200, 100, "ss2d", 0.2, "resnet18.tv_in1k"),
+}
 
 
 @pytest.mark.parametrize("name", sorted(PAPER))
@@ -206,15 +215,24 @@ def test_paper_configs_carry_the_official_settings(name):
         st.feat_mixup_prob, st.base_with_length, st.inc_with_length, st.image_mix,
     )  # fmt: skip
     assert settings == PAPER[name]
-    assert (s.shots, st.num_classes, st.num_base_classes, st.d_state, st.inc_batch_size, s.batch_size) == (
-        5,
-        100,
-        60,
-        256,
-        64,
-        512,
-    )
-    assert cfg.backbone.name == "resnet12" and st.base_branch_lr_scale == 0 and st.faithful_quirks
+    assert (s.shots, st.d_state, st.inc_batch_size, s.batch_size, st.faithful_quirks) == (5, 256, 64, 512, True)
+    extra = (st.num_classes, st.num_base_classes, st.version, st.base_branch_lr_scale, cfg.backbone.name)
+    assert extra == EXTRA[name]
+
+
+def test_cub_config_builds_the_ss2d_model_with_frozen_stem(tmp_path):
+    from cil.config import load_config
+    from cil.module import create_strategy
+    from tests.conftest import CONFIGS
+
+    cfg = load_config(CONFIGS / "mamba_fscil" / "cub200_fscil.yaml", ["backbone.pretrained=false"])
+    strategy = create_strategy(cfg).train()
+    frozen = [n for n, p in strategy.backbone.named_parameters() if not p.requires_grad]
+    assert frozen and all(n.startswith(("conv1.", "bn1.", "layer1.")) for n in frozen)
+    assert not strategy.backbone.layer1.training and strategy.backbone.layer2.training
+    with torch.no_grad():
+        out = strategy.projector(torch.randn(2, 512, 7, 7))
+    assert out.features.shape == (2, 1024) and out.params["B"].shape == (2, 4, 256, 49)
 
 
 def test_cifar_config_builds_its_few_shot_stream_and_model(tmp_path):
