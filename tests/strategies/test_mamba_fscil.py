@@ -256,3 +256,40 @@ def test_cifar_config_builds_its_few_shot_stream_and_model(tmp_path):
     with torch.no_grad():
         maps = strategy.feature_map(torch.randn(2, 3, 32, 32))
         assert maps.shape == (2, 640, 2, 2) and strategy.eval()(torch.randn(2, 3, 32, 32)).shape == (2, 100)
+
+
+def _ddp_loss_worker(rank, world, port, features, labels, gate, out):
+    import os
+
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        etf = EtfClassifier(16, 8, seed=0)
+        mine = slice(rank * 4, (rank + 1) * 4)
+        from cil.distributed import gather_cat
+
+        dr = dot_regression_loss(features[mine], labels[mine], etf, True, all_labels=gather_cat(labels[mine]))
+        sensitive = class_sensitive_losses(gate[mine], {}, labels[mine], 4, w_supp=1.0, w_novel=1.0, w_sep_new=0)
+        torch.save({"dr": dr, "keys": sorted(sensitive)}, f"{out}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_losses_under_two_gloo_processes_use_the_gathered_labels_and_the_minimum_presence(tmp_path):
+    import torch.multiprocessing as mp
+
+    from tests.test_heads import _free_port
+
+    g = torch.Generator().manual_seed(0)
+    features, gate = torch.randn(8, 16, generator=g), torch.randn(8, 3, 2, generator=g)
+    labels = torch.tensor([0, 0, 5, 6, 1, 1, 1, 2])  # rank 1 holds no novel sample
+    mp.spawn(_ddp_loss_worker, args=(2, _free_port(), features, labels, gate, str(tmp_path)), nprocs=2)
+    results = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    etf = EtfClassifier(16, 8, seed=0)
+    for r, result in enumerate(results):  # class counts of the whole 8-sample batch, not of the 4 local ones
+        mine = slice(r * 4, (r + 1) * 4)
+        expected = dot_regression_loss(features[mine], labels[mine], etf, True, all_labels=labels)
+        torch.testing.assert_close(result["dr"], expected)
+        assert result["keys"] == ["supp_base"]  # no novel term anywhere: rank 1's batch has no novel sample
