@@ -293,3 +293,33 @@ def test_losses_under_two_gloo_processes_use_the_gathered_labels_and_the_minimum
         expected = dot_regression_loss(features[mine], labels[mine], etf, True, all_labels=labels)
         torch.testing.assert_close(result["dr"], expected)
         assert result["keys"] == ["supp_base"]  # no novel term anywhere: rank 1's batch has no novel sample
+
+
+def test_resume_after_a_fault_gives_the_same_matrix(tmp_path):
+    import numpy as np
+
+    from cil.cli import main
+    from cil.runs import load_run
+    from cil.session import run_experiment
+    from tests.conftest import tiny_config
+    from tests.test_session import Fault
+
+    fast = [
+        "backbone.image_size=32",
+        "backbone.kwargs={channels: [16, 16, 32, 64]}",
+        "strategy.out_channels=64",
+        "strategy.d_state=8",
+        "strategy.base_epochs=2",
+        "strategy.inc_steps=[6]",
+        "trainer.deterministic=true",
+    ]
+    full = run_experiment(tiny_config("mamba_fscil", tmp_path / "a", *fast))
+    for k, (session, epoch) in enumerate([(0, 1), (2, 0)]):  # mid base session; at an incremental session's start
+        out = tmp_path / f"b{k}"
+        with pytest.raises(RuntimeError, match="injected fault"):
+            run_experiment(tiny_config("mamba_fscil", out, *fast), callbacks=[Fault(session=session, epoch=epoch)])
+        broken = next((out / "mamba_fscil-digits").iterdir())
+        assert main(["run", "--resume", str(broken)]) == 0
+        np.testing.assert_array_equal(
+            load_run(broken).accuracy_matrix.to_numpy(), load_run(full).accuracy_matrix.to_numpy()
+        )
