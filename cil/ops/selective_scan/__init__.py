@@ -23,6 +23,7 @@ tensors when that kernel is built, ``"cpu"`` for CPU tensors when that one build
 
 from __future__ import annotations
 
+import warnings
 from typing import Optional
 
 import torch
@@ -35,20 +36,19 @@ IMPLS = ("reference", "chunked", "cpu", "cuda")
 
 
 def cuda_unavailable_reason(*tensors: torch.Tensor) -> Optional[str]:
-    """Why the CUDA kernel cannot run these tensors, or None if it can."""
-    try:
-        from cil.ops.selective_scan import _cuda  # noqa: F401  (the compiled extension, when built)
-    except ImportError:
-        return (
-            "the CUDA kernel of cil.ops.selective_scan is not built in this installation "
-            "(use impl='chunked', which runs on any device)"
-        )
-    if not torch.cuda.is_available():
-        return "torch sees no CUDA device"
-    off = [t.device.type for t in tensors if t is not None and not t.is_cuda]
-    if off:
-        return f"the inputs are on {off[0]}, not on a CUDA device"
-    return None
+    """Why the CUDA kernel cannot run these tensors, or None if it can (builds it on first use)."""
+    from cil.ops.selective_scan import _cuda
+
+    return _cuda.unavailable_reason(*tensors)
+
+
+_warned: set[str] = set()
+
+
+def _fallback_warning(reason: str) -> None:
+    if reason not in _warned:  # once per reason, one line
+        _warned.add(reason)
+        warnings.warn(f"selective_scan: CUDA tensors run on the chunked PyTorch path: {reason}", stacklevel=3)
 
 
 def selective_scan(
@@ -69,7 +69,10 @@ def selective_scan(
     args = (u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
     if impl is None:
         if u.is_cuda:
-            impl = "cuda" if cuda_unavailable_reason(u, delta, A, B, C) is None else "chunked"
+            reason = cuda_unavailable_reason(u, delta, A, B, C, D, z, delta_bias)
+            impl = "cuda" if reason is None else "chunked"
+            if reason is not None:
+                _fallback_warning(reason)
         else:
             impl = "cpu" if u.device.type == "cpu" and cpu.load() is not None else "chunked"
     if impl == "reference":
