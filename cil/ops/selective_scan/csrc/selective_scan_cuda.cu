@@ -34,6 +34,18 @@ __device__ __forceinline__ float warp_sum(float v) {
   return v;
 }
 
+// Sum over the block in a fixed order (deterministic); the result is valid in thread 0. Every thread must call it.
+__device__ __forceinline__ float block_sum(float v, float* s_red, int warps) {
+  v = warp_sum(v);
+  __syncthreads();  // s_red may still be read from the previous call
+  if ((threadIdx.x & 31) == 0) s_red[threadIdx.x >> 5] = v;
+  __syncthreads();
+  float total = 0.f;
+  if (threadIdx.x == 0)
+    for (int w = 0; w < warps; ++w) total += s_red[w];
+  return total;
+}
+
 __device__ __forceinline__ float softplus(float x) { return x > 20.f ? x : log1pf(expf(x)); }
 __device__ __forceinline__ float sigmoid(float x) { return 1.f / (1.f + expf(-x)); }
 
@@ -229,23 +241,11 @@ __global__ void backward_kernel(Params p, Inputs<T> in, const float* __restrict_
       if (!p.varying_C) dC_tiles[(int64_t)row * p.dstate + n] = dCfix;
     }
     // dD and dbias of the row: each thread holds the partial of its steps; a fixed-order block reduction
-    float v = warp_sum(dD_acc);
-    __syncthreads();
-    if (lane == 0) s_red[warp] = v;
-    __syncthreads();
+    const float dD_row = block_sum(dD_acc, s_red, warps);
+    const float dbias_row = block_sum(dbias_acc, s_red, warps);
     if (n == 0) {
-      float s = 0.f;
-      for (int w = 0; w < warps; ++w) s += s_red[w];
-      dD_rows[row] = s;
-    }
-    v = warp_sum(dbias_acc);
-    __syncthreads();
-    if (lane == 0) s_red[warp] = v;
-    __syncthreads();
-    if (n == 0) {
-      float s = 0.f;
-      for (int w = 0; w < warps; ++w) s += s_red[w];
-      dbias_rows[row] = s;
+      dD_rows[row] = dD_row;
+      dbias_rows[row] = dbias_row;
     }
   }
 }
