@@ -8,17 +8,24 @@ This file holds the method's building blocks (``methods/zscl.md`` §1), each a f
 - :func:`weight_constraint` — ``Σ ‖θ - θ_start‖²``, a sum over every parameter (§1.3);
 - :class:`WeightEnsemble` — the running *uniform* mean of the weights every I iterations, started from the task-start
   weights (§1.10);
-- :func:`warmup_cosine` — the per-step learning-rate factor: linear warm-up then cosine to 0 (§1.11).
+- :func:`warmup_cosine` — the per-step learning-rate factor: linear warm-up then cosine to 0 (§1.11);
+- :func:`text_classifier` — class embeddings from a text encoder: ``n(g(tok(template(c))))``, averaged over the
+  templates and renormalised (one template in training, the data set's list at evaluation; §1.2, §2);
+- :func:`read_captions` — the reference texts: one caption per line, or the Conceptual Captions TSV (§1.5).
 """
 
 from __future__ import annotations
 
+import csv
 import math
-from typing import Iterable
+from pathlib import Path
+from typing import Callable, Iterable, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from cil.config import ConfigError
 
 
 def distillation_loss(teacher_logits: torch.Tensor, student_logits: torch.Tensor, temperature: float = 2.0):
@@ -73,4 +80,52 @@ def warmup_cosine(step: int, warmup: int, total: int) -> float:
     return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(total - warmup, 1)))
 
 
-__all__ = ["WeightEnsemble", "distillation_loss", "warmup_cosine", "weight_constraint"]
+def text_classifier(
+    encode_text: Callable[[torch.Tensor], torch.Tensor],
+    tokenize: Callable[[list[str]], torch.Tensor],
+    class_names: Sequence[str],
+    templates: Sequence[str],
+) -> torch.Tensor:
+    """(classes, d) unit rows: per class, the normalised text embeddings of every template, averaged, renormalised.
+
+    With one template this is the training classifier; with the data set's template list, the evaluation
+    ensemble. Gradients flow into ``encode_text`` (the student's text tower trains through it).
+    """
+    if not templates:
+        raise ValueError("text_classifier needs at least one template")
+    rows = []
+    for name in class_names:
+        texts = [template.format(name) for template in templates]
+        embeddings = F.normalize(encode_text(tokenize(texts)), dim=-1)
+        rows.append(F.normalize(embeddings.mean(0), dim=-1))
+    return torch.stack(rows)
+
+
+def read_captions(path: str | Path) -> list[str]:
+    """Captions from a text file (one per line) or the Conceptual Captions TSV (caption, then URL, per row).
+
+    A missing or empty file is a :class:`ConfigError` naming it: ZSCL needs reference texts.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"reference captions file '{path}' not found (strategy.reference_captions)")
+    with open(path, newline="", encoding="utf-8") as f:
+        if path.suffix.lower() in (".tsv", ".csv") or "\t" in f.readline():
+            f.seek(0)
+            captions = [row[0].strip() for row in csv.reader(f, delimiter="\t") if row and row[0].strip()]
+        else:
+            f.seek(0)
+            captions = [line.strip() for line in f if line.strip()]
+    if not captions:
+        raise ConfigError(f"reference captions file '{path}' holds no caption (strategy.reference_captions)")
+    return captions
+
+
+__all__ = [
+    "WeightEnsemble",
+    "distillation_loss",
+    "read_captions",
+    "text_classifier",
+    "warmup_cosine",
+    "weight_constraint",
+]

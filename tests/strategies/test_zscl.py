@@ -11,7 +11,14 @@ import torch
 from torch import nn
 
 from cil import metrics as M
-from strategies.zscl import WeightEnsemble, distillation_loss, warmup_cosine, weight_constraint
+from strategies.zscl import (
+    WeightEnsemble,
+    distillation_loss,
+    read_captions,
+    text_classifier,
+    warmup_cosine,
+    weight_constraint,
+)
 
 DATA = Path(__file__).resolve().parent.parent / "data" / "zscl"
 
@@ -85,3 +92,48 @@ def test_mtil_metrics_on_a_hand_matrix_and_the_official_result_matrix():
     order_one = np.delete(stored, 2, axis=1)  # results.ipynb drops the CIFAR10 column
     figures = (M.mtil_transfer(order_one), M.mtil_avg(order_one), M.mtil_last(order_one))
     assert [round(v, 2) for v in figures] == [68.14, 75.39, 83.62]  # the paper's ZSCL row, MTIL order I
+
+
+def test_text_classifier_averages_normalised_template_embeddings():
+    vocabulary = {}
+
+    def tokenize(texts):
+        return torch.tensor([vocabulary.setdefault(t, len(vocabulary)) for t in texts])
+
+    table = torch.randn(20, 8, generator=torch.Generator().manual_seed(0), requires_grad=True)
+
+    def encode_text(tokens):
+        return table[tokens] * 3.0  # not unit length: the classifier normalises
+
+    names, templates = ["cat", "dog"], ["a photo of a {}.", "a drawing of a {}."]
+    W = text_classifier(encode_text, tokenize, names, templates)
+    assert W.shape == (2, 8)
+    torch.testing.assert_close(W.norm(dim=1), torch.ones(2))
+    expected = torch.nn.functional.normalize(
+        torch.nn.functional.normalize(
+            table[[vocabulary["a photo of a cat."], vocabulary["a drawing of a cat."]]], dim=1
+        ).mean(0),
+        dim=0,
+    )
+    torch.testing.assert_close(W[0], expected)
+    W.sum().backward()
+    assert table.grad.abs().sum() > 0  # the text tower trains through the classifier
+    one = text_classifier(encode_text, tokenize, names, templates[:1])  # training: template 0 only
+    torch.testing.assert_close(one[1], torch.nn.functional.normalize(table[vocabulary["a photo of a dog."]], dim=0))
+
+
+def test_reference_captions_from_a_text_file_or_the_cc_tsv(tmp_path):
+    from cil.config import ConfigError
+
+    plain = tmp_path / "captions.txt"
+    plain.write_text("a dog on a beach\n\n  a red car  \n")
+    assert read_captions(plain) == ["a dog on a beach", "a red car"]
+    tsv = tmp_path / "Validation_GCC-1.1.0-Validation.tsv"
+    tsv.write_text("a man riding a horse\thttp://x/1.jpg\nsunset over the sea\thttp://x/2.jpg\n")
+    assert read_captions(tsv) == ["a man riding a horse", "sunset over the sea"]
+    with pytest.raises(ConfigError, match="not found"):
+        read_captions(tmp_path / "missing.txt")
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n\n")
+    with pytest.raises(ConfigError, match="holds no caption"):
+        read_captions(empty)
