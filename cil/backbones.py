@@ -1,4 +1,5 @@
-"""Backbones: any timm model as a feature extractor, with weights from timm (online) or a local file.
+"""Backbones: any timm model as a feature extractor, with weights from timm (online) or a local file;
+CLIP models from open_clip with ``open_clip:<model>`` names (:mod:`cil.clip`).
 
 ``create_backbone(name)`` returns the model with ``num_classes=0`` (pooled features, ``model.num_features`` wide);
 :func:`data_transforms` builds the matching train/eval transforms from timm's data config.
@@ -21,7 +22,11 @@ from cil.config import ConfigError
 
 
 def check_backbone_name(name: str) -> None:
-    """Unknown name → error listing the closest timm model names."""
+    """Unknown name → error listing the closest timm model names (``open_clip:`` names: open_clip's)."""
+    from cil.clip import check_clip_name, is_clip_name
+
+    if is_clip_name(name):
+        return check_clip_name(name)
     if timm.is_model(name):
         return
     names = timm.list_models()
@@ -145,5 +150,9 @@ def data_transforms(
 
 def backbone_from_config(cfg: Any) -> nn.Module:
     """``create_backbone`` with the ``backbone`` group of an experiment config."""
+    from cil.clip import create_clip, is_clip_name
+
     kwargs = dict(cfg.kwargs) if cfg.kwargs else {}
+    if is_clip_name(cfg.name):
+        return create_clip(cfg.name, pretrained=cfg.pretrained, weights=cfg.weights, **kwargs)
     return create_backbone(cfg.name, pretrained=cfg.pretrained, weights=cfg.weights, **kwargs)

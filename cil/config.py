@@ -68,6 +68,9 @@ class StreamConfig:
         help="FSCIL index lists session_1.txt ... (session_1 = base); they fix the sessions and class order, "
         "so split, class_order and shuffle_classes are not used",
     )
+    datasets: Optional[list[str]] = param(
+        None, help="the data sets of a multi-data-set stream in task order (mtil; default: MTIL order I)"
+    )
     test_size: float = param(0.2, gt=0.0, lt=1.0, help="held-out fraction (streams without a test split)")
     augment: bool = param(False, help="timm's training augmentation on train data")
     crop_pct: Optional[float] = param(

@@ -52,6 +52,19 @@ def gather_cat(tensor: torch.Tensor) -> torch.Tensor:
     return torch.cat(parts).to(tensor.device)
 
 
+def gather_cat_with_grad(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor`` of every process concatenated in rank order, differentiable (equal first-dimension sizes).
+
+    The backward sums every process's gradient into its own slice, so with DDP's gradient averaging a loss
+    computed on the gathered tensor trains as the single-process loss on the whole batch would.
+    """
+    if not is_distributed():
+        return tensor
+    from torch.distributed.nn.functional import all_gather
+
+    return torch.cat(all_gather(tensor))
+
+
 def all_reduce_min(value: int, device: torch.device | None = None) -> int:
     """The minimum of an integer over processes (itself in a single process)."""
     if not is_distributed():

@@ -28,6 +28,10 @@ from cil.config import StrategyConfig, param
 class Session:
     """What a strategy learns about a session before and after it is trained on it.
 
+    ``class_names``, ``session_classes`` and ``templates`` describe the whole stream up front (names by class id,
+    the class ids of every session, and each session's text prompts, empty when the stream has none): what a
+    zero-shot classifier such as ZSCL's needs to score classes it has not trained on.
+
     ``train_loader()`` gives this process's share of the session's training data with evaluation transforms
     and no shuffling: the input of statistics passes (prototypes, LDA, class covariances). Sums over it must be
     all-reduced (``cil.distributed.all_reduce_sum``) so the result is the same under DDP.
@@ -40,6 +44,9 @@ class Session:
     seen_train_data: list[Dataset] = field(default_factory=list)
     loader_fn: Optional[Callable[[], Iterable]] = None
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    class_names: list[str] = field(default_factory=list)
+    session_classes: list[list[int]] = field(default_factory=list)
+    templates: list[list[str]] = field(default_factory=list)
 
     @property
     def num_seen(self) -> int:
@@ -136,6 +143,10 @@ class CILModule(pl.LightningModule):
     def epochs_for(self, session: Session) -> int:
         """Epochs to train in ``session``; 0 skips ``fit`` (the hooks still run)."""
         return int(self.hparams.get("epochs", 0))
+
+    def steps_for(self, session: Session) -> Optional[int]:
+        """Optimiser steps to train in ``session`` (``Trainer(max_steps=...)``, cycling the data); None: epochs."""
+        return None
 
     def batch_size_for(self, session: Session) -> Optional[int]:
         """The training batch size of ``session``; None keeps ``stream.batch_size``."""

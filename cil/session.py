@@ -92,6 +92,21 @@ class SessionTag(Callback):
         checkpoint["cil_session"] = self.session
 
 
+class StepBudget(Callback):
+    """Stops a fit after ``steps`` optimiser steps (epochs cycle the data until then).
+
+    Used instead of ``Trainer(max_steps=...)``: Lightning resumes iteration-based fits from an end-of-epoch
+    checkpoint with a truncated epoch, so the resumed run would not replay the uninterrupted one.
+    """
+
+    def __init__(self, steps: int):
+        self.steps = steps
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
+        if trainer.global_step >= self.steps:
+            trainer.should_stop = True
+
+
 class AtomicCheckpointIO(TorchCheckpointIO):
     """Lightning's checkpoint writer, but through a temporary file and a rename."""
 
@@ -246,6 +261,9 @@ def run_experiment(cfg: DictConfig, run_dir: str | Path | None = None, callbacks
             seen_train_data=list(stream.train_data[: k + 1]),
             loader_fn=partial(stats_loader, stream.stats_data[k], cfg),
             device=device,
+            class_names=list(stream.class_names),
+            session_classes=[list(c) for c in stream.classes_per_session],
+            templates=[list(t) for t in stream.templates] if stream.templates else [],
         )
         if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()
@@ -254,7 +272,8 @@ def run_experiment(cfg: DictConfig, run_dir: str | Path | None = None, callbacks
         epochs = strategy.epochs_for(session)
         trainable = strategy.num_trainable_parameters()
         if epochs > 0:
-            _fit(strategy, session, epochs, cfg, folder, list(callbacks), resume_from=_mid_session(folder, k))
+            resume_from = _mid_session(folder, k)
+            _fit(strategy, session, epochs, cfg, folder, list(callbacks), resume_from, strategy.steps_for(session))
         strategy.end_session(session)
         wall = time.perf_counter() - began
         began = time.perf_counter()
@@ -298,18 +317,19 @@ def _mid_session(folder: RunFolder, session: int) -> Path | None:
     return path if tag == session else None
 
 
-def _fit(strategy, session, epochs, cfg, folder, callbacks, resume_from) -> None:
+def _fit(strategy, session, epochs, cfg, folder, callbacks, resume_from, steps=None) -> None:
     logs = folder.path / "logs"
     version = f"session_{session.index}" + ("-resumed" if resume_from else "")  # keep the interrupted logs
     trainer = make_trainer(
         cfg,
-        max_epochs=epochs,
+        max_epochs=epochs if steps is None else -1,  # a step budget cycles the data as often as it needs
         logger=[CSVLogger(logs, name="csv", version=version), TensorBoardLogger(logs, name="tb", version=version)],
         callbacks=[
             # one rolling "last.ckpt", rewritten at every epoch end: the mid-session resume point
             ModelCheckpoint(dirpath=folder.checkpoints, filename="last", save_top_k=1, enable_version_counter=False),
             SessionTag(session.index),
             EpochSeed(cfg.run.seed, session.index),
+            *([StepBudget(steps)] if steps is not None else []),
             *callbacks,
         ],
         plugins=[AtomicCheckpointIO()],

@@ -41,6 +41,8 @@ class Stream:
     train_data: list[Dataset]
     eval_data: list[Dataset]
     stats_data: list[Dataset]
+    templates: list[list[str]] | None = None  # text prompts per session ("a photo of a {}."), for CLIP strategies
+    task_names: list[str] | None = None  # a name per session where sessions are data sets (MTIL)
 
     @property
     def n_sessions(self) -> int:

@@ -9,6 +9,8 @@
   ``<root>/fgvc-aircraft-2013b/``.
 - ``stanford_cars``: the Stanford Cars layout torchvision reads (196 classes, train/test), under
   ``<root>/stanford_cars/``.
+- ``tinyimagenet``: Tiny ImageNet 200 as distributed, ``<root>/tiny-imagenet-200/`` (``wnids.txt``, ``train/``,
+  ``val/images`` with ``val/val_annotations.txt`` as the test set).
 - ``miniimagenet``: the FSCIL layout (CEC, xyutao/fscil), ``<root>/images/*.jpg`` with
   ``<root>/split/train.csv`` and ``<root>/split/test.csv`` (``filename,label`` rows, label = WordNet id);
   ``<root>/miniimagenet/`` is accepted as well.
@@ -40,6 +42,9 @@ AIRCRAFT_LAYOUT = (
 CARS_LAYOUT = (
     "<root>/stanford_cars/{devkit/cars_meta.mat, devkit/cars_train_annos.mat, cars_train/, "
     "cars_test_annos_withlabels.mat, cars_test/}"
+)
+TINY_LAYOUT = (
+    "<root>/tiny-imagenet-200/{wnids.txt, train/<wnid>/images/*.JPEG, val/images/*.JPEG, val/val_annotations.txt}"
 )
 MINI_LAYOUT = "<root>/images/<file>.jpg, <root>/split/train.csv and <root>/split/test.csv (filename,label rows)"
 
@@ -196,6 +201,41 @@ class ImageList(Dataset):
         return default_loader(str(self.files[i])), self.targets[i]
 
 
+class LabeledFiles(Dataset):
+    """Image files with their labels."""
+
+    def __init__(self, files: list[Path], targets: list[int]):
+        self.files, self.targets = files, targets
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, i: int):
+        return default_loader(str(self.files[i])), self.targets[i]
+
+
+def build_tinyimagenet(cfg: Any, make_transforms: Callable[..., Transforms]) -> Stream:
+    """Tiny ImageNet (200 classes, 64x64): class ids in ``wnids.txt`` order (as continuum's reader, which the ZSCL
+    CIL code uses, so its class orders apply), the validation split as test set, names from ZSCL's class list."""
+    base = _root(cfg, "tinyimagenet", TINY_LAYOUT) / "tiny-imagenet-200"
+    annotations = base / "val" / "val_annotations.txt"
+    if not (base / "wnids.txt").is_file() or not annotations.is_file():
+        raise ConfigError(f"stream.data_root='{base.parent}' lacks wnids.txt or val_annotations.txt; {TINY_LAYOUT}")
+    wnids = (base / "wnids.txt").read_text().split()
+    index = {w: i for i, w in enumerate(wnids)}
+    train_files = [(f, index[w]) for w in wnids for f in sorted((base / "train" / w / "images").glob("*.JPEG"))]
+    rows = [line.split("\t") for line in annotations.read_text().splitlines() if line.strip()]
+    unknown = sorted({r[1] for r in rows} - set(index))
+    if unknown:
+        raise ConfigError(f"{annotations} names classes absent from wnids.txt: {unknown[:5]}")
+    train = LabeledFiles([f for f, _ in train_files], [t for _, t in train_files])
+    test = LabeledFiles([base / "val" / "images" / r[0] for r in rows], [index[r[1]] for r in rows])
+    table = Path(__file__).resolve().parent / "tinyimagenet_classes.tsv"
+    known = dict(line.split("\t") for line in table.read_text(encoding="utf-8").splitlines() if line.strip())
+    names = {i: known.get(w, w) for i, w in enumerate(wnids)}
+    return build_stream("tinyimagenet", cfg, train, test, names, make_transforms())
+
+
 def build_miniimagenet(cfg: Any, make_transforms: Callable[..., Transforms]) -> Stream:
     root = _root(cfg, "miniimagenet", MINI_LAYOUT)
     if not (root / "split").is_dir() and (root / "miniimagenet").is_dir():
@@ -221,6 +261,7 @@ register_stream("cub200", _folder_stream("cub200"))
 for _name in ("imagenet_a", "objectnet", "omnibenchmark", "vtab"):
     register_stream(_name, _folder_stream(_name))
 register_stream("miniimagenet", build_miniimagenet)
+register_stream("tinyimagenet", build_tinyimagenet)
 register_stream("svhn", build_svhn)
 register_stream("fgvc_aircraft", build_fgvc_aircraft)
 register_stream("stanford_cars", build_stanford_cars)

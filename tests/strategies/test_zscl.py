@@ -2,23 +2,38 @@
 
 from __future__ import annotations
 
+import copy
 import math
 from pathlib import Path
 
 import numpy as np
 import pytest
+import pytorch_lightning as pl
 import torch
+import torch.nn.functional as F
 from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
 
 from cil import metrics as M
+from cil.cli import main
+from cil.clip import create_clip
+from cil.config import ConfigError
+from cil.module import Session
+from cil.runs import load_run
+from cil.session import run_experiment
 from strategies.zscl import (
+    ZSCL,
+    ReferenceBatches,
     WeightEnsemble,
     distillation_loss,
     read_captions,
+    reference_image_set,
     text_classifier,
     warmup_cosine,
     weight_constraint,
 )
+from tests.conftest import CONFIGS, tiny_config
+from tests.test_session import Fault
 
 DATA = Path(__file__).resolve().parent.parent / "data" / "zscl"
 
@@ -137,3 +152,340 @@ def test_reference_captions_from_a_text_file_or_the_cc_tsv(tmp_path):
     empty.write_text("\n\n")
     with pytest.raises(ConfigError, match="holds no caption"):
         read_captions(empty)
+
+
+# ---- the strategy on a tiny open_clip CLIP (methods/zscl.md §5) --------------------------------------------------
+
+
+NAMES = ["cat", "dog", "car", "tree", "boat", "house"]
+TEXT_TOWER = ("token_embedding", "positional_embedding", "transformer.", "ln_final", "text_projection")
+
+
+@pytest.fixture(scope="module")
+def captions_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("captions") / "captions.txt"
+    words = ["a", "photo", "of", "dog", "cat", "on", "the", "grass", "red", "car", "tree", "sky", "boat", "sea"]
+    g = np.random.default_rng(0)
+    path.write_text("\n".join(" ".join(g.choice(words, size=5)) for _ in range(7)) + "\n")
+    return path
+
+
+def reference_set(n: int = 24) -> TensorDataset:
+    return TensorDataset(torch.randn(n, 3, 32, 32, generator=torch.Generator().manual_seed(7)))
+
+
+def make_zscl(captions_file, **kwargs) -> ZSCL:
+    torch.manual_seed(0)
+    settings = dict(
+        iterations=3,
+        lr=1e-3,
+        warmup=1,
+        we_interval=2,
+        reference_images=reference_set(),
+        reference_captions=str(captions_file),
+        reference_batch_size=4,
+    )
+    return ZSCL(create_clip("open_clip:cil-tiny-clip"), **{**settings, **kwargs})
+
+
+def session(k: int, per_class: int = 8) -> Session:
+    g = torch.Generator().manual_seed(100 + k)
+    classes = [2 * k, 2 * k + 1]
+    y = torch.tensor(classes).repeat_interleave(per_class)
+    x = torch.randn(len(y), 3, 32, 32, generator=g) * 0.5 + (y.float() / 3).view(-1, 1, 1, 1)
+    data = TensorDataset(x, y)
+    return Session(
+        index=k,
+        new_classes=classes,
+        seen_classes=list(range(2 * k + 2)),
+        train_data=data,
+        loader_fn=lambda: DataLoader(data, batch_size=8),
+        class_names=NAMES,
+        session_classes=[[0, 1], [2, 3], [4, 5]],
+        templates=[["a photo of a {}.", "a picture of the {}."]] * 3,
+    )
+
+
+def fit(strategy: ZSCL, k: int) -> None:
+    """The three lines of the strategy contract, with the step budget the strategy asks for."""
+    s = session(k)
+    strategy.begin_session(s)
+    trainer = pl.Trainer(
+        max_epochs=-1,
+        max_steps=strategy.steps_for(s),
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    trainer.fit(strategy, DataLoader(s.train_data, batch_size=4, shuffle=True))
+    strategy.end_session(s)
+
+
+def perturb(module: nn.Module, std: float = 0.05) -> None:
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for p in module.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn(p.shape, generator=g) * std)
+
+
+def reference_images_batch(n: int = 4) -> torch.Tensor:
+    return torch.randn(n, 3, 32, 32, generator=torch.Generator().manual_seed(11))
+
+
+def test_2_at_init_distillation_has_zero_gradient_and_the_teacher_entropy(captions_file):
+    strategy = make_zscl(captions_file)
+    strategy.begin_session(session(0))
+    image_side, text_side = strategy.distillation(reference_images_batch())
+    (image_side + text_side).backward()
+    grads = [p.grad.abs().max().item() for p in strategy.backbone.parameters() if p.grad is not None]
+    assert grads and max(grads) < 1e-6
+    # L_img is T² times the mean entropy of the teacher's distribution over the captions
+    with torch.no_grad():
+        u = F.normalize(strategy.teacher(reference_images_batch()), dim=-1)
+        p = F.softmax(strategy.backbone.logit_scale.exp() * u @ strategy.caption_embeddings().T / 2.0, dim=1)
+        entropy = -(p * p.log()).sum(1).mean()
+    assert image_side.item() == pytest.approx(4 * entropy.item(), rel=1e-5)
+    assert weight_constraint(strategy.trainable(), strategy.anchors).item() == 0.0
+
+
+def test_3_directions_shapes_and_invariance_to_the_order_of_the_reference_batch(captions_file, monkeypatch):
+    strategy = make_zscl(captions_file)
+    strategy.begin_session(session(0))
+    perturb(strategy.backbone)
+    seen = []
+
+    def spy(t, z, T=2.0):
+        seen.append(tuple(z.shape))
+        return distillation_loss(t, z, T)
+
+    monkeypatch.setattr("strategies.zscl.distillation_loss", spy)
+    images = reference_images_batch(4)
+    image_side, text_side = strategy.distillation(images)
+    assert seen == [(4, 7), (7, 4)]  # image side: rows over the 7 captions; text side: rows over the 4 images
+    permuted = strategy.distillation(images[torch.tensor([2, 0, 3, 1])])
+    assert permuted[0].item() == pytest.approx(image_side.item(), rel=1e-6)
+    assert permuted[1].item() == pytest.approx(text_side.item(), rel=1e-6)
+
+
+def test_4_distillation_gradients_reach_only_the_image_tower(captions_file):
+    strategy = make_zscl(captions_file)
+    strategy.begin_session(session(0))
+    perturb(strategy.backbone)
+    sum(strategy.distillation(reference_images_batch())).backward()
+    for name, p in strategy.backbone.model.named_parameters():
+        if name.startswith(TEXT_TOWER):
+            assert p.grad is None or not p.grad.any(), name
+    visual = [p.grad for n, p in strategy.backbone.model.named_parameters() if n.startswith("visual.")]
+    assert all(g is not None and g.abs().sum() > 0 for g in visual)
+    # logit_scale is frozen and outside the optimiser; every other parameter of both towers trains
+    trainable = {id(p) for p in strategy.trainable()}
+    assert id(strategy.backbone.logit_scale) not in trainable
+    assert len(trainable) == sum(1 for _ in strategy.backbone.parameters()) - 1
+    # the paper's variant (student caption embeddings) does send gradient into the text tower
+    paper = make_zscl(captions_file, distill_text_features="student")
+    paper.begin_session(session(0))
+    perturb(paper.backbone)
+    sum(paper.distillation(reference_images_batch())).backward()
+    assert paper.backbone.model.token_embedding.weight.grad.abs().sum() > 0
+
+
+def test_5_the_teacher_is_the_initial_model_for_every_task(captions_file):
+    strategy = make_zscl(captions_file)
+    initial = {k: v.clone() for k, v in strategy.teacher.state_dict().items()}
+    assert all(torch.equal(v, strategy.backbone.state_dict()[k]) for k, v in initial.items())
+    fit(strategy, 0)
+    after_task_1 = {k: v.clone() for k, v in strategy.backbone.state_dict().items()}
+    fit(strategy, 1)
+    assert all(torch.equal(v, strategy.teacher.state_dict()[k]) for k, v in initial.items())
+    assert not all(torch.equal(v, strategy.teacher.state_dict()[k]) for k, v in after_task_1.items())
+    assert not strategy.teacher.training and not any(p.requires_grad for p in strategy.teacher.parameters())
+
+
+def kl_to_teacher(strategy: ZSCL, images: torch.Tensor) -> float:
+    with torch.no_grad():
+        captions = strategy.caption_embeddings()
+        s = strategy.backbone.logit_scale.exp()
+        t = s * F.normalize(strategy.teacher(images), dim=-1) @ captions.T
+        z = s * F.normalize(strategy.backbone(images), dim=-1) @ captions.T
+        return F.kl_div(F.log_softmax(z, 1), F.log_softmax(t, 1), log_target=True, reduction="batchmean").item()
+
+
+def visual_distance(strategy: ZSCL) -> float:
+    pairs = zip(strategy.backbone.model.visual.parameters(), strategy.teacher.model.visual.parameters())
+    return sum((a - b).pow(2).sum().item() for a, b in pairs) ** 0.5
+
+
+def test_6_stronger_distillation_keeps_the_student_nearer_the_teacher(captions_file):
+    held_out = torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(99))
+    results = {}
+    for weight in (0.0, 1e3):
+        strategy = make_zscl(
+            captions_file, iterations=19, we_interval=0, wc_weight=0, image_loss_weight=weight, text_loss_weight=weight
+        )
+        strategy.image_loss_weight = weight
+        fit(strategy, 0)
+        results[weight] = (kl_to_teacher(strategy, held_out), visual_distance(strategy))
+    assert results[1e3][0] < results[0.0][0] and results[1e3][1] < results[0.0][1], results
+    # with lr = 0 nothing moves: bit-identical raw weights; the ensemble of identical weights up to its rounding
+    frozen = make_zscl(captions_file, lr=0.0, we_interval=0)
+    before = copy.deepcopy(frozen.backbone.state_dict())
+    fit(frozen, 0)
+    assert all(torch.equal(v, frozen.backbone.state_dict()[k]) for k, v in before.items())
+    averaged = make_zscl(captions_file, lr=0.0)
+    fit(averaged, 0)
+    for k, v in before.items():
+        torch.testing.assert_close(averaged.backbone.state_dict()[k], v, rtol=1e-6, atol=1e-7)
+
+
+class FillStep(ZSCL):
+    """The optimiser step of iteration k sets every trainable weight to k + 1 (methods/zscl.md §5.7)."""
+
+    def optimizer_step(self, epoch, batch_idx, optimizer, optimizer_closure=None):
+        optimizer.step(closure=optimizer_closure)  # lr 0: counts the step, moves nothing
+        with torch.no_grad():
+            for p in self.trainable():
+                p.fill_(self.trainer.global_step + 1)  # inside the hook global_step is still k
+
+
+def test_7_weight_ensemble_bookkeeping_in_the_training_loop(captions_file):
+    torch.manual_seed(0)
+    strategy = FillStep(
+        create_clip("open_clip:cil-tiny-clip"), iterations=5, we_interval=2, lr=0.0, warmup=1, wc_weight=1.0,
+        image_loss_weight=0, text_loss_weight=0,
+    )  # fmt: skip
+    with torch.no_grad():
+        for p in strategy.trainable():
+            p.zero_()  # θ_start = 0
+    fit(strategy, 0)
+    # K = 5 runs k = 0..5; the mean takes k = 0, 2, 4 (weights 1, 3, 5) with θ_start: (0 + 1 + 3 + 5) / 4
+    assert strategy.ensemble.count == 5 // 2 + 1
+    assert all(torch.allclose(p, torch.full_like(p, 2.25)) for p in strategy.trainable())
+    # the next task starts from the ensemble, which is also its L_wc anchor and its ensemble's first term
+    strategy.begin_session(session(1))
+    assert all(torch.allclose(a, torch.full_like(a, 2.25)) for a in strategy.anchors)
+    assert strategy.ensemble.count == 0
+    assert all(torch.allclose(m, p) for m, p in zip(strategy.ensemble.mean, strategy.backbone.parameters()))
+
+
+def test_10_training_and_evaluation_classifiers_from_the_text_tower(captions_file):
+    strategy = make_zscl(captions_file, templates=["a photo of a {}."])
+    strategy.begin_session(session(1))
+    x = torch.randn(5, 3, 32, 32)
+    clip = strategy.backbone.model
+    logits = strategy.train_logits(x)
+    with torch.no_grad():
+        text = F.normalize(
+            clip.encode_text(strategy.backbone.tokenize(["a photo of a car.", "a photo of a tree."])), dim=-1
+        )
+        expected = clip.logit_scale.exp() * F.normalize(clip.encode_image(x), dim=-1) @ text.T
+    torch.testing.assert_close(logits, expected)
+    logits.sum().backward()
+    assert clip.token_embedding.weight.grad.abs().sum() > 0  # built from the current weights, with gradients
+    strategy.end_session(session(1))
+    with torch.no_grad():  # a single template: evaluation = 100 · cos against the same text embeddings
+        torch.testing.assert_close(strategy(x)[:, 2:4], 100 * expected / clip.logit_scale.exp())
+    # several templates: the mean of the normalised per-template embeddings, renormalised
+    ensemble = make_zscl(captions_file)
+    ensemble.begin_session(session(0))
+    ensemble.end_session(session(0))
+    with torch.no_grad():
+        tok = ensemble.backbone.tokenize(["a photo of a cat.", "a picture of the cat."])
+        per_template = F.normalize(ensemble.backbone.encode_text(tok), dim=-1)
+    torch.testing.assert_close(ensemble.classifier.weight[0], F.normalize(per_template.mean(0), dim=-1))
+
+
+def test_12_cil_ce_covers_the_current_task_and_evaluation_all_seen_classes(captions_file):
+    strategy = make_zscl(captions_file)
+    s = session(1)
+    strategy.begin_session(s)
+    x, y = s.train_data.tensors
+    assert strategy.train_logits(x).shape == (len(x), 2)  # the current task's 2 classes only
+    assert strategy._local[y].tolist() == (y - 2).tolist()  # targets shifted by the 2 classes of task 0
+    strategy.end_session(s)
+    with torch.no_grad():
+        logits = strategy(x)
+    assert logits.shape == (len(x), 6)
+    assert torch.isfinite(logits[:, :4]).all() and torch.isinf(logits[:, 4:]).all()  # seen classes only
+    # task-incremental (MTIL): every class scores (zero-shot on later tasks), each sample among its task's classes
+    til = make_zscl(captions_file, task_incremental=True)
+    til.begin_session(s)
+    til.end_session(s)
+    with torch.no_grad():
+        predicted, _ = til.predict_step((x, y), 0)
+    assert torch.isfinite(til(x)).all()
+    assert set(predicted.tolist()) <= {2, 3}
+
+
+def test_reference_batches_are_a_function_of_the_step_and_split_across_processes():
+    single = ReferenceBatches(10, 4, seed=5)
+    steps = [single.batch(k) for k in range(6)]
+    flat = [i for b in steps for i in b]
+    assert sorted(flat[:10]) == list(range(10)) and sorted(flat[10:20]) == list(range(10))  # passes = permutations
+    assert [next(iter(ReferenceBatches(10, 4, seed=5, start=k))) for k in range(6)] == steps  # resumable
+    ranks = [ReferenceBatches(10, 2, seed=5, rank=r, world=2) for r in range(2)]
+    assert [ranks[0].batch(k) + ranks[1].batch(k) for k in range(6)] == steps  # gathered = single process
+
+
+# ---- end to end ---------------------------------------------------------------------------------------------------
+
+FAST = ["backbone.image_size=32", "strategy.iterations=12", "strategy.warmup=2", "strategy.we_interval=4"]
+
+
+def test_digits_run_reports_the_mtil_metrics_and_task_incremental_zero_shot(tmp_path):
+    run = load_run(run_experiment(tiny_config("zscl", tmp_path, *FAST, "strategy.task_incremental=true")))
+    assert run.summary["complete"]
+    R = run.accuracy_matrix.to_numpy()
+    assert R.shape == (5, 5) and not np.isnan(R).any()  # zero-shot cells above the diagonal are scored too
+    assert run.metric("mtil_transfer") == pytest.approx(M.mtil_transfer(R))
+    assert run.metric("mtil_last") == pytest.approx(M.mtil_last(R))
+    assert run.metric("mtil_avg") == pytest.approx(M.mtil_avg(R))
+
+
+def test_resume_mid_session_gives_the_same_matrix(tmp_path):
+    # 3 epochs per task; the fault stops task 2 after its first epoch (weight ensemble and reference batches mid-way)
+    overrides = [*FAST, "stream.split=B4-Inc3", "stream.batch_size=64", "run.keep_session_checkpoints=true"]
+    full = run_experiment(tiny_config("zscl", tmp_path / "a", *overrides))
+    with pytest.raises(RuntimeError, match="injected fault"):
+        run_experiment(tiny_config("zscl", tmp_path / "b", *overrides), callbacks=[Fault(session=1, epoch=1)])
+    broken = next((tmp_path / "b" / "zscl-digits").iterdir())
+    assert main(["run", "--resume", str(broken)]) == 0
+    np.testing.assert_array_equal(
+        load_run(broken).accuracy_matrix.to_numpy(), load_run(full).accuracy_matrix.to_numpy()
+    )
+    for k in (1, 2):  # the weights themselves, bit for bit (an accuracy matrix can hide small differences)
+        resumed = torch.load(broken / "checkpoints" / f"session_{k}.ckpt", weights_only=False)["state_dict"]
+        uninterrupted = torch.load(full / "checkpoints" / f"session_{k}.ckpt", weights_only=False)["state_dict"]
+        assert all(torch.equal(v, uninterrupted[name]) for name, v in resumed.items())
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        (
+            "strategy.reference_captions=/nonexistent/captions.txt",
+            "reference captions file '/nonexistent/captions.txt'",
+        ),
+        ("strategy.reference_images=/nonexistent/images", "reference image folder '/nonexistent/images' not found"),
+        ("strategy.reference_images=null", "strategy.reference_images is required"),
+        ("backbone.name=resnet10t", "zscl needs a CLIP backbone"),
+        ("backbone.name=open_clip:ViT-B-99", "no open_clip model 'ViT-B-99'"),
+        ("backbone.name=open_clip:ViT-B-16.nonsense", "no pretrained tag 'nonsense'"),
+        ("strategy.lr_per_session=[0.1,0.2]", "strategy.lr_per_session has 2 values for a stream of 5 sessions"),
+        ("strategy.distill_text_features=both", "strategy.distill_text_features='both' is not valid"),
+    ],
+)
+def test_bad_settings_are_config_errors_before_training(tmp_path, capsys, override, message):
+    config = CONFIGS / "zscl" / "digits.yaml"
+    assert main(["run", str(config), f"run.output_dir={tmp_path}", *FAST, override]) == 2
+    assert message in capsys.readouterr().err
+    assert not list(tmp_path.glob("*/*/checkpoints/session_*.ckpt"))
+
+
+def test_an_empty_reference_folder_is_a_config_error(tmp_path):
+    (tmp_path / "empty" / "sub").mkdir(parents=True)
+    (tmp_path / "empty" / "sub" / "notes.txt").write_text("no images here")
+    with pytest.raises(ConfigError, match="holds no image"):
+        reference_image_set(tmp_path / "empty")

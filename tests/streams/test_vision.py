@@ -220,3 +220,26 @@ def test_stanford_cars_real_format(tmp_path):
 def test_torchvision_streams_show_the_layout_when_files_are_missing(tmp_path, name):
     with pytest.raises(ConfigError, match="expected layout"):
         stream_of(name, tmp_path)
+
+
+def write_tinyimagenet(root: Path, wnids: list[str], train: int = 3, test: int = 2) -> None:
+    base = root / "tiny-imagenet-200"
+    (base / "val" / "images").mkdir(parents=True)
+    (base / "wnids.txt").write_text("\n".join(wnids) + "\n")
+    rows = []
+    for k, w in enumerate(wnids):
+        for i in range(train):
+            _image(base / "train" / w / "images" / f"{w}_{i}.JPEG", 10 * k)
+        for i in range(test):
+            name = f"val_{k * test + i}.JPEG"
+            _image(base / "val" / "images" / name, 10 * k)
+            rows.append(f"{name}\t{w}\t0\t0\t63\t63")
+    (base / "val" / "val_annotations.txt").write_text("\n".join(rows) + "\n")
+
+
+def test_tinyimagenet_real_layout_with_wnids_order_and_names(tmp_path):
+    write_tinyimagenet(tmp_path, ["n02124075", "n04067472", "n09999999"])  # the last has no name in the table
+    stream = stream_of("tinyimagenet", tmp_path, "stream.split=B1-Inc1", "stream.shuffle_classes=false")
+    assert stream.class_names == ["Egyptian Mau", "fishing casting reel", "n09999999"]
+    assert [len(d) for d in stream.train_data] == [3, 3, 3] and [len(d) for d in stream.eval_data] == [2, 2, 2]
+    assert tuple(stream.train_data[0][0][0].shape) == (3, 16, 16)
