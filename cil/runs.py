@@ -331,10 +331,18 @@ def load_run(path: str | Path) -> Run:
 
 
 REPORT_COLUMNS = ["avg_incremental_acc", "last_acc", "forgetting", "bwt"]
+MTIL_COLUMNS = ["mtil_transfer", "mtil_avg", "mtil_last"]
 
 
-def compare(runs: Sequence[Run], columns: Sequence[str] = REPORT_COLUMNS) -> pd.DataFrame:
-    """One row per run: strategy, stream, sessions and the chosen final metrics (in %)."""
+def compare(runs: Sequence[Run], columns: Sequence[str] | None = None) -> pd.DataFrame:
+    """One row per run: strategy, stream, sessions and the chosen final metrics (in %).
+
+    The default columns are :data:`REPORT_COLUMNS`, plus MTIL's Transfer / Avg / Last when a run's sessions are
+    data sets (``task_names`` in its summary: the ``mtil`` stream).
+    """
+    if columns is None:
+        mtil = any(run.summary.get("task_names") for run in runs)
+        columns = REPORT_COLUMNS + (MTIL_COLUMNS if mtil else [])
     rows = []
     for run in runs:
         row = {"run": str(run.path), "strategy": run.config.strategy.name, "stream": run.config.stream.name}

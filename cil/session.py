@@ -250,6 +250,8 @@ def run_experiment(cfg: DictConfig, run_dir: str | Path | None = None, callbacks
         if distributed.is_rank_zero():
             folder.note_resume(cfg)
     info = {"strategy": cfg.strategy.name, "stream": cfg.stream.name, "run_dir": str(folder.path)}
+    if stream.task_names:
+        info["task_names"] = list(stream.task_names)
 
     for k in range(start, stream.n_sessions):
         seed_all(derived_seed(cfg.run.seed, k))

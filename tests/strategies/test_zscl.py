@@ -17,9 +17,9 @@ from torch.utils.data import DataLoader, TensorDataset
 from cil import metrics as M
 from cil.cli import main
 from cil.clip import create_clip
-from cil.config import ConfigError
+from cil.config import ConfigError, load_config
 from cil.module import Session
-from cil.runs import load_run
+from cil.runs import compare, load_run
 from cil.session import run_experiment
 from strategies.zscl import (
     ZSCL,
@@ -489,3 +489,129 @@ def test_an_empty_reference_folder_is_a_config_error(tmp_path):
     (tmp_path / "empty" / "sub" / "notes.txt").write_text("no images here")
     with pytest.raises(ConfigError, match="holds no image"):
         reference_image_set(tmp_path / "empty")
+
+
+# ---- the paper's configs ------------------------------------------------------------------------------------------
+def test_mtil_config_runs_on_real_format_files_and_reports_transfer_avg_last(tmp_path):
+    from tests.streams.test_mtil import write_dtd, write_eurosat, write_mnist
+    from tests.streams.test_vision import _image
+
+    write_mnist(tmp_path / "data")
+    write_dtd(tmp_path / "data")
+    write_eurosat(tmp_path / "data")
+    for i in range(6):  # any image folder, searched recursively (ImageNet's train set in the paper)
+        _image(tmp_path / "reference" / f"n0{i % 2}" / f"image_{i}.JPEG", 40 * i)
+    captions = tmp_path / "captions.tsv"  # the Conceptual Captions TSV: caption, then URL
+    captions.write_text("a dog on a beach\thttp://x/1.jpg\na red car\thttp://x/2.jpg\na tree in a field\thttp://x/3\n")
+    overrides = [
+        f"run.output_dir={tmp_path / 'runs'}",
+        f"stream.data_root={tmp_path / 'data'}",
+        "stream.datasets=[mnist,dtd,eurosat]",
+        "stream.verify_checksums=false",
+        "stream.num_workers=0",
+        "stream.batch_size=8",
+        "backbone.name=open_clip:cil-tiny-clip",
+        "backbone.pretrained=false",
+        "trainer.accelerator=cpu",
+        "trainer.enable_progress_bar=false",
+        "strategy.iterations=4",
+        "strategy.warmup=1",
+        "strategy.we_interval=2",
+        "strategy.lr_per_session=null",
+        "strategy.reference_num_workers=0",
+        f"strategy.reference_images={tmp_path / 'reference'}",
+        f"strategy.reference_captions={captions}",
+    ]
+    cfg = load_config(CONFIGS / "zscl" / "mtil_order1.yaml", overrides)
+    run = load_run(run_experiment(cfg))
+    assert run.summary["complete"] and run.summary["task_names"] == ["mnist", "dtd", "eurosat"]
+    R = run.accuracy_matrix.to_numpy()
+    assert R.shape == (3, 3) and not np.isnan(R).any()
+    for name, fn in (("mtil_transfer", M.mtil_transfer), ("mtil_avg", M.mtil_avg), ("mtil_last", M.mtil_last)):
+        assert run.metric(name) == pytest.approx(fn(R))
+        assert compare([run])[name].item() == pytest.approx(100 * fn(R))  # `cil report` shows them for MTIL runs
+
+
+PAPER = {  # methods/zscl.md §3
+    "mtil": dict(iterations=1000, lr=1e-5, warmup=100, we_interval=100, wc_weight=1.0, image_loss_weight=1.0),
+    "cil": dict(iterations=None, epochs=1, lr=7.1e-6, warmup=30, we_interval=10, wc_weight=0.0, image_loss_weight=5.0),
+}
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["mtil_order1", "mtil_order2", "cifar100_10steps", "cifar100_20steps", "cifar100_50steps"]
+    + ["tinyimagenet_100-5", "tinyimagenet_100-10", "tinyimagenet_100-20"],
+)
+def test_paper_configs_carry_the_official_settings(name):
+    cfg = load_config(CONFIGS / "zscl" / f"{name}.yaml")
+    s = cfg.strategy
+    setting = "mtil" if name.startswith("mtil") else "cil"
+    for key, value in PAPER[setting].items():
+        assert s[key] == value, (key, s[key])
+    assert s.text_loss_weight == s.image_loss_weight and s.label_smoothing == 0.2 and s.temperature == 2.0
+    assert s.weight_decay == 0.0 and s.distill_text_features == "teacher"
+    assert cfg.backbone.name == "open_clip:ViT-B-16.openai" and cfg.stream.batch_size == 64
+    assert cfg.stream.augment_kwargs.scale == [0.9, 1.0]
+    if setting == "mtil":
+        assert s.task_incremental and len(s.lr_per_session) == 11
+        rates = dict(zip(cfg.stream.datasets, s.lr_per_session))
+        assert rates == {d: 5e-5 if d in ("aircraft", "mnist") else 1e-5 for d in cfg.stream.datasets}
+    else:
+        assert not s.task_incremental and list(s.templates) == ["a bad photo of a {}."]
+        assert sorted(cfg.stream.class_order) == list(range(100 if "cifar" in name else 200))
+    steps = {"cifar100_10steps": "B10-Inc10", "cifar100_20steps": "B5-Inc5", "cifar100_50steps": "B2-Inc2"}
+    steps.update({"tinyimagenet_100-5": "B100-Inc5", "tinyimagenet_100-10": "B100-Inc10"})
+    steps["tinyimagenet_100-20"] = "B100-Inc20"
+    if name in steps:
+        assert cfg.stream.split == steps[name]
+
+
+# ---- DDP: the text-side softmax covers the whole gathered reference batch ----------------------------------------
+def _distillation_gradients(strategy: ZSCL, rank: int, world: int, per_process: int):
+    """The distillation loss on this process's share of step 0's reference batch, and gradients averaged as DDP."""
+    import torch.distributed as dist
+
+    sampler = ReferenceBatches(len(strategy.reference), per_process, seed=3, rank=rank, world=world)
+    images = torch.stack([strategy.reference[i] for i in sampler.batch(0)])
+    image_side, text_side = strategy.distillation(images)
+    (image_side + text_side).backward()
+    grads = [p.grad.clone() for p in strategy.backbone.model.visual.parameters()]
+    if world > 1:
+        for g in grads:
+            dist.all_reduce(g)
+            g /= world
+    return image_side.item(), text_side.item(), grads
+
+
+def _ddp_worker(rank: int, world: int, port: int, captions: str, out: str) -> None:
+    import os
+
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        strategy = make_zscl(Path(captions))
+        strategy.begin_session(session(0))
+        perturb(strategy.backbone)
+        torch.save(_distillation_gradients(strategy, rank, world, per_process=2), Path(out) / f"rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_distillation_under_ddp_equals_one_process_on_the_global_batch(captions_file, tmp_path):
+    import torch.multiprocessing as mp
+
+    from tests.test_heads import _free_port
+
+    mp.spawn(_ddp_worker, args=(2, _free_port(), str(captions_file), str(tmp_path)), nprocs=2)
+    strategy = make_zscl(captions_file)
+    strategy.begin_session(session(0))
+    perturb(strategy.backbone)
+    single = _distillation_gradients(strategy, 0, 1, per_process=4)
+    for r in range(2):
+        image_side, text_side, grads = torch.load(tmp_path / f"rank{r}.pt")
+        assert image_side == pytest.approx(single[0], rel=1e-5) and text_side == pytest.approx(single[1], rel=1e-5)
+        for g, expected in zip(grads, single[2]):
+            torch.testing.assert_close(g, expected, rtol=1e-4, atol=1e-6)
