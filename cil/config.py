@@ -84,6 +84,15 @@ class StreamConfig:
     normalize: bool = param(
         True, help="normalise with the backbone's mean/std; false feeds [0, 1] pixels (LAMDA-PILOT's convention)"
     )
+    unlabelled: Optional[str] = param(
+        None,
+        help="a registered stream whose training images are offered to strategies without their labels (DKVB's key "
+        "initialisation), or 'self' for this stream's own; null: none",
+    )
+    unlabelled_root: Optional[str] = param(None, help="data_root of stream.unlabelled (default: stream.data_root)")
+    online: bool = param(
+        False, help="present the whole stream as one sequence of mini-batches: one session, no boundaries"
+    )
     verify_checksums: bool = param(True, help="check the md5 of data files where the format defines one")
     batch_size: int = param(32, ge=1)
     eval_batch_size: int = param(256, ge=1)
@@ -202,6 +211,8 @@ def validate(user: DictConfig | dict) -> DictConfig:
     _check_values(cfg, ExperimentConfig(strategy=strategy_cls()), prefix="")
     _check_devices(cfg.trainer.devices)
     registry.check_stream(cfg.stream.name)
+    if cfg.stream.unlabelled not in (None, "self"):
+        registry.check_stream(cfg.stream.unlabelled)
     from cil.backbones import check_backbone_name
 
     check_backbone_name(cfg.backbone.name)

@@ -1,5 +1,5 @@
-"""``make demo``: finetune (lower bound), joint (upper bound), SimpleCIL, FSA, MOS, Mamba-FSCIL and ZSCL (a
-tiny random CLIP) on the embedded digits stream (Mamba-FSCIL on its few-shot variant).
+"""``make demo``: finetune (lower bound), joint (upper bound), SimpleCIL, FSA, MOS, Mamba-FSCIL, ZSCL (a
+tiny random CLIP) and DKVB on the embedded digits stream (Mamba-FSCIL on its few-shot variant).
 
 Prints one row per strategy (average incremental accuracy, last accuracy, forgetting) and the run folders.
 Extra ``key=value`` arguments apply to every run (e.g. ``python -m cil.demo run.seed=1``).
@@ -15,7 +15,7 @@ from cil.cli import quiet_lightning
 from cil.config import ConfigError, load_config
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
-STRATEGIES = ["finetune", "joint", "simplecil", "fsa", "mos", "mamba_fscil", "zscl"]
+STRATEGIES = ["finetune", "joint", "simplecil", "fsa", "mos", "mamba_fscil", "zscl", "dkvb"]
 
 
 def main(overrides: list[str]) -> int:

@@ -30,7 +30,8 @@ class Session:
 
     ``class_names``, ``session_classes`` and ``templates`` describe the whole stream up front (names by class id,
     the class ids of every session, and each session's text prompts, empty when the stream has none): what a
-    zero-shot classifier such as ZSCL's needs to score classes it has not trained on.
+    zero-shot classifier such as ZSCL's needs to score classes it has not trained on. ``unlabelled_data`` is the
+    data set of ``stream.unlabelled`` (items ``(x, y)`` whose labels must not be read): DKVB fits its keys on it.
 
     ``train_loader()`` gives this process's share of the session's training data with evaluation transforms
     and no shuffling: the input of statistics passes (prototypes, LDA, class covariances). Sums over it must be
@@ -47,6 +48,7 @@ class Session:
     class_names: list[str] = field(default_factory=list)
     session_classes: list[list[int]] = field(default_factory=list)
     templates: list[list[str]] = field(default_factory=list)
+    unlabelled_data: Optional[Dataset] = None
 
     @property
     def num_seen(self) -> int:

@@ -28,7 +28,7 @@ from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import Callback, ModelCheckpoint
 from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
 from pytorch_lightning.plugins.io import TorchCheckpointIO
-from torch.utils.data import ConcatDataset, DataLoader, Dataset, RandomSampler, Subset
+from torch.utils.data import ConcatDataset, DataLoader, Dataset, RandomSampler, SequentialSampler, Subset
 
 from cil import distributed
 from cil.backbones import Transforms, data_transforms
@@ -178,6 +178,8 @@ def stats_loader(data: Dataset, cfg: DictConfig) -> DataLoader:
 def train_loader(data: Dataset, cfg: DictConfig, session: int, batch_size: int | None = None) -> DataLoader:
     batch_size = batch_size or cfg.stream.batch_size
     sampler = EpochSeededSampler(data, seed=derived_seed(cfg.run.seed, session))
+    if cfg.stream.online:  # one sequence in the stream's order (already shuffled within each original session)
+        sampler = SequentialSampler(data)
     # drop a ragged last batch: a batch of one breaks BatchNorm in training mode
     drop_last = len(data) > batch_size
     # its own generator: creating the iterator then draws no number from the global generator, whose state must
@@ -226,11 +228,12 @@ def run_experiment(cfg: DictConfig, run_dir: str | Path | None = None, callbacks
     pl.seed_everything(cfg.run.seed, workers=True, verbose=False)
     strategy = create_strategy(cfg)
     transforms = partial(stream_transforms, strategy.backbone, cfg)
-    from streams import create_stream
+    from streams import create_stream, unlabelled_data
 
     # the stream is built (and Avalanche imported) before the process group exists: Avalanche refuses to
     # create its default loggers in a non-main process of an initialised process group
     stream = create_stream(cfg.stream, transforms)
+    unlabelled = unlabelled_data(cfg.stream, transforms, stream)
     device = setup_distributed(cfg)
 
     if resume:
@@ -266,6 +269,7 @@ def run_experiment(cfg: DictConfig, run_dir: str | Path | None = None, callbacks
             class_names=list(stream.class_names),
             session_classes=[list(c) for c in stream.classes_per_session],
             templates=[list(t) for t in stream.templates] if stream.templates else [],
+            unlabelled_data=unlabelled,
         )
         if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()

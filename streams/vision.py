@@ -1,5 +1,6 @@
 """Real image data sets through their real loaders, from a local ``stream.data_root`` (never downloaded).
 
+- ``cifar10``: torchvision's CIFAR-10 format, ``<root>/cifar-10-batches-py/``.
 - ``cifar100``: torchvision's CIFAR-100 format, ``<root>/cifar-100-python/{meta,train,test}``.
 - ``imagenet_r``, ``cub200``, ``imagenet_a``, ``objectnet``, ``omnibenchmark`` and ``vtab``: the LAMDA-PILOT
   layout (the train/test splits PILOT distributes for these), ``<root>/train/<class>/*.jpg`` and
@@ -25,7 +26,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from torch.utils.data import Dataset
-from torchvision.datasets import CIFAR100, SVHN, FGVCAircraft, ImageFolder, StanfordCars
+from torchvision.datasets import CIFAR10, CIFAR100, SVHN, FGVCAircraft, ImageFolder, StanfordCars
 from torchvision.datasets.folder import default_loader
 
 from cil.backbones import Transforms
@@ -35,6 +36,7 @@ from streams.common import Stream, build_stream
 
 CIFAR_LAYOUT = "<root>/cifar-100-python/{meta,train,test} (torchvision's CIFAR-100 python format)"
 FOLDER_LAYOUT = "<root>/train/<class>/<image> and <root>/test/<class>/<image> (LAMDA-PILOT layout)"
+CIFAR10_LAYOUT = "<root>/cifar-10-batches-py/{batches.meta,data_batch_1..5,test_batch} (torchvision's CIFAR-10 format)"
 SVHN_LAYOUT = "<root>/train_32x32.mat and <root>/test_32x32.mat (torchvision's SVHN format)"
 AIRCRAFT_LAYOUT = (
     "<root>/fgvc-aircraft-2013b/data/{variants.txt, images_variant_trainval.txt, images_variant_test.txt, images/}"
@@ -74,20 +76,38 @@ class _UncheckedCIFAR100(CIFAR100):
         self.class_to_idx = {c: i for i, c in enumerate(self.classes)}
 
 
-def build_cifar100(cfg: Any, make_transforms: Callable[..., Transforms]) -> Stream:
-    root = _root(cfg, "cifar100", CIFAR_LAYOUT)
-    folder = root / "cifar-100-python"
-    missing = [n for n in ("meta", "train", "test") if not (folder / n).is_file()]
+class _UncheckedCIFAR10(CIFAR10):
+    """torchvision's CIFAR10 reader without its md5 checks (``stream.verify_checksums=false``)."""
+
+    _check_integrity = _UncheckedCIFAR100._check_integrity
+    _load_meta = _UncheckedCIFAR100._load_meta
+
+
+def _cifar(cfg: Any, make_transforms: Callable[..., Transforms], name: str) -> Stream:
+    layout = CIFAR_LAYOUT if name == "cifar100" else CIFAR10_LAYOUT
+    root = _root(cfg, name, layout)
+    checked, unchecked = (CIFAR100, _UncheckedCIFAR100) if name == "cifar100" else (CIFAR10, _UncheckedCIFAR10)
+    folder = root / checked.base_folder
+    files = [checked.meta["filename"]] + [n for n, _ in checked.train_list + checked.test_list]
+    missing = [n for n in files if not (folder / n).is_file()]
     if missing:
-        raise ConfigError(f"stream.data_root='{root}' lacks {missing}; expected layout: {CIFAR_LAYOUT}")
-    cls = CIFAR100 if cfg.verify_checksums else _UncheckedCIFAR100
+        raise ConfigError(f"stream.data_root='{root}' lacks {missing}; expected layout: {layout}")
+    cls = checked if cfg.verify_checksums else unchecked
     try:
         train, test = cls(str(root), train=True, download=False), cls(str(root), train=False, download=False)
     except RuntimeError as e:
         raise ConfigError(
             f"stream.data_root='{root}': {e} (set stream.verify_checksums=false for a re-packed copy)"
         ) from None
-    return build_stream("cifar100", cfg, train, test, dict(enumerate(train.classes)), make_transforms())
+    return build_stream(name, cfg, train, test, dict(enumerate(train.classes)), make_transforms())
+
+
+def build_cifar100(cfg: Any, make_transforms: Callable[..., Transforms]) -> Stream:
+    return _cifar(cfg, make_transforms, "cifar100")
+
+
+def build_cifar10(cfg: Any, make_transforms: Callable[..., Transforms]) -> Stream:
+    return _cifar(cfg, make_transforms, "cifar10")
 
 
 class _UncheckedSVHN(SVHN):
@@ -256,6 +276,7 @@ def build_miniimagenet(cfg: Any, make_transforms: Callable[..., Transforms]) -> 
 
 
 register_stream("cifar100", build_cifar100)
+register_stream("cifar10", build_cifar10)
 register_stream("imagenet_r", _folder_stream("imagenet_r"))
 register_stream("cub200", _folder_stream("cub200"))
 for _name in ("imagenet_a", "objectnet", "omnibenchmark", "vtab"):

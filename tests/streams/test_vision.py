@@ -243,3 +243,29 @@ def test_tinyimagenet_real_layout_with_wnids_order_and_names(tmp_path):
     assert stream.class_names == ["Egyptian Mau", "fishing casting reel", "n09999999"]
     assert [len(d) for d in stream.train_data] == [3, 3, 3] and [len(d) for d in stream.eval_data] == [2, 2, 2]
     assert tuple(stream.train_data[0][0][0].shape) == (3, 16, 16)
+
+
+def write_cifar10(root: Path, per_class_train: int = 3, per_class_test: int = 2) -> None:
+    """torchvision's CIFAR-10 python format: data_batch_1..5 and test_batch (data, labels), batches.meta."""
+    folder = root / "cifar-10-batches-py"
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(1)
+    train = [c for c in range(10) for _ in range(per_class_train)]
+    for b in range(5):
+        labels = train[b::5]
+        data = rng.integers(0, 256, size=(len(labels), 3072), dtype=np.uint8)
+        (folder / f"data_batch_{b + 1}").write_bytes(pickle.dumps({"data": data, "labels": labels}))
+    labels = [c for c in range(10) for _ in range(per_class_test)]
+    data = rng.integers(0, 256, size=(len(labels), 3072), dtype=np.uint8)
+    (folder / "test_batch").write_bytes(pickle.dumps({"data": data, "labels": labels}))
+    names = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+    (folder / "batches.meta").write_bytes(pickle.dumps({"label_names": names}))
+
+
+def test_cifar10_real_format(tmp_path):
+    write_cifar10(tmp_path)
+    stream = stream_of("cifar10", tmp_path, "stream.verify_checksums=false", "stream.shuffle_classes=false")
+    assert stream.class_names[:3] == ["airplane", "automobile", "bird"]
+    assert [len(d) for d in stream.train_data] == [6] * 5 and [len(d) for d in stream.eval_data] == [4] * 5
+    with pytest.raises(ConfigError, match="could not read|verify_checksums"):
+        stream_of("cifar10", tmp_path)  # the md5 of these tiny files is not the real one
