@@ -47,6 +47,7 @@ from torch.utils.data import DataLoader, Dataset, TensorDataset
 from tqdm.auto import tqdm
 
 from cil.config import ConfigError, StrategyConfig, param
+from cil.distributed import all_reduce_sum
 from cil.module import CILModule, Growing, Session
 from cil.registry import register_strategy
 from cil.runs import atomic_write
@@ -114,17 +115,20 @@ class KeyValueBottleneck(Growing):
 
     @torch.no_grad()
     def nearest(self, x: torch.Tensor, mask_unused: bool = False) -> torch.Tensor:
-        """(B, C) index of each query's nearest key, ``‖x‖² - 2 x·K + ‖K‖²``, in chunks of codebooks so that at most
-        ``chunk_elements`` distances exist at once. ``mask_unused`` skips keys never selected in training."""
+        """(B, C) index of each query's nearest key by squared Euclidean distance, in chunks of codebooks so that at
+        most ``chunk_elements`` distances exist at once. ``‖x‖²`` is the same for every key of a codebook, so the
+        search ranks ``‖K‖² - 2 x·K`` (one batched matrix product per chunk). ``mask_unused`` skips keys never
+        selected in training."""
         B, C, P = len(x), self.num_codebooks, self.keys_per_codebook
         step = max(1, self.chunk_elements // max(B * P, 1))
+        queries = x.transpose(0, 1)  # (C, B, k)
         out = torch.empty(B, C, dtype=torch.long, device=x.device)
         for c0 in range(0, C, step):
-            q, K = x[:, c0 : c0 + step], self.keys[c0 : c0 + step]
-            dist = q.pow(2).sum(-1, keepdim=True) - 2 * torch.einsum("bck,cpk->bcp", q, K) + K.pow(2).sum(-1)[None]
+            K = self.keys[c0 : c0 + step]
+            dist = torch.baddbmm(K.pow(2).sum(-1)[:, None, :], queries[c0 : c0 + step], K.transpose(1, 2), alpha=-2)
             if mask_unused:
-                dist.masked_fill_(self.counter[c0 : c0 + step][None] == 0, float("inf"))
-            out[:, c0 : c0 + step] = dist.argmin(-1)
+                dist.masked_fill_(self.counter[c0 : c0 + step][:, None, :] == 0, float("inf"))
+            out[:, c0 : c0 + step] = dist.argmin(-1).T
         return out
 
     def fetch(self, index: torch.Tensor) -> torch.Tensor:
@@ -136,10 +140,9 @@ class KeyValueBottleneck(Growing):
         snaps only to keys that training selected."""
         with torch.no_grad():
             index = self.nearest(self.split(z), mask_unused=not self.training)
-            if self.training:
-                self.counter += torch.zeros_like(self.counter).scatter_add_(
-                    1, index.T, torch.ones_like(index.T)
-                )  # per codebook, selections of each key
+            if self.training:  # per codebook, selections of each key; summed over processes under DDP
+                counts = torch.zeros_like(self.counter).scatter_add_(1, index.T, torch.ones_like(index.T))
+                self.counter += all_reduce_sum(counts)
         return self.fetch(index).mean(1)
 
     # ---- key initialisation (§2) --------------------------------------------------------------------------------

@@ -349,3 +349,46 @@ def test_paper_protocol_runs_on_real_format_files_with_keys_from_the_other_cifar
     run = load_run(run_experiment(load_config(CONFIGS / "dkvb" / "cifar10_resnet50.yaml", overrides)))
     assert run.summary["complete"] and run.summary["n_sessions"] == 5
     assert len(list((tmp_path / "cache").iterdir())) == 6  # CIFAR-100's 200 unlabelled images + 5 sessions
+
+
+def _counter_worker(rank: int, world: int, port: int, out: str) -> None:
+    import os
+
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        kvb = bottleneck().train()
+        z = torch.randn(12, D, generator=torch.Generator().manual_seed(5))
+        kvb(z[rank::world])  # each process sees its shard of the batch, as under DDP
+        torch.save(kvb.counter, f"{out}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_selection_counters_are_summed_across_processes(tmp_path):
+    import torch.multiprocessing as mp
+
+    from tests.test_heads import _free_port
+
+    mp.spawn(_counter_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2)
+    single = bottleneck().train()
+    single(torch.randn(12, D, generator=torch.Generator().manual_seed(5)))
+    for r in range(2):  # every process holds the counts of the whole batch: the same masking everywhere
+        assert torch.equal(torch.load(tmp_path / f"rank{r}.pt"), single.counter)
+
+
+def test_resume_mid_session_gives_the_same_values(tmp_path):
+    from tests.test_session import Fault
+
+    overrides = [*FAST, "stream.split=B4-Inc3", "run.keep_session_checkpoints=true"]
+    full = run_experiment(tiny_config("dkvb", tmp_path / "a", *overrides))
+    with pytest.raises(RuntimeError, match="injected fault"):
+        run_experiment(tiny_config("dkvb", tmp_path / "b", *overrides), callbacks=[Fault(session=1, epoch=1)])
+    broken = next((tmp_path / "b" / "dkvb-digits").iterdir())
+    assert main(["run", "--resume", str(broken)]) == 0
+    for k in (0, 1, 2):
+        resumed = torch.load(broken / "checkpoints" / f"session_{k}.ckpt", weights_only=False)["state_dict"]
+        uninterrupted = torch.load(full / "checkpoints" / f"session_{k}.ckpt", weights_only=False)["state_dict"]
+        assert all(torch.equal(v, uninterrupted[name]) for name, v in resumed.items())
