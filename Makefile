@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-slow bench lint install
+.PHONY: demo test test-slow bench bench-digits lint install
 
 install: $(STAMP)
 
@@ -27,3 +27,6 @@ test-slow: $(STAMP)
 
 bench: $(STAMP)
 	@for b in benchmarks/[!_]*.py; do [ -e "$$b" ] || continue; echo "== $$b"; $(PY) $$b || exit 1; done
+
+bench-digits: $(STAMP)
+	$(PY) benchmarks/digits_table.py --readme

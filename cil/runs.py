@@ -236,10 +236,6 @@ def tidy_metrics(R: np.ndarray, counts: Sequence[int]) -> pd.DataFrame:
 
 def plot_run(folder: Path, R: np.ndarray, counts: Sequence[int]) -> None:
     """accuracy_curve.png, accuracy_matrix.png and forgetting.png for a (done × done) accuracy matrix."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
     done = R.shape[0]
     if done == 0:
@@ -248,7 +244,7 @@ def plot_run(folder: Path, R: np.ndarray, counts: Sequence[int]) -> None:
     seen = M.seen_accuracy(R, counts)
     old, new, _ = M.old_new_accuracy(R, counts)
 
-    fig, ax = plt.subplots(figsize=(5, 3.5))
+    fig, ax = _subplots(figsize=(5, 3.5))
     ax.plot(sessions, 100 * seen, "o-", label="all seen classes")
     ax.plot(sessions, 100 * old, "s--", label="old classes", alpha=0.7)
     ax.plot(sessions, 100 * new, "^--", label="new classes", alpha=0.7)
@@ -256,7 +252,7 @@ def plot_run(folder: Path, R: np.ndarray, counts: Sequence[int]) -> None:
     ax.legend()
     _save(fig, folder / "accuracy_curve.png")
 
-    fig, ax = plt.subplots(figsize=(1.2 + 0.6 * done, 1 + 0.55 * done))
+    fig, ax = _subplots(figsize=(1.2 + 0.6 * done, 1 + 0.55 * done))
     image = ax.imshow(100 * R, vmin=0, vmax=100, cmap="viridis")
     for i in range(done):
         for j in range(done):
@@ -268,7 +264,7 @@ def plot_run(folder: Path, R: np.ndarray, counts: Sequence[int]) -> None:
     fig.colorbar(image, ax=ax)
     _save(fig, folder / "accuracy_matrix.png")
 
-    fig, (left, right) = plt.subplots(1, 2, figsize=(8, 3.2))
+    fig, (left, right) = _subplots(1, 2, figsize=(8, 3.2))
     f = M.forgetting_per_session(R) if done > 1 else np.array([])
     left.bar(np.arange(len(f)), 100 * f)
     left.set(xlabel="old session j", ylabel="forgetting f_j (%)", title="Forgetting after the last session")
@@ -277,12 +273,18 @@ def plot_run(folder: Path, R: np.ndarray, counts: Sequence[int]) -> None:
     _save(fig, folder / "forgetting.png")
 
 
-def _save(fig, path: Path) -> None:
-    import matplotlib.pyplot as plt
+def _subplots(*args, figsize: tuple[float, float], **kwargs):
+    """A figure and its axes without pyplot: no global backend switch (a notebook's inline plots keep working),
+    nothing to close."""
+    from matplotlib.figure import Figure
 
+    fig = Figure(figsize=figsize)
+    return fig, fig.subplots(*args, **kwargs)
+
+
+def _save(fig, path: Path) -> None:
     fig.tight_layout()
     atomic_write(path, lambda p: fig.savefig(p, dpi=110))
-    plt.close(fig)
 
 
 # ---- reading --------------------------------------------------------------------------------------------
@@ -356,12 +358,8 @@ def compare(runs: Sequence[Run], columns: Sequence[str] | None = None) -> pd.Dat
 
 def plot_comparison(runs: Sequence[Run], path: str | Path) -> Path:
     """Accuracy on all seen classes per session, one line per run."""
-    import matplotlib
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(5.5, 3.8))
+    fig, ax = _subplots(figsize=(5.5, 3.8))
     for run in runs:
         seen = run.seen_accuracy
         ax.plot(seen.index, 100 * seen.values, "o-", label=f"{run.config.strategy.name} ({run.path.name})")

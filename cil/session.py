@@ -157,11 +157,13 @@ def setup_distributed(cfg: DictConfig) -> torch.device:
     trainer = make_trainer(cfg, logger=False, enable_checkpointing=False)
     if trainer.num_devices * trainer.num_nodes > 1 and not torch.distributed.is_initialized():
         launcher = trainer.strategy.launcher
-        if type(launcher).__name__ != "_SubprocessScriptLauncher":
+        if launcher is not None and type(launcher).__name__ != "_SubprocessScriptLauncher":
             raise ConfigError(
                 f"trainer.strategy={cfg.trainer.strategy!r} launches processes `cil run` cannot drive; use ddp"
             )
-        launcher.launch(lambda: None, trainer=trainer)  # the other ranks re-run this same command
+        if launcher is not None:  # Lightning starts the other ranks, which re-run this same command
+            launcher.launch(lambda: None, trainer=trainer)
+        # else torchrun or SLURM started every process already (Lightning reads their environment)
         trainer.strategy.setup_environment()
     return trainer.strategy.root_device
 

@@ -81,8 +81,8 @@ def test_unknown_strategy_lists_registered(capsys):
 
 
 def test_unknown_stream_lists_registered(capsys):
-    msg = fails(capsys, "run", SIMPLECIL, "stream.name=cifar10")
-    assert "unknown stream 'cifar10'" in msg and "cifar100" in msg and "digits" in msg
+    msg = fails(capsys, "run", SIMPLECIL, "stream.name=cifar1000")
+    assert "unknown stream 'cifar1000'" in msg and "cifar100" in msg and "digits" in msg
 
 
 def test_unknown_backbone_lists_close_timm_names(capsys):

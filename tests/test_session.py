@@ -148,6 +148,26 @@ def test_two_process_ddp_matches_one_process(simplecil_run, tmp_path):
     )
 
 
+@pytest.mark.slow
+def test_torchrun_two_processes_match_one_process(simplecil_run, tmp_path):
+    """`torchrun --nproc_per_node=2 cil run ...`: processes started outside Lightning run the same experiment."""
+    torchrun = ROOT / ".venv" / "bin" / "torchrun"
+    if not torchrun.exists():
+        pytest.skip("torchrun is not installed next to this interpreter")
+    args = ["run", str(CONFIGS / "simplecil" / "digits.yaml"), f"run.output_dir={tmp_path}", "trainer.devices=2"]
+    args += ["trainer.strategy=ddp", "trainer.accelerator=cpu", "backbone.image_size=16"]
+    args += ["trainer.enable_progress_bar=false", "stream.eval_batch_size=512"]
+    env = {k: v for k, v in os.environ.items() if k not in ("LOCAL_RANK", "WORLD_SIZE", "MASTER_PORT", "RANK")}
+    cmd = [str(torchrun), "--nproc_per_node=2", str(ROOT / ".venv" / "bin" / "cil"), *args]
+    out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    runs = list((tmp_path / "simplecil-digits").iterdir())
+    assert len(runs) == 1  # only rank 0 wrote a run folder
+    np.testing.assert_array_equal(
+        load_run(runs[0]).accuracy_matrix.to_numpy(), load_run(simplecil_run).accuracy_matrix.to_numpy()
+    )
+
+
 def test_cli_end_to_end_on_digits(tmp_path):
     """`cil run` as a user types it: trains, evaluates, prints the run folder, which `load_run` reads."""
     cmd = cil_command()
