@@ -13,7 +13,7 @@ from tests.conftest import ROOT
 COMMANDS = [
     shlex.split(c)
     for source in ("benchmarks/reproduce.md", "README.md")
-    for c in re.findall(r"`(cil run configs/[^`]+)`", (ROOT / source).read_text())
+    for c in re.findall(r"`(cil run configs/[^`]+?\.yaml[^`]*)`", (ROOT / source).read_text())
     if "<" not in c
 ]
 
