@@ -482,7 +482,8 @@ class ZSCL(CILModule):
         scale = self.backbone.logit_scale.exp()
         student = distributed.gather_cat_with_grad(F.normalize(self.backbone(images), dim=-1))
         with torch.no_grad():
-            teacher = distributed.gather_cat(F.normalize(self.teacher(images), dim=-1))
+            # equal-sized tensors: one collective on the device (gather_cat would round-trip through pickled CPU copies)
+            teacher = distributed.gather_cat_with_grad(F.normalize(self.teacher(images), dim=-1))
         captions = self.caption_embeddings()
         teacher_logits = scale * teacher @ captions.T
         if self.hparams.distill_text_features == "student":  # the paper's notation: the student's own captions
