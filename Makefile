@@ -9,7 +9,7 @@ install: $(STAMP)
 
 $(STAMP): setup.cfg pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
-	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[dev,clip]'
+	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[dev,clip,real]'
 	touch $(STAMP)
 
 demo: $(STAMP)

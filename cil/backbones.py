@@ -8,6 +8,7 @@ CLIP models from open_clip with ``open_clip:<model>`` names (:mod:`cil.clip`).
 from __future__ import annotations
 
 import difflib
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -40,21 +41,36 @@ def check_backbone_name(name: str) -> None:
 def load_weights(model: nn.Module, path: str | Path) -> None:
     """Load a local state dict into ``model``; the classifier head of the file is ignored.
 
+    ``path`` may be ``package:<name>``, a file an installed package ships (``package:efficientnet_lite0``, see
+    :mod:`cil.weight_formats`). A file in lukemelas/EfficientNet-PyTorch naming is converted to timm's keys by name.
     Raises :class:`ConfigError` naming the file and the missing, unexpected or mis-shaped keys.
     """
-    path = Path(path)
+    from cil.weight_formats import is_lukemelas_efficientnet, lukemelas_to_timm, resolve_weights
+
+    path = resolve_weights(path)
+    if path.is_dir():
+        raise ConfigError(f"backbone.weights='{path}' is a folder; give the weights file itself")
     if not path.is_file():
         raise ConfigError(f"backbone.weights file '{path}' not found")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise ConfigError(f"backbone.weights file '{path}' is not a torch state dict: {e}") from None
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ConfigError(f"backbone.weights file '{path}' is not a torch state dict: {first}") from None
     for wrapper in ("state_dict", "model", "module"):
         if isinstance(state, dict) and isinstance(state.get(wrapper), dict):
             state = state[wrapper]
     if not isinstance(state, dict):
         raise ConfigError(f"backbone.weights file '{path}' holds a {type(state).__name__}, not a state dict")
     state = {k.removeprefix("module."): v for k, v in state.items()}
+    if is_lukemelas_efficientnet(state):
+        state = lukemelas_to_timm(state, model, source=f"backbone.weights file '{path}'")
+        if type(getattr(model, "conv_stem", None)).__name__ != "Conv2dSame":
+            warnings.warn(
+                f"backbone.weights file '{path}' holds TensorFlow-ported EfficientNet weights (lukemelas naming); "
+                "they expect TF 'same' padding: use timm's tf_ model (e.g. tf_efficientnet_b0) for the same features",
+                stacklevel=2,
+            )
     own = model.state_dict()
     head = model.pretrained_cfg.get("classifier", "head") if hasattr(model, "pretrained_cfg") else "head"
     heads = (head,) if isinstance(head, str) else tuple(head)

@@ -71,6 +71,12 @@ class StreamConfig:
     datasets: Optional[list[str]] = param(
         None, help="the data sets of a multi-data-set stream in task order (mtil; default: MTIL order I)"
     )
+    train_per_class: Optional[int] = param(
+        None, ge=1, help="use at most this many training images per class: a seeded sample (stream.seed); null: all"
+    )
+    test_per_class: Optional[int] = param(
+        None, ge=1, help="evaluate on at most this many test images per class: a seeded sample; null: all"
+    )
     test_size: float = param(0.2, gt=0.0, lt=1.0, help="held-out fraction (streams without a test split)")
     augment: bool = param(False, help="timm's training augmentation on train data")
     crop_pct: Optional[float] = param(

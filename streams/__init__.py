@@ -4,7 +4,7 @@ Builders have the signature ``builder(cfg: StreamConfig, make_transforms) -> str
 ``make_transforms(crop_pct=None)`` returns the backbone's :class:`cil.backbones.Transforms`.
 """
 
-from streams import digits, fewshot, mtil, vision  # noqa: F401  (registration)
+from streams import digits, fewshot, mnist, mtil, vision  # noqa: F401  (registration)
 from streams.common import Stream, build_stream, make_benchmark
 
 __all__ = ["Stream", "build_stream", "make_benchmark", "create_stream", "online_stream", "unlabelled_data"]

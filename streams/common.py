@@ -84,6 +84,40 @@ def _targets(ds: Any) -> list[Any]:
     return [int(t) if isinstance(t, (int, np.integer)) else t for t in list(targets)]
 
 
+class ClassSubset(Dataset):
+    """The samples of ``base`` at ``indices`` (in that order), with their ``targets``."""
+
+    def __init__(self, base: Any, indices: list[int]):
+        self.base, self.indices = base, indices
+        labels = _targets(base)
+        self.targets = [labels[i] for i in indices]
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int):
+        return self.base[self.indices[i]]
+
+
+def per_class_subset(ds: Any, per_class: int | None, seed: int) -> Any:
+    """At most ``per_class`` samples of each class of ``ds``: a seeded sample, kept in the data set's order.
+
+    The sample depends only on the labels and ``seed`` (one generator per class, in sorted class order), so every
+    strategy, and a peer framework given the same indices, sees the same images.
+    """
+    if per_class is None:
+        return ds
+    by_class = _indices_by_class(_targets(ds))
+    keep: list[int] = []
+    for k, c in enumerate(sorted(by_class)):
+        idx = by_class[c]
+        if len(idx) > per_class:
+            pick = np.random.RandomState([seed, k]).choice(len(idx), per_class, replace=False)
+            idx = [idx[i] for i in sorted(pick)]
+        keep += idx
+    return ClassSubset(ds, sorted(keep))
+
+
 def class_order(classes: Sequence[Any], cfg: Any, stream: str) -> list[Any]:
     """Fixed (``stream.class_order``), seeded shuffle, or sorted order of the original class ids."""
     classes = sorted(set(classes))
@@ -126,6 +160,11 @@ def build_stream(
     """The full pipeline of the module docstring, for raw ``train_set``/``test_set`` with ``.targets``."""
     from streams.fewshot import index_list_sessions, sample_shots
 
+    if cfg.train_per_class is not None or cfg.test_per_class is not None:
+        if cfg.index_dir is not None:
+            raise ConfigError("stream.train_per_class/test_per_class cannot be combined with stream.index_dir")
+        train_set = per_class_subset(train_set, cfg.train_per_class, cfg.seed)
+        test_set = per_class_subset(test_set, cfg.test_per_class, cfg.seed)
     train_labels = _targets(train_set)
     if cfg.index_dir is not None:
         if cfg.shots is not None or cfg.base_shots is not None:

