@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-slow bench bench-digits lint install
+.PHONY: demo test test-slow bench bench-digits bench-real fashion-data lint install
 
 install: $(STAMP)
 
@@ -30,3 +30,15 @@ bench: $(STAMP)
 
 bench-digits: $(STAMP)
 	$(PY) benchmarks/digits_table.py --readme
+
+# Fashion-MNIST from Debian's dataset-fashion-mnist (installed here when missing and run as root)
+FASHION := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
+fashion-data:
+	@test -f $(FASHION) || { \
+	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist; \
+	  else echo "Fashion-MNIST is missing: sudo apt-get install dataset-fashion-mnist (Debian/Ubuntu), or give the IDX folder with --data-root to benchmarks/peers.py and benchmarks/real_table.py"; exit 1; fi; }
+
+# the peer comparison against Avalanche and the headline real-data table (about 1 h on 2 cores); both rewrite README.md
+bench-real: $(STAMP) fashion-data
+	$(PY) benchmarks/peers.py --readme
+	$(PY) benchmarks/real_table.py --readme

@@ -367,3 +367,25 @@ def plot_comparison(runs: Sequence[Run], path: str | Path) -> Path:
     ax.legend(fontsize=8)
     _save(fig, Path(path))
     return Path(path)
+
+
+def over_seeds(runs: Sequence[Run], columns: Sequence[str] = ("avg_incremental_acc", "last_acc", "forgetting")):
+    """Mean ± std over seeds (in %), one row per group of runs that differ only in ``run.seed``.
+
+    Runs are grouped by ``run.name`` (``<strategy>-<stream>`` unless a config names it), so name runs after what
+    varies between them (e.g. ``run.name=simplecil-pretrained``). Returns a DataFrame with ``<metric>_mean`` and
+    ``<metric>_std`` columns (population std, as numpy's default), the seeds, and a ``<metric>`` column formatted as
+    "mean ± std".
+    """
+    groups: dict[str, list[Run]] = {}
+    for run in runs:
+        groups.setdefault(str(run.config.run.name), []).append(run)
+    rows = []
+    for name, members in groups.items():
+        row: dict[str, Any] = {"run": name, "seeds": sorted(int(r.config.run.seed) for r in members)}
+        for c in columns:
+            values = np.array([100 * (r.metric(c) if r.metric(c) is not None else np.nan) for r in members])
+            row[f"{c}_mean"], row[f"{c}_std"] = float(values.mean()), float(values.std())
+            row[c] = f"{values.mean():.2f} ± {values.std():.2f}"
+        rows.append(row)
+    return pd.DataFrame(rows).set_index("run")
