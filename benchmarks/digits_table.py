@@ -13,13 +13,13 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 from _machine import machine
+from _readme import write_block
 
 ROOT = Path(__file__).resolve().parent.parent
 STRATEGIES = ["finetune", "joint", "simplecil", "fsa", "mos", "mamba_fscil", "zscl", "dkvb"]
@@ -69,13 +69,7 @@ def main() -> None:
     text = table(results, args.seeds) + f" {time.perf_counter() - began:.0f} s in all."
     print(text)
     if args.readme:
-        readme = ROOT / "README.md"
-        content = readme.read_text()
-        block = f"<!-- digits-table -->\n{text}\n<!-- /digits-table -->"
-        content, n = re.subn(r"<!-- digits-table -->.*?<!-- /digits-table -->", block, content, flags=re.S)
-        if n != 1:
-            raise SystemExit("README.md has no <!-- digits-table --> ... <!-- /digits-table --> block")
-        readme.write_text(content)
+        write_block("digits-table", text)
 
 
 if __name__ == "__main__":

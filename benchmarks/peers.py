@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 import sys
 import tempfile
 import time
@@ -45,6 +44,7 @@ from types import SimpleNamespace
 import numpy as np
 import torch
 from _machine import machine
+from _readme import write_block
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -323,12 +323,7 @@ def main() -> None:
     text = "\n".join(header + lines) + "\n" + note
     print(text)
     if args.readme:
-        readme = ROOT / "README.md"
-        block = f"<!-- peers-table -->\n{text}\n<!-- /peers-table -->"
-        content, n = re.subn(r"<!-- peers-table -->.*?<!-- /peers-table -->", block, readme.read_text(), flags=re.S)
-        if n != 1:
-            raise SystemExit("README.md has no <!-- peers-table --> ... <!-- /peers-table --> block")
-        readme.write_text(content)
+        write_block("peers-table", text)
     if agreement["exact"] < 0.999:
         raise SystemExit(f"the SLDA prediction rules disagree on {100 * (1 - agreement['exact']):.2f}% of test images")
 

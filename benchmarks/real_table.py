@@ -16,12 +16,12 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 import sys
 import time
 from pathlib import Path
 
 from _machine import machine
+from _readme import write_block
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -88,12 +88,7 @@ def main() -> None:
     text = "\n".join(lines)
     print(text)
     if args.readme:
-        readme = ROOT / "README.md"
-        block = f"<!-- real-table -->\n{text}\n<!-- /real-table -->"
-        content, n = re.subn(r"<!-- real-table -->.*?<!-- /real-table -->", block, readme.read_text(), flags=re.S)
-        if n != 1:
-            raise SystemExit("README.md has no <!-- real-table --> ... <!-- /real-table --> block")
-        readme.write_text(content)
+        write_block("real-table", text)
 
 
 if __name__ == "__main__":

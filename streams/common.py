@@ -59,6 +59,23 @@ class Stream:
         return [len(d) for d in self.eval_data]
 
 
+class GreyImages(Dataset):
+    """``(N, H, W)`` uint8 grey images given as RGB PIL images (the grey channel three times, so a 3-channel backbone
+    reads them unchanged), with integer ``targets``."""
+
+    def __init__(self, images: np.ndarray | Any, targets: Sequence[int] | Any):
+        self.images = np.asarray(images, dtype=np.uint8)
+        self.targets = [int(t) for t in targets]
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def __getitem__(self, i: int):
+        from PIL import Image
+
+        return Image.fromarray(self.images[i], mode="L").convert("RGB"), self.targets[i]
+
+
 class Relabeled(Dataset):
     """The samples of ``base`` whose class is in ``remap``, with labels mapped to their new ids."""
 

@@ -10,28 +10,19 @@ from __future__ import annotations
 from typing import Any, Callable
 
 import numpy as np
-from PIL import Image
 from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
-from torch.utils.data import Dataset
 
 from cil.backbones import Transforms
 from cil.registry import register_stream
-from streams.common import Stream, build_stream
+from streams.common import GreyImages, Stream, build_stream
 
 
-class DigitsImages(Dataset):
+class DigitsImages(GreyImages):
     """8×8 digits (values 0..16) as RGB PIL images with integer targets."""
 
     def __init__(self, images: np.ndarray, targets: np.ndarray):
-        self.images = (images * (255.0 / 16.0)).round().astype(np.uint8)
-        self.targets = [int(t) for t in targets]
-
-    def __len__(self) -> int:
-        return len(self.targets)
-
-    def __getitem__(self, i: int):
-        return Image.fromarray(self.images[i], mode="L").convert("RGB"), self.targets[i]
+        super().__init__((images * (255.0 / 16.0)).round().astype(np.uint8), targets)
 
 
 def digits_sets(test_size: float, seed: int) -> tuple[DigitsImages, DigitsImages]:

@@ -28,14 +28,12 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
-from PIL import Image
-from torch.utils.data import Dataset
 from torchvision.datasets.mnist import read_image_file, read_label_file
 
 from cil.backbones import Transforms
 from cil.config import ConfigError
 from cil.registry import register_stream
-from streams.common import Stream, build_stream
+from streams.common import GreyImages, Stream, build_stream
 
 FILES = {
     "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
@@ -50,20 +48,6 @@ DEBIAN_FASHION_MNIST = "/usr/share/datasets/fashion-mnist"
 def layout(folder: str) -> str:
     names = ", ".join(f"{n}[.gz]" for pair in FILES.values() for n in pair)
     return f"<root>/{{{names}}} (gzipped or not), or torchvision's <root>/{folder}/raw/ with the same files"
-
-
-class GreyImages(Dataset):
-    """``(N, H, W)`` uint8 grey images as RGB PIL images, with integer ``targets``."""
-
-    def __init__(self, images: torch.Tensor, targets: torch.Tensor):
-        self.images = images.numpy()
-        self.targets = [int(t) for t in targets]
-
-    def __len__(self) -> int:
-        return len(self.targets)
-
-    def __getitem__(self, i: int):
-        return Image.fromarray(self.images[i], mode="L").convert("RGB"), self.targets[i]
 
 
 def find_idx_files(root: Path, folder: str) -> dict[str, Path]:
@@ -113,7 +97,7 @@ def read_split(files: dict[str, Path], split: str, n_classes: int) -> GreyImages
     bad = labels[(labels < 0) | (labels >= n_classes)]
     if len(bad):
         raise ConfigError(f"{files[label_name]} holds label {int(bad[0])}; valid labels are 0..{n_classes - 1}")
-    return GreyImages(images, labels)
+    return GreyImages(images.numpy(), labels.tolist())
 
 
 def _mnist_family(stream: str, folder: str, class_names: list[str]) -> Callable[..., Stream]:
@@ -123,7 +107,8 @@ def _mnist_family(stream: str, folder: str, class_names: list[str]) -> Callable[
             raise ConfigError(f"stream '{stream}' needs stream.data_root{hint}; expected layout: {layout(folder)}")
         root = Path(cfg.data_root).expanduser()
         if not root.is_dir():
-            raise ConfigError(f"stream.data_root='{root}' is not a folder; expected layout: {layout(folder)}")
+            hint = " (Debian/Ubuntu: apt-get install dataset-fashion-mnist)" if stream == "fashion_mnist" else ""
+            raise ConfigError(f"stream.data_root='{root}' is not a folder{hint}; expected layout: {layout(folder)}")
         files = find_idx_files(root, folder)
         train = read_split(files, "train", len(class_names))
         test = read_split(files, "test", len(class_names))

@@ -95,14 +95,11 @@ def test_split_shots_order_and_subsets(tmp_path):
 
 
 def test_per_class_subset_is_seeded_stratified_and_in_file_order():
-    from streams.common import per_class_subset
-    from streams.mnist import GreyImages
+    from streams.common import GreyImages, per_class_subset
 
     labels = np.array([c for _ in range(8) for c in range(10)])
     images = np.arange(len(labels), dtype=np.uint8)[:, None, None].repeat(2, 1).repeat(2, 2)
-    import torch
-
-    ds = GreyImages(torch.from_numpy(images), torch.from_numpy(labels))
+    ds = GreyImages(images, labels)
     a, again, b = (per_class_subset(ds, 3, seed) for seed in (0, 0, 1))
     assert np.bincount(a.targets).tolist() == [3] * 10 and a.indices == sorted(a.indices)
     assert a.indices == again.indices and a.indices != b.indices
@@ -140,6 +137,11 @@ def test_missing_or_corrupt_file_is_a_config_error_naming_it(tmp_path, damage, m
         labels.write_bytes(gzip.compress(idx_bytes(np.full(20, 12, dtype=np.uint8))))
     with pytest.raises(ConfigError, match=message):
         stream_of("fashion_mnist", tmp_path)
+
+
+def test_absent_folder_says_how_to_install_it(tmp_path):
+    with pytest.raises(ConfigError, match="is not a folder .apt-get install dataset-fashion-mnist"):
+        stream_of("fashion_mnist", tmp_path / "absent")
 
 
 def test_no_data_root_names_debian_path():
