@@ -140,7 +140,7 @@ def test_missing_or_corrupt_file_is_a_config_error_naming_it(tmp_path, damage, m
 
 
 def test_absent_folder_says_how_to_install_it(tmp_path):
-    with pytest.raises(ConfigError, match="is not a folder .apt-get install dataset-fashion-mnist"):
+    with pytest.raises(ConfigError, match=r"is not a folder \(Debian/Ubuntu: apt-get install dataset-fashion-mnist\)"):
         stream_of("fashion_mnist", tmp_path / "absent")
 
 
