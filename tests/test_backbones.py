@@ -167,7 +167,8 @@ def test_imagenet_lite0_from_the_package_matches_the_reference_and_sees_a_cat():
         torch.testing.assert_close(logits, reference(x), rtol=1e-4, atol=1e-4)
     top = ImageNetInfo().index_to_description(int(logits[0].argmax()))
     assert int(logits[0].argmax()) in range(281, 286), top  # tabby, tiger, Persian, Siamese, Egyptian cat
-    # the backbone as a config builds it: same weights, features without the classifier
-    features = create_backbone("tf_efficientnet_lite0", weights="package:efficientnet_lite0").eval()
-    with torch.no_grad():
-        torch.testing.assert_close(features(x) @ ours.classifier.weight.T + ours.classifier.bias, logits)
+    # the backbone as a config builds it, from the package name or from the file's path: same weights, no classifier
+    for weights in ("package:efficientnet_lite0", path):
+        features = create_backbone("tf_efficientnet_lite0", weights=weights).eval()
+        with torch.no_grad():
+            torch.testing.assert_close(features(x) @ ours.classifier.weight.T + ours.classifier.bias, logits)
