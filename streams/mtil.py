@@ -23,7 +23,7 @@ from torchvision import datasets as tv
 from cil.backbones import Transforms
 from cil.config import ConfigError
 from cil.registry import register_stream
-from streams.common import Stream, make_benchmark
+from streams.common import Stream, make_benchmark, per_class_subset
 from streams.vision import _root, _torchvision_pair, _UncheckedCIFAR100
 
 ORDER_I = [
@@ -157,6 +157,8 @@ def build_mtil(cfg: Any, make_transforms: Callable[..., Transforms]) -> Stream:
         offset += len(raw)
     offsets = [s[0] for s in sessions]
     train_all, test_all = Tasks(trains, offsets), Tasks(tests, offsets)
+    train_all = per_class_subset(train_all, cfg.train_per_class, cfg.seed)  # no-ops unless a subset is asked for
+    test_all = per_class_subset(test_all, cfg.test_per_class, cfg.seed)
     stream = make_benchmark("mtil", train_all, test_all, sessions, labels, make_transforms())
     stream.templates = [list(PROMPTS[n]["templates"]) for n in names]
     stream.task_names = names

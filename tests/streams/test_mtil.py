@@ -179,3 +179,11 @@ def test_order_two_and_bad_data_set_names(mtil_root, tmp_path):
         stream_of("mtil", mtil_root, "stream.datasets=[mnist,imagenet]")
     with pytest.raises(ConfigError, match="could not read stream.data_root.*dtd/dtd"):
         stream_of("mtil", tmp_path, "stream.datasets=[dtd]")  # an empty folder: the error shows the layouts
+
+
+def test_per_class_subsets_apply_to_every_data_set(mtil_root):
+    stream = stream_of("mtil", mtil_root, "stream.verify_checksums=false", "stream.datasets=[mnist,eurosat]",
+                       "stream.train_per_class=2", "stream.test_per_class=1")  # fmt: skip
+    assert len(stream.train_data[0]) == 20 and len(stream.eval_data[0]) == 10  # MNIST: 4 / 2 per class -> 2 / 1
+    eurosat = np.bincount([int(stream.train_data[1][i][1]) for i in range(len(stream.train_data[1]))])
+    assert eurosat.max() == 2 and (eurosat > 0).sum() == 10  # at most 2 per class, every class kept
