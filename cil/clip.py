@@ -1,6 +1,7 @@
 """CLIP backbones from open_clip (the ``clip`` extra): ``backbone.name: open_clip:<model>[.<pretrained tag>]``.
 
-``create_clip("open_clip:ViT-B-16.openai", pretrained=True)`` is OpenAI's ViT-B/16 (network needed);
+``create_clip("open_clip:ViT-B-16.openai", pretrained=True)`` is OpenAI's ViT-B/16 (network needed), always built
+with QuickGELU, the activation OpenAI trained it with (open_clip's plain names build GELU and only warn);
 ``weights=FILE`` loads a local state dict of the open_clip model instead, and without either the model is
 randomly initialised. ``open_clip:cil-tiny-clip`` is a tiny CLIP (16-d embeddings, one layer per tower, 32×32
 images, open_clip's own tokenizer) registered here for offline tests and the digits demo.
@@ -111,6 +112,15 @@ def create_clip(name: str, pretrained: bool = False, weights: str | Path | None 
     model_name, tag = split_name(name)
     if pretrained and weights is not None:
         raise ConfigError("set either backbone.pretrained=true or backbone.weights=FILE, not both")
+    if (tag or ("openai" if pretrained else None)) == "openai" and not model_name.endswith("-quickgelu"):
+        # OpenAI's CLIP was trained with QuickGELU; open_clip's plain model names build GELU and only warn, which
+        # changes every feature (ImageNet zero-shot drops by points): OpenAI weights always get QuickGELU here
+        if kwargs.get("force_quick_gelu", True) is False:
+            raise ConfigError(
+                f"backbone.kwargs.force_quick_gelu=false with '{name}': OpenAI's CLIP weights need QuickGELU; "
+                "drop the setting (QuickGELU is forced for .openai names)"
+            )
+        kwargs = {**kwargs, "force_quick_gelu": True}
     try:
         model = open_clip.create_model(model_name, pretrained=(tag or "openai") if pretrained else None, **kwargs)
     except TypeError as e:

@@ -19,7 +19,8 @@ cited below. Sessions:
 
 ``faithful_quirks`` (default on) reproduces two things the code does that look unintended: the gate map flips the
 reversed directions along the channel axis (see :class:`cil.ssm.FourDirectionSSM`), and with image-level mixing
-the unmixed loss of the first labels is added again (``λ L(y_a) + (1 - λ) L(y_b) + L(y_a)``).
+the unmixed loss of the first labels is added again on mixup/cutmix batches (``λ L(y_a) + (1 - λ) L(y_b) + L(y_a)``;
+the identity branch, which mmcls' ``IdentityTwoLabel`` gives no second label, is ``L(y)`` once).
 
 Differences from the code: the "cycled" incremental loader is a shuffled multiset in which every cached map appears
 equally often (``inc_steps[i] x inc_batch_size`` draws), and the base session runs ``base_epochs`` over the stream
@@ -128,11 +129,12 @@ def step_decay(step: int, milestones: list[int], gamma: float, warmup: int, warm
 
 
 def mix_images(x: torch.Tensor, mixup_alpha: float, cutmix_alpha: float, probs: tuple[float, float, float]):
-    """mmcls' batch mixup / cutmix / identity, chosen with ``probs``: (mixed images, permutation, lambda)."""
+    """mmcls' batch mixup / cutmix / identity, chosen with ``probs``: (images, permutation, lambda); the permutation
+    is None for the identity branch (mmcls' ``IdentityTwoLabel`` gives no second label)."""
     choice = int(torch.multinomial(torch.tensor(probs), 1))
     index = torch.randperm(len(x), device=x.device)
     if choice == 2:
-        return x, index, 1.0
+        return x, None, 1.0
     alpha = mixup_alpha if choice == 0 else cutmix_alpha
     lam = float(np.random.beta(alpha, alpha))
     if choice == 0:
@@ -349,6 +351,8 @@ class MambaFSCIL(CILModule):
             return self.dr(self.projector(self.feature_map(images)).features, labels, hp.base_with_length)
         mixed, index, lam = mix_images(images, 0.8, 1.0, (0.4, 0.4, 0.2))
         features = self.projector(self.feature_map(mixed)).features
+        if index is None:  # the identity branch: one label, its loss once (no re-added term)
+            return self.dr(features, labels, hp.base_with_length)
         loss = lam * self.dr(features, labels, hp.base_with_length)
         loss = loss + (1 - lam) * self.dr(features, labels[index], hp.base_with_length)
         if hp.faithful_quirks:  # the code adds the unmixed-label loss once more

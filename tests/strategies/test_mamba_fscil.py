@@ -323,3 +323,36 @@ def test_resume_after_a_fault_gives_the_same_matrix(tmp_path):
         np.testing.assert_array_equal(
             load_run(broken).accuracy_matrix.to_numpy(), load_run(full).accuracy_matrix.to_numpy()
         )
+
+
+@pytest.mark.parametrize("branch", ["identity", "mixup", "cutmix"])
+@pytest.mark.parametrize("quirks", [True, False])
+def test_image_mixing_loss_on_a_hand_batch_counts_the_identity_branch_once(monkeypatch, branch, quirks):
+    """The code's IdentityTwoLabel returns no second label: L(y) once. Mixup/cutmix: λL(y) + (1-λ)L(y[π]), plus
+    L(y) again with the code's quirk."""
+    import strategies.mamba_fscil as mf
+    from cil.module import Session
+
+    strategy = tiny_strategy(image_mix=True, faithful_quirks=quirks)
+    strategy.begin_session(Session(index=0, new_classes=[0, 1, 2, 3], seen_classes=[0, 1, 2, 3]))
+    probs = {"identity": (0.0, 0.0, 1.0), "mixup": (1.0, 0.0, 0.0), "cutmix": (0.0, 1.0, 0.0)}[branch]
+    seen = {}
+
+    def forced(x, mixup_alpha, cutmix_alpha, _):
+        seen["out"] = mf.mix_images.__wrapped__(x, mixup_alpha, cutmix_alpha, probs)
+        return seen["out"]
+
+    forced.__wrapped__ = mf.mix_images
+    monkeypatch.setattr(mf, "mix_images", forced)
+    images, labels = torch.randn(6, 3, 32, 32), torch.tensor([0, 1, 2, 3, 0, 1])
+    strategy.eval()  # no dropout or BN updates: the hand computation sees the same features
+    loss = strategy.base_loss(images, labels)
+    mixed, index, lam = seen["out"]
+    features = strategy.projector(strategy.feature_map(mixed)).features
+    dr = lambda y: strategy.dr(features, y, False)  # noqa: E731
+    if branch == "identity":
+        assert index is None and lam == 1.0
+        expected = dr(labels)
+    else:
+        expected = lam * dr(labels) + (1 - lam) * dr(labels[index]) + (dr(labels) if quirks else 0)
+    torch.testing.assert_close(loss, expected)
