@@ -80,11 +80,17 @@ class Growing(nn.Module):
 
 
 class GrowingClassifier(Growing):
-    """A linear head over the classes seen so far; ``grow(n)`` adds rows, keeping the trained ones."""
+    """A linear head over the classes seen so far; ``grow(n)`` adds rows, keeping the trained ones.
 
-    def __init__(self, num_features: int):
+    New rows get ``nn.Linear``'s initialisation, or with ``init="trunc_normal"`` timm's ``trunc_normal_(std=0.02)``
+    weights and zero biases (LAMDA-PILOT's ``SimpleContinualLinear``, MOS's head).
+    """
+
+    def __init__(self, num_features: int, init: str = "linear"):
         super().__init__()
-        self.num_features = num_features
+        if init not in ("linear", "trunc_normal"):
+            raise ValueError(f"init={init!r} is not valid; choose 'linear' or 'trunc_normal'")
+        self.num_features, self.init = num_features, init
         self.weight = nn.Parameter(torch.empty(0, num_features))
         self.bias = nn.Parameter(torch.empty(0))
 
@@ -97,6 +103,11 @@ class GrowingClassifier(Growing):
         if extra <= 0:
             return
         fresh = nn.Linear(self.num_features, extra).to(self.weight.device, self.weight.dtype)  # nn.Linear's init
+        if self.init == "trunc_normal":
+            from timm.layers import trunc_normal_
+
+            trunc_normal_(fresh.weight, std=0.02)
+            nn.init.zeros_(fresh.bias)
         self.weight = nn.Parameter(torch.cat([self.weight.data, fresh.weight.data]))
         self.bias = nn.Parameter(torch.cat([self.bias.data, fresh.bias.data]))
 

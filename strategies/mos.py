@@ -50,7 +50,7 @@ from tqdm.auto import tqdm, trange
 from cil.adapters import AdapterBank, vit_blocks
 from cil.config import ConfigError, StrategyConfig, param
 from cil.distributed import is_rank_zero
-from cil.module import CILModule, Session
+from cil.module import CILModule, GrowingClassifier, Session
 from cil.registry import register_strategy
 from cil.retrieval import SelfRefinedRetrieval
 from cil.statistics import STORAGES, ClassGaussians
@@ -119,7 +119,9 @@ class MOS(CILModule):
             self.adapters = AdapterBank(backbone, bottleneck, adapter_dropout, adapter_scale)
         except ValueError as e:
             raise ConfigError(f"mos needs a timm VisionTransformer backbone: {e}") from None
-        # `classifier` (CILModule's growing linear layer) is the code's `head`; the prototypes are its `fc`
+        # `classifier` (CILModule's growing linear layer) is the code's `head`, initialised as its
+        # SimpleContinualLinear (trunc_normal std 0.02, zero bias); the prototypes are its `fc`
+        self.classifier = GrowingClassifier(self.num_features, init="trunc_normal")
         self.prototypes = ClassMeans(self.num_features)
         self.statistics = ClassGaussians(self.num_features, ca_storage, ridge=1e-4, n_centroids=n_centroids)
         self.retrieval = SelfRefinedRetrieval(max_iter)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from torch import nn
 from torch.utils.data import TensorDataset
@@ -55,3 +56,20 @@ def test_create_strategy_from_config(tmp_path):
     assert strategy.hparams.lr == 0.123 and strategy.num_features == strategy.backbone.num_features
     strategy.begin_session(Session(0, [0, 1], [0, 1]))
     assert strategy(torch.randn(2, 3, 16, 16)).shape == (2, 2)
+
+
+def test_growing_classifier_trunc_normal_init_keeps_trained_rows():
+    from cil.module import GrowingClassifier
+
+    torch.manual_seed(0)
+    head = GrowingClassifier(768, init="trunc_normal")
+    head.grow(50)
+    first = head.weight.detach().clone()
+    head.grow(100)
+    assert torch.equal(head.weight[:50], first) and torch.equal(head.bias, torch.zeros(100))
+    assert head.weight.std().item() == pytest.approx(0.02, rel=0.05)  # PILOT's SimpleContinualLinear
+    plain = GrowingClassifier(768)
+    plain.grow(100)
+    assert plain.bias.abs().max() > 0  # nn.Linear's init: uniform biases
+    with pytest.raises(ValueError, match="init='xavier' is not valid"):
+        GrowingClassifier(8, init="xavier")
