@@ -24,7 +24,9 @@ the identity branch, which mmcls' ``IdentityTwoLabel`` gives no second label, is
 
 Differences from the code: the "cycled" incremental loader is a shuffled multiset in which every cached map appears
 equally often (``inc_steps[i] x inc_batch_size`` draws), and the base session runs ``base_epochs`` over the stream
-(the code's ``RepeatDataset`` x epochs). Needs from the user: a backbone with ``forward_features`` returning the
+(the code's ``RepeatDataset`` x epochs), and the incremental sessions start from the base session's last epoch, where
+the code loads its ``best.pth`` (the base epoch with the best *test* accuracy: a choice on the test split that a
+class-incremental protocol should not make). Needs from the user: a backbone with ``forward_features`` returning the
 last feature map (timm models, ``resnet12``), ``feat_size`` matching it, and ``Session.loader_fn``.
 
 The losses work without a process group; under DDP the presence checks take the minimum over processes (the
