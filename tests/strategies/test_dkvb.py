@@ -11,7 +11,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from cil.cli import main
-from cil.config import ConfigError
+from cil.config import ConfigError, load_config
 from cil.module import Session
 from cil.runs import load_run
 from cil.session import run_experiment
@@ -392,3 +392,25 @@ def test_resume_mid_session_gives_the_same_values(tmp_path):
         resumed = torch.load(broken / "checkpoints" / f"session_{k}.ckpt", weights_only=False)["state_dict"]
         uninterrupted = torch.load(full / "checkpoints" / f"session_{k}.ckpt", weights_only=False)["state_dict"]
         assert all(torch.equal(v, uninterrupted[name]) for name, v in resumed.items())
+
+
+@pytest.mark.parametrize("name", ["cifar10_resnet50", "cifar100_resnet50"])
+def test_resnet50_configs_build_torchvisions_imagenet1k_v2_transform(name):
+    """The official code feeds ResNet50_Weights.IMAGENET1K_V2.transforms(): bilinear resize to 232, centre crop 224,
+    ImageNet statistics. timm's data config of resnet50.tv2_in1k alone would give 201 / 176."""
+    import numpy as np
+    from PIL import Image
+    from torchvision.models import ResNet50_Weights
+
+    from cil.backbones import backbone_from_config
+    from cil.session import stream_transforms
+
+    cfg = load_config(CONFIGS / "dkvb" / f"{name}.yaml", ["backbone.pretrained=false"])
+    ours = stream_transforms(backbone_from_config(cfg.backbone), cfg).eval
+    official = ResNet50_Weights.IMAGENET1K_V2.transforms()
+    rng = np.random.default_rng(0)
+    for size in ((32, 32), (300, 260)):  # a CIFAR image, and a non-square one
+        image = Image.fromarray(rng.integers(0, 256, size=(*size, 3), dtype=np.uint8))
+        x = ours(image)
+        assert tuple(x.shape) == (3, 224, 224)
+        torch.testing.assert_close(x, official(image), rtol=0, atol=1e-5)
