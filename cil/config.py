@@ -58,6 +58,12 @@ class StreamConfig:
     )
     class_order: Optional[list[int]] = param(None, help="fixed class order (original ids); overrides shuffle")
     shuffle_classes: bool = param(True, help="seeded shuffle of the class order")
+    shuffle_rng: str = param(
+        "numpy",
+        choices=["numpy", "python"],
+        help="generator of the shuffle: numpy (RandomState(seed).permutation) or python (random.seed(seed); "
+        "random.shuffle(ids): DKVB's official code)",
+    )
     seed: int = param(II("run.seed"), ge=0, help="seed of the class order, splits and k-shot sampling")
     shots: Optional[int] = param(None, ge=1, help="k-shot incremental sessions (base session stays full)")
     base_shots: Optional[int] = param(

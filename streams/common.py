@@ -13,6 +13,7 @@ A stream builder loads a data set's raw train and test sets (anything with ``.ta
 
 from __future__ import annotations
 
+import random
 import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
@@ -145,6 +146,10 @@ def class_order(classes: Sequence[Any], cfg: Any, stream: str) -> list[Any]:
                 f"stream.class_order={order} is not a permutation of the {len(classes)} classes of {stream} "
                 f"(ids {classes[0]}..{classes[-1]})"
             )
+        return order
+    if cfg.shuffle_classes and cfg.shuffle_rng == "python":  # random.seed(seed); random.shuffle(ids), as DKVB's code
+        order = list(classes)
+        random.Random(cfg.seed).shuffle(order)
         return order
     if cfg.shuffle_classes:
         return [classes[i] for i in np.random.RandomState(cfg.seed).permutation(len(classes))]

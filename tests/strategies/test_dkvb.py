@@ -414,3 +414,29 @@ def test_resnet50_configs_build_torchvisions_imagenet1k_v2_transform(name):
         x = ours(image)
         assert tuple(x.shape) == (3, 224, 224)
         torch.testing.assert_close(x, official(image), rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3, 4, 5])
+def test_cifar10_paper_config_orders_classes_as_the_official_sweep(tmp_path, seed):
+    """The official experiments script (seeds 1-5): seed_everything(seed) → random.seed(seed); then
+    class_split = [0..9]; random.shuffle(class_split); tasks are consecutive pairs. Transcribed here."""
+    import random as python_random
+
+    from cil.backbones import create_backbone, data_transforms
+    from streams import create_stream
+    from tests.streams.test_vision import write_cifar10
+
+    python_random.seed(seed)
+    official = list(range(10))
+    python_random.shuffle(official)
+    write_cifar10(tmp_path)
+    cfg = load_config(
+        CONFIGS / "dkvb" / "cifar10_resnet50.yaml",
+        [f"run.seed={seed}", f"stream.data_root={tmp_path}", "stream.verify_checksums=false", "stream.unlabelled=null"],
+    )
+    backbone = create_backbone("resnet10t")
+    stream = create_stream(cfg.stream, lambda **kw: data_transforms(backbone, 16, False, **kw))
+    assert stream.original_class_ids == official
+    assert [[stream.original_class_ids[c] for c in s] for s in stream.classes_per_session] == [
+        official[i : i + 2] for i in range(0, 10, 2)
+    ]
