@@ -134,6 +134,7 @@ def data_transforms(
     crop_pct: float | None = None,
     augment_kwargs: dict[str, Any] | None = None,
     normalize: bool = True,
+    interpolation: str | None = None,
 ) -> Transforms:
     """timm's transforms for ``model``: resize (+ crop) to its input size, normalise with its mean/std.
 
@@ -141,7 +142,8 @@ def data_transforms(
     ``augment_kwargs`` passed on to ``timm.data.create_transform`` (e.g. ``scale=(1, 1), ratio=(1, 1),
     vflip=0.5``); otherwise train and eval use the same deterministic transform. ``crop_pct=1.0`` resizes the
     whole image without a centre crop (used for tiny images such as the 8×8 digits). ``normalize=False`` keeps
-    pixels in [0, 1] (mean 0, std 1), as LAMDA-PILOT's methods (MOS) feed their ViTs.
+    pixels in [0, 1] (mean 0, std 1), as LAMDA-PILOT's methods (MOS) feed their ViTs. ``interpolation`` overrides
+    the data config's resize interpolation (e.g. mmcls' bilinear default on miniImageNet).
     """
     augment_kwargs = dict(augment_kwargs or {})
     if augment_kwargs and not augment:
@@ -151,6 +153,8 @@ def data_transforms(
         overrides["input_size"] = (3, image_size, image_size)
     if crop_pct is not None:
         overrides["crop_pct"] = crop_pct
+    if interpolation is not None:
+        overrides["interpolation"] = interpolation
     if not normalize:
         overrides.update(mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
     config = resolve_data_config(overrides, model=model)

@@ -88,6 +88,11 @@ class StreamConfig:
     crop_pct: Optional[float] = param(
         None, gt=0.0, le=1.0, help="eval crop fraction; 1.0 resizes the whole image (default: stream's, then model's)"
     )
+    interpolation: Optional[str] = param(
+        None,
+        choices=["bilinear", "bicubic", "nearest", "lanczos"],
+        help="resize interpolation of the evaluation transform (default: the backbone's data config)",
+    )
     augment_kwargs: dict[str, Any] = param(
         {},
         help="keyword arguments of timm's create_transform for the training transform (with augment=true), "

@@ -215,6 +215,7 @@ def stream_transforms(backbone: torch.nn.Module, cfg: DictConfig, **stream_defau
         **stream_defaults,
         "augment_kwargs": OmegaConf.to_container(cfg.stream.augment_kwargs),
         "normalize": cfg.stream.normalize,
+        "interpolation": cfg.stream.interpolation,
     }
     if cfg.stream.crop_pct is not None:
         kwargs["crop_pct"] = cfg.stream.crop_pct

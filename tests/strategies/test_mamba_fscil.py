@@ -356,3 +356,28 @@ def test_image_mixing_loss_on_a_hand_batch_counts_the_identity_branch_once(monke
     else:
         expected = lam * dr(labels) + (1 - lam) * dr(labels[index]) + (dr(labels) if quirks else 0)
     torch.testing.assert_close(loss, expected)
+
+
+@pytest.mark.parametrize(
+    "name, resize, crop, interpolation",
+    [("cifar100_fscil", 36, 32, "bicubic"), ("miniimagenet_fscil", 96, 84, "bilinear")],
+)
+def test_paper_configs_build_the_codes_test_pipeline(name, resize, crop, interpolation):
+    """The code's test_pipeline (evaluation and the cached maps of the incremental sessions): CIFAR resizes to 36
+    (bicubic) and centre-crops 32; miniImageNet resizes to int(84 * 1.15) = 96 (mmcls' bilinear) and crops 84."""
+    from PIL import Image
+    from torchvision import transforms as T
+
+    from cil.backbones import backbone_from_config
+    from cil.config import load_config
+    from cil.session import stream_transforms
+    from tests.conftest import CONFIGS
+
+    cfg = load_config(CONFIGS / "mamba_fscil" / f"{name}.yaml", ["backbone.pretrained=false"])
+    steps = stream_transforms(backbone_from_config(cfg.backbone), cfg).eval.transforms
+    resizes = [s for s in steps if isinstance(s, T.Resize)]
+    crops = [s for s in steps if isinstance(s, T.CenterCrop)]
+    assert len(resizes) == 1 and resizes[0].size == resize and resizes[0].interpolation.value == interpolation
+    assert len(crops) == 1 and tuple(crops[0].size) == (crop, crop)
+    x = stream_transforms(backbone_from_config(cfg.backbone), cfg).eval(Image.new("RGB", (crop, crop)))
+    assert tuple(x.shape) == (3, crop, crop)
