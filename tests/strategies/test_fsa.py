@@ -242,15 +242,36 @@ def test_paper_configs_carry_the_paper_settings(name):
     cfg = load_config(CONFIGS / "fsa" / f"{name}.yaml")
     s, st = cfg.stream, cfg.strategy
     assert (s.split, s.shots, s.base_shots, st.adaptation, list(st.milestones), st.lr_gamma) == PAPER[name]
-    assert (cfg.backbone.name, cfg.backbone.image_size, st.epochs, st.lr, st.dropout, s.batch_size) == (
-        "efficientnet_b0",
-        224,
-        200,
-        0.005,
-        0.5,
-        256,
-    )
+    assert (cfg.backbone.image_size, st.epochs, st.lr, st.dropout, s.batch_size) == (224, 200, 0.005, 0.5, 256)
     assert st.lda_mode == "fsa" and not s.shuffle_classes
+
+
+def test_paper_backbone_is_the_codes_tf_efficientnet_b0():
+    """The built network against lukemelas' EfficientNet-B0 (what the official code loads), built by the reference
+    implementation: TF "same" padding, BN eps and momentum, the drop-connect rate of every block, SiLU, SE."""
+    from timm.layers import Conv2dSame
+
+    from cil.backbones import backbone_from_config
+    from cil.config import load_config
+
+    cfg = load_config(CONFIGS / "fsa" / "cifar100_b10inc10.yaml", ["backbone.pretrained=false"])
+    ours = backbone_from_config(cfg.backbone)
+    bns = [m for m in ours.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert isinstance(ours.conv_stem, Conv2dSame) and {b.eps for b in bns} == {1e-3}
+    blocks = [b for stage in ours.blocks for b in stage]
+    ours_rates = [float(getattr(b.drop_path, "drop_prob", 0.0)) for b in blocks]
+    assert any(type(m).__name__ == "SqueezeExcite" for m in ours.modules())
+    assert {type(m).__name__ for m in ours.modules() if isinstance(m, (torch.nn.SiLU, torch.nn.ReLU))} == {"SiLU"}
+    efficientnet_lite_pytorch = pytest.importorskip("efficientnet_lite_pytorch", reason="pip install -e '.[real]'")
+    reference = efficientnet_lite_pytorch.EfficientNet.from_name("efficientnet-b0")
+    gp = reference._global_params
+    n = len(reference._blocks)  # the code's forward: drop_connect_rate * idx / len(blocks)
+    assert ours_rates == pytest.approx([gp.drop_connect_rate * i / n for i in range(n)])
+    ref_bns = [m for m in reference.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert {b.eps for b in ref_bns} == {1e-3}  # momentum: the code's 0.01, ours timm's 0.1 (README differences)
+    assert len(ref_bns) == len(bns) and sum(p.numel() for p in reference.parameters()) - 1281000 == sum(
+        p.numel() for p in ours.parameters()
+    )  # the same network without the 1280 x 1000 (+ bias) classifier
 
 
 @pytest.mark.slow
