@@ -112,6 +112,11 @@ class StreamConfig:
     )
     verify_checksums: bool = param(True, help="check the md5 of data files where the format defines one")
     batch_size: int = param(32, ge=1)
+    drop_last: bool = param(
+        False,
+        help="drop a ragged last training batch; default false keeps every sample as every official code does "
+        "(a last batch of one sample joins the one before it: BatchNorm cannot train on one)",
+    )
     eval_batch_size: int = param(256, ge=1)
     num_workers: int = param(0, ge=0)
 

@@ -28,7 +28,7 @@ from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import Callback, ModelCheckpoint
 from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
 from pytorch_lightning.plugins.io import TorchCheckpointIO
-from torch.utils.data import ConcatDataset, DataLoader, Dataset, RandomSampler, SequentialSampler, Subset
+from torch.utils.data import BatchSampler, ConcatDataset, DataLoader, Dataset, RandomSampler, SequentialSampler, Subset
 
 from cil import distributed
 from cil.backbones import Transforms, data_transforms
@@ -65,6 +65,37 @@ class EpochSeededSampler(RandomSampler):
     def __iter__(self):
         generator = torch.Generator().manual_seed(derived_seed(self.seed, self.epoch))
         yield from torch.randperm(len(self.data_source), generator=generator).tolist()
+
+
+class EveryItemBatchSampler(BatchSampler):
+    """Batches of every item, as the official codes' ``DataLoader(drop_last=False)``, except that a last batch of
+    a single item joins the batch before it: BatchNorm in training mode cannot normalise one sample. Only that case
+    differs; a ragged last batch of two or more items stays as it is. ``drop_last=True`` drops it as PyTorch does.
+
+    Lightning rebuilds it around a ``DistributedSampler`` under DDP (same constructor as ``BatchSampler``).
+    """
+
+    def __iter__(self):
+        if self.drop_last or self.batch_size == 1:
+            yield from super().__iter__()
+            return
+        held = None
+        for batch in super().__iter__():
+            if held is not None and len(batch) == 1:
+                batch = held + batch
+            elif held is not None:
+                yield held
+            held = batch
+        if held is not None:
+            yield held
+
+    def __len__(self) -> int:
+        n, size = len(self.sampler), self.batch_size
+        if self.drop_last:
+            return n // size
+        if size == 1:
+            return n
+        return n // size + (n % size > 1 or n == 1)
 
 
 class EpochSeed(Callback):
@@ -182,12 +213,11 @@ def train_loader(data: Dataset, cfg: DictConfig, session: int, batch_size: int |
     sampler = EpochSeededSampler(data, seed=derived_seed(cfg.run.seed, session))
     if cfg.stream.online:  # one sequence in the stream's order (already shuffled within each original session)
         sampler = SequentialSampler(data)
-    # drop a ragged last batch: a batch of one breaks BatchNorm in training mode
-    drop_last = len(data) > batch_size
+    batches = EveryItemBatchSampler(sampler, batch_size, drop_last=cfg.stream.drop_last)
     # its own generator: creating the iterator then draws no number from the global generator, whose state must
     # not depend on whether the fit was resumed (a resumed fit creates its iterator at another moment)
     generator = torch.Generator().manual_seed(derived_seed(cfg.run.seed, session))
-    return _loader(data, cfg, batch_size=batch_size, sampler=sampler, drop_last=drop_last, generator=generator)
+    return _loader(data, cfg, batch_sampler=batches, generator=generator)
 
 
 def evaluate(strategy: CILModule, stream, session: int, cfg: DictConfig) -> np.ndarray:

@@ -26,7 +26,10 @@ Differences from the code: the "cycled" incremental loader is a shuffled multise
 equally often (``inc_steps[i] x inc_batch_size`` draws), and the base session runs ``base_epochs`` over the stream
 (the code's ``RepeatDataset`` x epochs), and the incremental sessions start from the base session's last epoch, where
 the code loads its ``best.pth`` (the base epoch with the best *test* accuracy: a choice on the test split that a
-class-incremental protocol should not make). Needs from the user: a backbone with ``forward_features`` returning the
+class-incremental protocol should not make). One device reproduces the code's 8 GPUs with ``loss_group_size: 8``
+(the class-sensitive losses and the feature-mixup pairing per group of 8 maps, averaged; the dot-regression loss
+is a per-sample mean, equal either way), except that feature mixup is decided once per step for all groups where
+each GPU draws its own coin. Needs from the user: a backbone with ``forward_features`` returning the
 last feature map (timm models, ``resnet12``), ``feat_size`` matching it, and ``Session.loader_fn``.
 
 The losses work without a process group; under DDP the presence checks take the minimum over processes (the
@@ -81,27 +84,48 @@ def class_sensitive_losses(
     w_sep_new: float,
     w_sep: float = 0.0,
     params_base: dict[str, torch.Tensor] | None = None,
+    group_size: int | None = None,
 ) -> dict[str, torch.Tensor]:
     """The incremental-session losses of the code's ``calculate_class_sensitive_losses``, by name.
 
     Base samples are those with a label below ``num_base_classes`` (replayed means of earlier novel classes count as
     novel). Suppression of the new branch's gate on base samples, enhancement (negative) on novel ones, and
-    separation of the base/novel means of dt, B, C, each only when every process's batch has such samples.
+    separation of the base/novel means of dt, B, C, each only when every group's batch has such samples.
+
+    The code computes them on each GPU's 8 maps and DDP averages the gradients; the norms and means are not linear
+    in the batch, so ``group_size`` (e.g. 8) computes each loss on consecutive groups of that many samples and
+    averages over groups, as 8 GPUs would; the presence checks take the minimum over groups and processes (the
+    code's ``all_reduce(MIN)``). ``None``: one group, the whole batch.
     """
+    size = group_size or len(labels)
+    groups = [slice(start, start + size) for start in range(0, len(labels), size)]
     base, novel = labels < num_base_classes, labels >= num_base_classes
-    has_base = all_reduce_min(int(base.sum()), labels.device) > 0
-    has_novel = all_reduce_min(int(novel.sum()), labels.device) > 0
+    has_base = all_reduce_min(min(int(base[g].sum()) for g in groups), labels.device) > 0
+    has_novel = all_reduce_min(min(int(novel[g].sum()) for g in groups), labels.device) > 0
+
+    def over_groups(loss, value: torch.Tensor) -> torch.Tensor:
+        return torch.stack([loss(value[g], base[g], novel[g]) for g in groups]).mean()
+
     losses: dict[str, torch.Tensor] = {}
     if has_base and w_supp > 0:
-        losses["supp_base"] = w_supp * suppression_loss(gate, base)
+        losses["supp_base"] = w_supp * over_groups(lambda v, b, n: suppression_loss(v, b), gate)
     if has_novel and w_novel > 0:
-        losses["supp_novel"] = -w_novel * suppression_loss(gate, novel)
+        losses["supp_novel"] = -w_novel * over_groups(lambda v, b, n: suppression_loss(v, n), gate)
     if has_base and has_novel:
         for prefix, weight, params in (("sep_new", w_sep_new, params_new), ("sep_base", w_sep, params_base)):
             if weight > 0 and params:
                 for key, value in params.items():
-                    losses[f"{prefix}_{key}"] = weight * separation_loss(_with_directions(value), base, novel)
+                    losses[f"{prefix}_{key}"] = weight * over_groups(separation_loss, _with_directions(value))
     return losses
+
+
+def grouped_permutation(n: int, group_size: int | None, device=None) -> torch.Tensor:
+    """A random permutation of ``range(n)`` that stays within consecutive groups of ``group_size`` (each GPU of
+    the code mixes features only with its own batch); ``None``: one group."""
+    size = group_size or n
+    return torch.cat(
+        [start + torch.randperm(min(size, n - start), device=device) for start in range(0, n, size)]
+    ) if n else torch.zeros(0, dtype=torch.long, device=device)
 
 
 def _with_directions(param: torch.Tensor) -> torch.Tensor:
@@ -200,6 +224,12 @@ class MambaFSCILConfig(StrategyConfig):
     w_novel: float = param(1e-5, ge=0.0)
     w_sep_new: float = param(1e-3, ge=0.0)
     w_sep: float = param(0.0, ge=0.0)
+    loss_group_size: Optional[int] = param(
+        None,
+        ge=1,
+        help="incremental sessions: compute the class-sensitive losses and feature mixup on groups of this many "
+        "maps and average, as the code's GPUs do on 8 maps each (paper configs: 8); null: the whole batch",
+    )
 
 
 def _per_session(values: list[int], i: int) -> int:
@@ -214,6 +244,11 @@ class MambaFSCIL(CILModule):
         hparams.pop("name")
         self.save_hyperparameters(hparams)
         hp = self.hparams
+        if hp.loss_group_size is not None and hp.inc_batch_size % hp.loss_group_size:
+            raise ConfigError(
+                f"strategy.loss_group_size={hp.loss_group_size} must divide strategy.inc_batch_size="
+                f"{hp.inc_batch_size} (the code: 8 maps per GPU x 8 GPUs = 64)"
+            )
         if not hasattr(backbone, "forward_features"):
             raise ConfigError("mamba_fscil needs a backbone with forward_features (any timm model, resnet12)")
         self.projector = DualSelectiveProjector(
@@ -374,11 +409,12 @@ class MambaFSCIL(CILModule):
             hp.w_sep_new,
             hp.w_sep,
             out.base_params,
+            hp.loss_group_size,
         )
         for name, value in losses.items():
             self.log(f"train/{name}", value)
         if hp.feat_mixup_prob > 0 and float(torch.rand(())) < hp.feat_mixup_prob:
-            index = torch.randperm(len(labels), device=labels.device)
+            index = grouped_permutation(len(labels), hp.loss_group_size, labels.device)
             lam = hp.feat_mixup
             mixed = lam * out.features + (1 - lam) * out.features[index]
             dr = lam * self.dr(mixed, labels, hp.inc_with_length)

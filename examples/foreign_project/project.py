@@ -80,9 +80,7 @@ class DigitsDataModule(pl.LightningDataModule):
         data = self.session_data(self.session)
         sampler = EpochSeededSampler(data, seed=derived_seed(self.seed, self.session))
         generator = torch.Generator().manual_seed(derived_seed(self.seed, self.session))
-        return DataLoader(
-            data, self.batch_size, sampler=sampler, drop_last=len(data) > self.batch_size, generator=generator
-        )
+        return DataLoader(data, self.batch_size, sampler=sampler, generator=generator)
 
 
 class LogSession(pl.Callback):

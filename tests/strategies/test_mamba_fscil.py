@@ -78,6 +78,98 @@ def test_6_separation_is_half_the_absolute_cosine_of_base_and_novel_means():
     assert class_sensitive_losses(torch.zeros(2, 2, 3), {"dt": param[:2]}, labels[:2], 5, 0, 0, 1e-3) == {}
 
 
+def official_class_sensitive_losses(x_main, params, labels, base_classes, w_supp, w_novel, w_sep_new):
+    """One GPU of the code's ``calculate_class_sensitive_losses`` + ``calculate_sep_loss``, transcribed (its
+    all_reduce(MIN) is the caller's: it passes presence flags through ``labels``)."""
+    indices_base, indices_novel = labels < base_classes, labels >= base_classes
+    losses = {}
+    if indices_base.sum() > 0:
+        losses["supp_base"] = w_supp * torch.norm(x_main[indices_base]) / torch.numel(x_main[indices_base])
+    if indices_novel.sum() > 0:
+        losses["supp_novel"] = -w_novel * torch.norm(x_main[indices_novel]) / torch.numel(x_main[indices_novel])
+    if indices_base.sum() > 0 and indices_novel.sum() > 0:
+        for key, value in params.items():  # (B, K, R, L): param_avg_dim = samples, directions, tokens
+            avg = torch.cat([v.mean((0, 1, 3)).reshape((1, -1)) for v in (value[indices_base], value[indices_novel])])
+            unit = torch.nn.functional.normalize(avg, dim=-1)
+            losses[f"sep_new_{key}"] = w_sep_new * torch.mean(torch.abs(torch.eye(2) - unit @ unit.T))
+    return losses
+
+
+def test_loss_groups_reproduce_eight_gpus_of_eight_maps():
+    """``group_size=8`` on 64 maps = the mean over 8 slices of the code's per-GPU losses (DDP averages gradients,
+    so the losses are averaged); the whole batch at once gives other values (norms are not linear in the batch)."""
+    g = torch.Generator().manual_seed(0)
+    labels = torch.tensor([0, 1, 2, 6, 7, 3, 8, 9] * 8)[torch.randperm(64, generator=g)]
+    labels = labels.view(8, 8).sort(dim=1).values.flatten()  # every group of 8 keeps base and novel maps
+    gate = torch.randn(64, 4, 6, generator=g).requires_grad_()
+    params = {k: torch.randn(64, 2, 5, 6, generator=g).requires_grad_() for k in ("dt", "B", "C")}
+    weights = dict(w_supp=100.0, w_novel=0.5, w_sep_new=1e-3)
+    ours = class_sensitive_losses(gate, params, labels, 5, **weights, group_size=8)
+    per_gpu = [
+        official_class_sensitive_losses(gate[i : i + 8], {k: v[i : i + 8] for k, v in params.items()},
+                                        labels[i : i + 8], 5, **weights)
+        for i in range(0, 64, 8)
+    ]  # fmt: skip
+    assert set(ours) == set(per_gpu[0]) == {"supp_base", "supp_novel", "sep_new_dt", "sep_new_B", "sep_new_C"}
+    for key, value in ours.items():
+        torch.testing.assert_close(value, torch.stack([gpu[key] for gpu in per_gpu]).mean())
+    whole = class_sensitive_losses(gate, params, labels, 5, **weights)
+    assert abs(whole["supp_base"].item() - ours["supp_base"].item()) > 0.1 * abs(ours["supp_base"].item())
+    # the gradients DDP would average
+    grad_ours = torch.autograd.grad(sum(ours.values()), [gate, *params.values()])
+    grad_gpus = torch.autograd.grad(sum(sum(gpu.values()) for gpu in per_gpu) / 8, [gate, *params.values()])
+    for a, b in zip(grad_ours, grad_gpus):
+        torch.testing.assert_close(a, b)
+
+
+def test_a_group_without_novel_maps_switches_the_novel_losses_off_for_all():
+    """The code's all_reduce(MIN): one GPU without novel maps means no enhancement and no separation anywhere."""
+    labels = torch.tensor([0, 1, 7, 8] + [0, 1, 2, 3])
+    gate, params = torch.randn(8, 3, 4), {"dt": torch.randn(8, 1, 2, 4)}
+    losses = class_sensitive_losses(gate, params, labels, 5, 1.0, 1.0, 1.0, group_size=4)
+    assert set(losses) == {"supp_base"}
+    assert set(class_sensitive_losses(gate, params, labels, 5, 1.0, 1.0, 1.0)) == {"supp_base", "supp_novel",
+                                                                                  "sep_new_dt"}  # fmt: skip
+
+
+def test_grouped_feature_mixup_pairs_maps_within_their_group():
+    from strategies.mamba_fscil import grouped_permutation
+
+    torch.manual_seed(0)
+    index = grouped_permutation(64, 8)
+    assert sorted(index.tolist()) == list(range(64))
+    assert all(set(index[i : i + 8].tolist()) == set(range(i, i + 8)) for i in range(0, 64, 8))
+    assert not torch.equal(index, torch.arange(64))
+
+
+def test_incremental_loss_uses_the_configured_groups():
+    """The strategy's incremental loss with ``loss_group_size=4``: dot regression on the whole batch plus the
+    per-group class-sensitive losses (no feature mixup)."""
+    from cil.config import ConfigError
+    from cil.module import Session
+
+    strategy = tiny_strategy(loss_group_size=4, inc_batch_size=8, feat_mixup_prob=0.0, w_novel=0.5)
+    strategy.begin_session(Session(index=0, new_classes=[0, 1, 2, 3], seen_classes=[0, 1, 2, 3]))
+    strategy._freeze_base()
+    strategy.session_index = 1
+    strategy.eval()
+    maps, labels = torch.randn(8, 16, 2, 2), torch.tensor([0, 4, 1, 5, 2, 6, 3, 7])
+    loss = strategy.incremental_loss(maps, labels)
+    out = strategy.projector(maps)
+    hp = strategy.hparams
+    per_group = [
+        class_sensitive_losses(out.gate[i : i + 4], {k: v[i : i + 4] for k, v in out.params.items()},
+                               labels[i : i + 4], 4, hp.w_supp, hp.w_novel, hp.w_sep_new)
+        for i in (0, 4)
+    ]  # fmt: skip
+    expected = strategy.dr(out.features, labels, hp.inc_with_length) + sum(
+        (a + b) / 2 for a, b in zip(per_group[0].values(), per_group[1].values())
+    )
+    torch.testing.assert_close(loss, expected)
+    with pytest.raises(ConfigError, match="loss_group_size=3 must divide strategy.inc_batch_size=8"):
+        tiny_strategy(loss_group_size=3, inc_batch_size=8)
+
+
 def test_resnet12_is_a_timm_model_returning_the_last_feature_map():
     model = create_backbone("resnet12")
     x = torch.randn(2, 3, 32, 32)

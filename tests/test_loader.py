@@ -1,0 +1,99 @@
+"""The training loader keeps every sample, as the official codes' ``DataLoader(drop_last=False)`` do."""
+
+from __future__ import annotations
+
+import pytest
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.utilities.data import _update_dataloader
+from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
+
+from cil.session import EveryItemBatchSampler, train_loader
+from tests.conftest import tiny_config
+
+
+def indices(n: int) -> TensorDataset:
+    return TensorDataset(torch.arange(n))
+
+
+def batches(loader) -> list[list[int]]:
+    return [batch[0].tolist() for batch in loader]
+
+
+def test_dkvb_cifar100_task_is_four_steps_over_every_sample(tmp_path):
+    """A CIFAR-100 DKVB task: 1,000 samples at batch 256 is 4 steps per epoch, the last of 232 (not 3 steps that
+    skip 232 samples each epoch)."""
+    cfg = tiny_config("dkvb", tmp_path, "stream.batch_size=256")
+    loader = train_loader(indices(1000), cfg, session=0)
+    got = batches(loader)
+    assert [len(b) for b in got] == [256, 256, 256, 232] and len(loader) == 4
+    assert sorted(sum(got, [])) == list(range(1000))
+
+
+def test_a_last_batch_of_one_joins_the_batch_before(tmp_path):
+    cfg = tiny_config("finetune", tmp_path, "stream.batch_size=4")
+    got = batches(train_loader(indices(9), cfg, session=0))
+    assert [len(b) for b in got] == [4, 5] and sorted(sum(got, [])) == list(range(9))
+    got = batches(train_loader(indices(10), cfg, session=0))  # a last batch of two stays as it is
+    assert [len(b) for b in got] == [4, 4, 2]
+
+
+def test_drop_last_option_drops_the_ragged_batch(tmp_path):
+    cfg = tiny_config("finetune", tmp_path, "stream.batch_size=256", "stream.drop_last=true")
+    assert [len(b) for b in batches(train_loader(indices(1000), cfg, session=0))] == [256, 256, 256]
+
+
+@pytest.mark.parametrize("n", range(0, 14))
+@pytest.mark.parametrize("size", [1, 2, 3, 5])
+def test_batch_sampler_length_and_coverage(n, size):
+    for drop_last in (False, True):
+        sampler = EveryItemBatchSampler(range(n), size, drop_last)
+        got = list(sampler)
+        assert len(got) == len(sampler)
+        if not drop_last:
+            assert sum(got, []) == list(range(n))
+            assert size == 1 or n == 1 or min(map(len, got), default=2) >= 2
+
+
+class BatchNormModel(pl.LightningModule):
+    """A BatchNorm1d on features: the layer that raises on a batch of one in training mode."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4), torch.nn.Linear(4, 2))
+        self.seen = 0
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        self.seen += len(y)
+        return torch.nn.functional.cross_entropy(self.net(x), y)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def test_lightning_trains_batchnorm_on_every_sample(tmp_path):
+    data = TensorDataset(torch.randn(9, 3), torch.randint(0, 2, (9,)))
+    trainer_kwargs = dict(max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False)
+    with pytest.raises(ValueError, match="more than 1 value per channel"):  # what a plain loader would do
+        pl.Trainer(**trainer_kwargs).fit(BatchNormModel(), DataLoader(data, batch_size=4))
+    model = BatchNormModel()
+    cfg = tiny_config("finetune", tmp_path, "stream.batch_size=4")
+    pl.Trainer(**trainer_kwargs).fit(model, train_loader(data, cfg, session=0))
+    assert model.seen == 9
+
+
+def test_ddp_rebuild_keeps_the_batch_sampler(tmp_path):
+    """Under DDP Lightning rebuilds the loader around a DistributedSampler: each rank keeps the folding sampler
+    and the ranks' shares are disjoint."""
+    cfg = tiny_config("finetune", tmp_path, "stream.batch_size=4")
+    data = indices(18)
+    shares = []
+    for rank in range(2):
+        loader = train_loader(data, cfg, session=0)
+        loader = _update_dataloader(loader, DistributedSampler(data, num_replicas=2, rank=rank, shuffle=True))
+        assert type(loader.batch_sampler) is EveryItemBatchSampler
+        got = batches(loader)
+        assert [len(b) for b in got] == [4, 5]  # 9 per rank: the ninth joins the second batch
+        shares.append(set(sum(got, [])))
+    assert shares[0].isdisjoint(shares[1]) and shares[0] | shares[1] == set(range(18))
