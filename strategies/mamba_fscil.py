@@ -123,9 +123,11 @@ def grouped_permutation(n: int, group_size: int | None, device=None) -> torch.Te
     """A random permutation of ``range(n)`` that stays within consecutive groups of ``group_size`` (each GPU of
     the code mixes features only with its own batch); ``None``: one group."""
     size = group_size or n
-    return torch.cat(
-        [start + torch.randperm(min(size, n - start), device=device) for start in range(0, n, size)]
-    ) if n else torch.zeros(0, dtype=torch.long, device=device)
+    return (
+        torch.cat([start + torch.randperm(min(size, n - start), device=device) for start in range(0, n, size)])
+        if n
+        else torch.zeros(0, dtype=torch.long, device=device)
+    )
 
 
 def _with_directions(param: torch.Tensor) -> torch.Tensor:
