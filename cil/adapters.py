@@ -84,17 +84,37 @@ class AdapterBank(nn.Module):
         return output if adapters is None else output + adapters[i](h)
 
     @contextmanager
-    def use(self, which: Optional[Union[str, int]]) -> Iterator[AdapterBank]:
-        """Apply ``which`` (``"current"``, a snapshot index, or ``None``) inside the block, then restore."""
-        before, self.active = self.active, which
+    def use(self, which: Optional[Union[str, int, nn.ModuleList]]) -> Iterator[AdapterBank]:
+        """Apply ``which`` (``"current"``, a snapshot index, an adapter list, or ``None``) inside the block, then
+        restore."""
+        before = self.active
+        object.__setattr__(self, "active", which)  # a plain attribute even when an adapter list: not a child
         try:
             yield self
         finally:
-            self.active = before
+            object.__setattr__(self, "active", before)
+
+    @contextmanager
+    def use_mean(self, k: int) -> Iterator[AdapterBank]:
+        """Apply ``mean(snapshots[:k])``, computed afresh into a scratch copy: the snapshots are never written."""
+        if not 1 <= k <= len(self.snapshots):
+            raise IndexError(f"the mean of {k} snapshots needs 1..{len(self.snapshots)}")
+        scratch = self.__dict__.get("_scratch")  # not a submodule: no state-dict entry, no checkpoint bytes
+        device = self.current[0].down.weight.device
+        if scratch is None or next(scratch.parameters()).device != device:
+            scratch = self.__dict__["_scratch"] = self._frozen_copy(self.current).to(device)
+        with torch.no_grad():
+            for p, *ps in zip(scratch.parameters(), *(s.parameters() for s in self.snapshots[:k])):
+                p.copy_(sum(ps) / k)  # the code's prefix sums, in its order
+        scratch.train(self.training)
+        with self.use(scratch):
+            yield self
 
     def selected(self) -> Optional[nn.ModuleList]:
         if self.active is None:
             return None
+        if isinstance(self.active, nn.ModuleList):
+            return self.active
         if self.active == "current":
             return self.current
         if not 0 <= self.active < len(self.snapshots):

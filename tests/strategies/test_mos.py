@@ -348,9 +348,9 @@ def test_13_ensemble_temperature_multiplies_the_cosine_logits(three_sessions):
 
 
 # ---- 14: training-free, order-independent inference --------------------------------------------------------------
-@pytest.mark.parametrize("mode", ["per_step", "official"])
-def test_14_inference_is_training_free_and_independent_of_test_order(mode):
-    strategy = make_mos(merge_mode=mode)
+@pytest.mark.parametrize("mode, eval_adapters", [("per_step", "stored"), ("official", "merged")])
+def test_14_inference_is_training_free_and_independent_of_test_order(mode, eval_adapters):
+    strategy = make_mos(merge_mode=mode, eval_adapters=eval_adapters)
     for k in range(3):
         fit(strategy, k)
     strategy.eval()
@@ -363,6 +363,89 @@ def test_14_inference_is_training_free_and_independent_of_test_order(mode):
         permuted = torch.cat([strategy(b) for b in x[order].split(7)]).argmax(1)
     assert torch.equal(first, again) and torch.equal(permuted, first[order])
     assert not changed(before, state(strategy))
+
+
+# ---- §1.4c: the code's evaluation merges the stored adapters in place --------------------------------------------
+def official_test_features(strategy: MOS, adapter_list, sums, x: torch.Tensor, j: int) -> torch.Tensor:
+    """The code's ``forward_features(x, adapter_id=j, train=False)`` for a stored adapter j, transcribed: before
+    every block, ``reweight_adapter(adapter_list[j], j)`` moves all D layers in place toward the prefix sum / j."""
+    m = strategy.hparams.adapter_momentum
+
+    def reweight(module, inputs):
+        if j == 0:
+            return
+        for layer, prefix in zip(adapter_list[j], sums[j - 1]):
+            for p, s in zip(layer.parameters(), prefix):
+                p.data = (1 - m) * p.data + m * s / j
+
+    blocks = list(strategy.backbone.blocks)
+    handles = [block.register_forward_pre_hook(reweight) for block in blocks]
+    try:
+        with strategy.adapters.use(adapter_list[j]):
+            return strategy.features(x)
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def code_adapter_state(strategy: MOS):
+    """The code's ``adapter_list`` (deep copies) and prefix sums S_i = A_i + S_{i-1}, per layer and tensor."""
+    adapter_list = [copy.deepcopy(snapshot) for snapshot in strategy.adapters.snapshots]
+    sums, running = [], None
+    for snapshot in strategy.adapters.snapshots:
+        layers = [[p.detach().clone() for p in layer.parameters()] for layer in snapshot]
+        running = layers if running is None else [[a + b for a, b in zip(r, n)] for r, n in zip(running, layers)]
+        sums.append(running)
+    return adapter_list, sums
+
+
+@pytest.mark.parametrize("spread", [None, 0.3])
+def test_official_evaluation_converges_to_the_merged_mode(three_sessions, spread):
+    """Run the code's test path (features of every stored adapter for each test batch, merging in place) over
+    batches of held-out data: its first batch sees partly merged adapters, and from then on it converges to what
+    ``eval_adapters=merged`` computes in one go; the whole prediction then equals ours. ``spread`` moves the
+    snapshots apart (A_j far from the mean of the earlier ones, as after real training on ViT-B)."""
+    strategy = copy.deepcopy(three_sessions[0]).eval()
+    strategy.hparams.adapter_momentum = 0.1
+    if spread:
+        for snapshot in list(strategy.adapters.snapshots)[1:]:
+            randomise(snapshot, spread)
+    adapter_list, sums = code_adapter_state(strategy)
+    x = held_out()[0]
+    with torch.no_grad():
+        first = {j: official_test_features(strategy, adapter_list, sums, x[:10], j) for j in (1, 2)}
+        for batch in x.split(8) * 20:  # 20 passes over the test set, 3 stored adapters per batch
+            for j in range(3):
+                official_test_features(strategy, adapter_list, sums, batch, j)
+        probe = x[:10]
+        for j in (1, 2):
+            official = official_test_features(strategy, adapter_list, sums, probe, j)
+            with strategy.test_adapter(j):
+                merged = strategy.features(probe)
+            with strategy.adapters.use(j):
+                stored = strategy.features(probe)
+            torch.testing.assert_close(official, merged, rtol=1e-5, atol=1e-5)
+            assert not torch.allclose(stored, merged, atol=1e-4)  # the stored A_j is not what the code tests with
+            assert not torch.allclose(first[j], merged, atol=1e-6)  # its first test batch is not converged yet
+        # the whole prediction: ours in merged mode = the code's converged adapters used as stored
+        ours = strategy(probe)
+        code = copy.deepcopy(strategy)
+        code.hparams.eval_adapters = "stored"
+        for j in (1, 2):
+            code.adapters.snapshots[j].load_state_dict(adapter_list[j].state_dict())
+        torch.testing.assert_close(code(probe), ours, rtol=1e-5, atol=1e-6)
+
+
+def test_merged_evaluation_writes_nothing_and_follows_the_device(three_sessions):
+    strategy = copy.deepcopy(three_sessions[0]).eval()
+    before = state(strategy)
+    with torch.no_grad(), strategy.test_adapter(2):
+        strategy.features(held_out()[0][:4])
+    assert not changed(before, state(strategy))
+    assert not any("scratch" in key for key in strategy.state_dict())
+    with pytest.raises(IndexError, match="1..3"):
+        with strategy.adapters.use_mean(4):
+            pass
 
 
 # ---- 15, 16: orthogonality loss and the first guess --------------------------------------------------------------
