@@ -11,7 +11,7 @@ import difflib
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import timm
 import torch
@@ -135,6 +135,9 @@ def data_transforms(
     augment_kwargs: dict[str, Any] | None = None,
     normalize: bool = True,
     interpolation: str | None = None,
+    crop_mode: str | None = None,
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
 ) -> Transforms:
     """timm's transforms for ``model``: resize (+ crop) to its input size, normalise with its mean/std.
 
@@ -143,7 +146,9 @@ def data_transforms(
     vflip=0.5``); otherwise train and eval use the same deterministic transform. ``crop_pct=1.0`` resizes the
     whole image without a centre crop (used for tiny images such as the 8×8 digits). ``normalize=False`` keeps
     pixels in [0, 1] (mean 0, std 1), as LAMDA-PILOT's methods (MOS) feed their ViTs. ``interpolation`` overrides
-    the data config's resize interpolation (e.g. mmcls' bilinear default on miniImageNet).
+    the data config's resize interpolation (e.g. mmcls' bilinear default on miniImageNet), ``crop_mode`` its
+    crop mode (``squash`` resizes both sides to the input size, as ``Resize((224, 224))``), ``mean``/``std`` its
+    normalisation.
     """
     augment_kwargs = dict(augment_kwargs or {})
     if augment_kwargs and not augment:
@@ -155,6 +160,18 @@ def data_transforms(
         overrides["crop_pct"] = crop_pct
     if interpolation is not None:
         overrides["interpolation"] = interpolation
+    if crop_mode is not None:
+        overrides["crop_mode"] = crop_mode
+    for key, values in (("mean", mean), ("std", std)):
+        if values is None:
+            continue
+        if not normalize:
+            raise ConfigError(f"stream.{key}={list(values)} needs stream.normalize=true")
+        if len(values) != 3 or (key == "std" and min(values) <= 0):
+            raise ConfigError(
+                f"stream.{key}={list(values)} must be 3 numbers (one per channel){', all > 0' * (key == 'std')}"
+            )
+        overrides[key] = tuple(float(v) for v in values)
     if not normalize:
         overrides.update(mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
     config = resolve_data_config(overrides, model=model)
@@ -174,5 +191,18 @@ def backbone_from_config(cfg: Any) -> nn.Module:
 
     kwargs = dict(cfg.kwargs) if cfg.kwargs else {}
     if is_clip_name(cfg.name):
-        return create_clip(cfg.name, pretrained=cfg.pretrained, weights=cfg.weights, **kwargs)
-    return create_backbone(cfg.name, pretrained=cfg.pretrained, weights=cfg.weights, **kwargs)
+        model = create_clip(cfg.name, pretrained=cfg.pretrained, weights=cfg.weights, **kwargs)
+    else:
+        model = create_backbone(cfg.name, pretrained=cfg.pretrained, weights=cfg.weights, **kwargs)
+    if cfg.get("bn_momentum") is not None:
+        set_bn_momentum(model, cfg.bn_momentum)
+    return model
+
+
+def set_bn_momentum(model: nn.Module, momentum: float) -> None:
+    """Every BatchNorm layer's running-statistics momentum (``backbone.bn_momentum``); an error if there is none."""
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not norms:
+        raise ConfigError(f"backbone.bn_momentum={momentum} but the backbone has no BatchNorm layer")
+    for m in norms:
+        m.momentum = momentum

@@ -93,6 +93,14 @@ class StreamConfig:
         choices=["bilinear", "bicubic", "nearest", "lanczos"],
         help="resize interpolation of the evaluation transform (default: the backbone's data config)",
     )
+    crop_mode: Optional[str] = param(
+        None,
+        choices=["center", "squash", "border"],
+        help="eval resize: center (short side, centre crop), squash (both sides to the input size, aspect ratio "
+        "not kept), border (long side, pad); default: the backbone's data config",
+    )
+    mean: Optional[list[float]] = param(None, help="normalisation mean per channel (default: the backbone's)")
+    std: Optional[list[float]] = param(None, help="normalisation std per channel (default: the backbone's)")
     augment_kwargs: dict[str, Any] = param(
         {},
         help="keyword arguments of timm's create_transform for the training transform (with augment=true), "
@@ -127,6 +135,9 @@ class BackboneConfig:
     pretrained: bool = param(False, help="download timm's pre-trained weights (needs network)")
     weights: Optional[str] = param(None, help="local weights file (a state dict) to load instead")
     image_size: Optional[int] = param(None, ge=8, help="input size; default: the model's own")
+    bn_momentum: Optional[float] = param(
+        None, gt=0.0, le=1.0, help="momentum of every BatchNorm layer (PyTorch's convention: TF's decay 0.99 is 0.01)"
+    )
     kwargs: dict[str, Any] = param({}, help="extra keyword arguments for timm.create_model")
 
 

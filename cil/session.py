@@ -246,6 +246,9 @@ def stream_transforms(backbone: torch.nn.Module, cfg: DictConfig, **stream_defau
         "augment_kwargs": OmegaConf.to_container(cfg.stream.augment_kwargs),
         "normalize": cfg.stream.normalize,
         "interpolation": cfg.stream.interpolation,
+        "crop_mode": cfg.stream.crop_mode,
+        "mean": None if cfg.stream.mean is None else list(cfg.stream.mean),
+        "std": None if cfg.stream.std is None else list(cfg.stream.std),
     }
     if cfg.stream.crop_pct is not None:
         kwargs["crop_pct"] = cfg.stream.crop_pct

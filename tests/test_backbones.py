@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import timm
 import torch
@@ -172,3 +173,47 @@ def test_imagenet_lite0_from_the_package_matches_the_reference_and_sees_a_cat():
         features = create_backbone("tf_efficientnet_lite0", weights=weights).eval()
         with torch.no_grad():
             torch.testing.assert_close(features(x) @ ours.classifier.weight.T + ours.classifier.bias, logits)
+
+
+def test_bn_momentum_sets_every_batchnorm_and_needs_one():
+    from omegaconf import OmegaConf
+
+    from cil.backbones import backbone_from_config
+
+    cfg = OmegaConf.create(
+        {"name": "resnet10t", "pretrained": False, "weights": None, "kwargs": {}, "bn_momentum": 0.01}
+    )
+    norms = [m for m in backbone_from_config(cfg).modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert norms and {m.momentum for m in norms} == {0.01}
+    cfg.name, cfg.kwargs = "vit_tiny_patch16_224", {"img_size": 32, "depth": 1}
+    with pytest.raises(ConfigError, match="backbone.bn_momentum=0.01 but the backbone has no BatchNorm"):
+        backbone_from_config(cfg)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"mean": [0.5, 0.5]}, r"stream.mean=\[0.5, 0.5\] must be 3 numbers"),
+        ({"std": [0.5, 0.0, 0.5]}, r"stream.std=\[0.5, 0.0, 0.5\] must be 3 numbers \(one per channel\), all > 0"),
+        ({"mean": [0.5] * 3, "normalize": False}, "needs stream.normalize=true"),
+    ],
+)
+def test_bad_normalisation_is_a_config_error(kwargs, message):
+    with pytest.raises(ConfigError, match=message):
+        data_transforms(create_backbone("resnet10t"), 32, **kwargs)
+
+
+def test_squash_mean_and_std_reach_the_transform():
+    from PIL import Image
+    from torchvision import transforms as T
+
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (20, 50, 3), dtype=np.uint8))
+    built = data_transforms(
+        create_backbone("resnet10t"), 32, crop_pct=1.0, crop_mode="squash", interpolation="lanczos",
+        mean=[0.1, 0.2, 0.3], std=[0.4, 0.5, 0.6],
+    )  # fmt: skip
+    reference = T.Compose(
+        [T.Resize((32, 32), interpolation=T.InterpolationMode.LANCZOS), T.ToTensor(),
+         T.Normalize([0.1, 0.2, 0.3], [0.4, 0.5, 0.6])]
+    )  # fmt: skip
+    torch.testing.assert_close(built.eval(image), reference(image), rtol=0, atol=1e-6)
