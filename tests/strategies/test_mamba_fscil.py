@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -473,3 +474,11 @@ def test_paper_configs_build_the_codes_test_pipeline(name, resize, crop, interpo
     assert len(crops) == 1 and tuple(crops[0].size) == (crop, crop)
     x = stream_transforms(backbone_from_config(cfg.backbone), cfg).eval(Image.new("RGB", (crop, crop)))
     assert tuple(x.shape) == (3, crop, crop)
+    # the code's img_norm_cfg (0-255 scale): CIFAR statistics on CIFAR, ImageNet's on miniImageNet
+    norm = next(s for s in steps if isinstance(s, T.Normalize))
+    official = {
+        "cifar100_fscil": ([129.304, 124.070, 112.434], [68.170, 65.392, 70.418]),
+        "miniimagenet_fscil": ([123.675, 116.28, 103.53], [58.395, 57.12, 57.375]),
+    }[name]
+    assert np.allclose(np.asarray(norm.mean) * 255, official[0], atol=1e-4)
+    assert np.allclose(np.asarray(norm.std) * 255, official[1], atol=1e-4)
