@@ -236,14 +236,45 @@ PAPER = {
 
 
 @pytest.mark.parametrize("name", sorted(PAPER))
-def test_paper_configs_carry_the_paper_settings(name):
+def test_paper_configs_build_the_codes_training(name, tmp_path):
+    """What each paper config builds, against the code's settings (methods/fsa.md §7): the session layout the stream
+    cuts from its natural class order, the shots of the built loaders' data, the trained parameters (the whole body
+    or only FiLM's gamma/beta), the optimiser and schedule ``configure_optimizers`` returns, the epochs of session 1
+    and none after it, the dropout before the temporary head, the LDA head's mode, and the batch sizes."""
     from cil.config import load_config
+    from cil.session import train_loader
+    from streams.common import split_sessions
 
-    cfg = load_config(CONFIGS / "fsa" / f"{name}.yaml")
-    s, st = cfg.stream, cfg.strategy
-    assert (s.split, s.shots, s.base_shots, st.adaptation, list(st.milestones), st.lr_gamma) == PAPER[name]
-    assert (cfg.backbone.image_size, st.epochs, st.lr, st.dropout, s.batch_size) == (224, 200, 0.005, 0.5, 256)
-    assert st.lda_mode == "fsa" and not s.shuffle_classes
+    split, shots, base_shots, adaptation, milestones, gamma = PAPER[name]
+    cfg = load_config(CONFIGS / "fsa" / f"{name}.yaml", ["backbone.pretrained=false", "stream.num_workers=0"])
+    strategy = create_strategy(cfg)
+    classes = {"cifar100": 100, "svhn": 10, "fgvc_aircraft": 100, "stanford_cars": 196, "cub200": 200}
+    sessions = split_sessions(list(range(classes[cfg.stream.name])), cfg.stream.split, cfg.stream.name)
+    assert [len(c) for c in sessions] == [int(split[1:].split("-")[0])] + [int(split.split("Inc")[1])] * (
+        len(sessions) - 1
+    )  # the natural class order is checked on a built stream in test_paper_configs_build_the_paper_streams
+    assert (cfg.stream.shots, cfg.stream.base_shots) == (shots, base_shots)
+    first = Session(0, sessions[0], sessions[0])
+    strategy.begin_session(first)
+    trained = {n for n, p in strategy.named_parameters() if p.requires_grad}
+    if adaptation == "film":
+        assert trained and all(n.startswith(("film.", "classifier.")) for n in trained)
+    else:
+        assert any(n.startswith("backbone.blocks.") for n in trained)
+        assert not any(n.startswith("film.") for n in trained)
+    built = strategy.configure_optimizers()
+    optimizer, scheduler = built["optimizer"], built["lr_scheduler"]["scheduler"]
+    assert type(optimizer) is torch.optim.Adam and optimizer.defaults["lr"] == 0.005
+    assert optimizer.defaults["weight_decay"] == 0.0 and optimizer.defaults["betas"] == (0.9, 0.999)
+    assert dict(scheduler.milestones) == {m: 1 for m in milestones} and scheduler.gamma == gamma
+    assert {id(p) for g in optimizer.param_groups for p in g["params"]} == {
+        id(p) for p in strategy.parameters() if p.requires_grad
+    }
+    assert strategy.epochs_for(first) == 200 and strategy.dropout.p == 0.5 and strategy.lda.mode == "fsa"
+    strategy.freeze_body()
+    assert strategy.epochs_for(Session(1, sessions[1], sessions[0] + sessions[1])) == 0
+    loader = train_loader(torch.utils.data.TensorDataset(torch.zeros(600, 1)), cfg, session=0)
+    assert loader.batch_sampler.batch_size == 256 and cfg.stream.eval_batch_size == 128
 
 
 def test_paper_backbone_is_the_codes_tf_efficientnet_b0():
