@@ -296,21 +296,49 @@ EXTRA = {  # (num classes, base classes, version, base-branch lr scale, backbone
 
 
 @pytest.mark.parametrize("name", sorted(PAPER))
-def test_paper_configs_carry_the_official_settings(name):
+def test_paper_configs_build_the_official_model(name):
+    """What each paper config builds, against the official configs: the backbone's last map at the input size
+    (its size is the projector's), the projector's width, state size, residual projection and scan version, the
+    ETF over every class, the loss groups of the code's GPUs, and the settings the sessions are driven with."""
     from cil.config import load_config
+    from cil.module import create_strategy
+    from cil.ssm import SS2D
     from tests.conftest import CONFIGS
 
-    cfg = load_config(CONFIGS / "mamba_fscil" / f"{name}.yaml")
-    s, st = cfg.stream, cfg.strategy
+    (split, size, feat, width, residual, base_lr, inc_lr, steps, copies, base_copies,
+     w_supp, w_novel, w_sep_new, mix_p, base_len, inc_len, image_mix) = PAPER[name]  # fmt: skip
+    classes, base_classes, version, lr_scale, backbone = EXTRA[name]
+    cfg = load_config(CONFIGS / "mamba_fscil" / f"{name}.yaml", ["backbone.pretrained=false"])
+    strategy = create_strategy(cfg).eval()
+    hp = strategy.hparams
+    assert cfg.backbone.name == backbone and cfg.stream.split == split and cfg.stream.shots == 5
+    with torch.no_grad():
+        fmap = strategy.feature_map(torch.zeros(1, 3, size, size))
+        assert tuple(fmap.shape[2:]) == (feat, feat)
+        out = strategy.projector(fmap)
+    assert out.features.shape[1] == width == strategy.etf.etf.shape[0]
+    assert strategy.etf.etf.shape[1] == classes and hp.num_base_classes == base_classes
+    assert isinstance(strategy.projector.residual, torch.nn.Linear) == residual
+    assert any(isinstance(m, SS2D) for m in strategy.projector.modules()) == (version == "ss2d")
+    assert {p.shape[-1] for n, p in strategy.projector.named_parameters() if "A_log" in n} == {256}  # d_state
+    assert strategy.projector.detach_base == (lr_scale == 0) and hp.base_branch_lr_scale == lr_scale
+    assert (hp.inc_batch_size, hp.loss_group_size, cfg.stream.batch_size, hp.faithful_quirks) == (64, 8, 512, True)
     settings = (
-        s.split, cfg.backbone.image_size, st.feat_size, st.out_channels, st.residual_proj, st.base_lr, st.inc_lr,
-        list(st.inc_steps), list(st.copies), list(st.base_copies), st.w_supp, st.w_novel, st.w_sep_new,
-        st.feat_mixup_prob, st.base_with_length, st.inc_with_length, st.image_mix,
-    )  # fmt: skip
-    assert settings == PAPER[name]
-    assert (s.shots, st.d_state, st.inc_batch_size, s.batch_size, st.faithful_quirks) == (5, 256, 64, 512, True)
-    extra = (st.num_classes, st.num_base_classes, st.version, st.base_branch_lr_scale, cfg.backbone.name)
-    assert extra == EXTRA[name]
+        hp.base_lr,
+        hp.inc_lr,
+        list(hp.inc_steps),
+        list(hp.copies),
+        list(hp.base_copies),
+        hp.w_supp,
+        hp.w_novel,
+        hp.w_sep_new,
+        hp.feat_mixup_prob,
+        hp.base_with_length,
+        hp.inc_with_length,
+        hp.image_mix,
+    )
+    assert settings == (base_lr, inc_lr, steps, copies, base_copies, w_supp, w_novel, w_sep_new, mix_p, base_len,
+                        inc_len, image_mix)  # fmt: skip
 
 
 def test_cub_config_builds_the_ss2d_model_with_frozen_stem(tmp_path):

@@ -531,17 +531,40 @@ WEIGHTS = {"in21k": "vit_base_patch16_224.augreg_in21k", "in1k": "vit_base_patch
 
 @pytest.mark.parametrize("tag", sorted(WEIGHTS))
 @pytest.mark.parametrize("name", sorted(PAPER))
-def test_paper_configs_carry_the_official_settings(name, tag):
+def test_paper_configs_build_the_official_model(name, tag):
+    """What each paper config builds, against the official json: ViT-B/16 with the json's weights, 12 adapters of
+    width 16 (dropout 0.1, scale 0.1), the class statistics' storage, the retrieval's 4 head evaluations, the
+    in-place-merge semantics of the code, the session layout and the optimiser groups of a session."""
     from cil.config import load_config
+    from cil.module import create_strategy
+    from streams.common import split_sessions
 
-    cfg = load_config(CONFIGS / "mos" / f"{name}_{tag}.yaml")
-    s, st = cfg.stream, cfg.strategy
-    settings = (s.name, s.split, st.epochs, st.lr, s.batch_size, st.weight_decay, st.ca_storage, s.shuffle_classes)
-    assert settings == PAPER[name]
-    assert cfg.backbone.name == WEIGHTS[tag] and cfg.backbone.image_size == 224 and cfg.run.seed == 1993
-    assert st.ca_samples_per_class == 5 * s.batch_size and st.merge_mode == "official" and not s.normalize
-    defaults = (st.head_lr_scale, st.adapter_momentum, st.reg, st.orth_temperature, st.ca_epochs, st.ca_lr)
-    assert defaults == (0.1, 0.1, 0.1, 0.8, 30, 0.005) and (st.bottleneck, st.max_iter, st.ensemble) == (16, 4, True)
+    stream, split, epochs, lr, batch, weight_decay, storage, shuffle = PAPER[name]
+    cfg = load_config(CONFIGS / "mos" / f"{name}_{tag}.yaml", ["backbone.pretrained=false"])
+    strategy = create_strategy(cfg)
+    vit, hp = strategy.backbone, strategy.hparams
+    assert type(vit).__name__ == "VisionTransformer" and len(vit.blocks) == 12 and vit.embed_dim == 768
+    assert vit.patch_embed.patch_size == (16, 16) and vit.pretrained_cfg["tag"] == WEIGHTS[tag].split(".")[1]
+    adapters = strategy.adapters.current
+    assert len(adapters) == 12 and {(a.down.out_features, a.dropout.p, a.scale) for a in adapters} == {(16, 0.1, 0.1)}
+    assert strategy.statistics.storage == storage and strategy.retrieval.max_iter == 4
+    assert (hp.merge_mode, hp.eval_adapters, hp.adapter_momentum, hp.ensemble) == ("official", "merged", 0.1, True)
+    assert (hp.reg, hp.orth_temperature, hp.ca_epochs, hp.ca_lr) == (0.1, 0.8, 30, 0.005)
+    assert hp.ca_samples_per_class == 5 * batch and cfg.stream.batch_size == batch and cfg.run.seed == 1993
+    assert (cfg.stream.name, cfg.stream.split, cfg.stream.shuffle_classes) == (stream, split, shuffle)
+    assert len(split_sessions(list(range(100)), split, stream)[0]) == int(split.split("Inc")[1])
+    strategy.begin_session(Session(0, [0, 1], [0, 1]))
+
+    class _Trainer:  # configure_optimizers reads the epoch count from its trainer
+        max_epochs = hp.epochs
+
+    strategy._trainer = _Trainer()
+    built = strategy.configure_optimizers()
+    optimizer, scheduler = built["optimizer"], built["lr_scheduler"]["scheduler"]
+    adapter_group, head_group = optimizer.param_groups
+    assert type(optimizer) is torch.optim.SGD and optimizer.defaults["momentum"] == 0.9
+    assert adapter_group["lr"] == lr and head_group["lr"] == pytest.approx(0.1 * lr)
+    assert optimizer.defaults["weight_decay"] == weight_decay and scheduler.T_max == epochs == hp.epochs
 
 
 def test_paper_configs_build_pilot_streams_and_transforms(tmp_path):

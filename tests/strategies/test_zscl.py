@@ -543,23 +543,68 @@ PAPER = {  # methods/zscl.md §3
     ["mtil_order1", "mtil_order2", "cifar100_10steps", "cifar100_20steps", "cifar100_50steps"]
     + ["tinyimagenet_100-5", "tinyimagenet_100-10", "tinyimagenet_100-20"],
 )
-def test_paper_configs_carry_the_official_settings(name):
-    cfg = load_config(CONFIGS / "zscl" / f"{name}.yaml")
-    s = cfg.strategy
+def test_paper_configs_build_the_official_training(name, tmp_path):
+    """What each paper config builds, against the official scripts (methods/zscl.md §3): a frozen teacher copy of
+    the student CLIP, every CLIP weight but logit_scale trained, AdamW (betas 0.9/0.999, no weight decay) at the
+    session's rate with the warm-up + cosine factor of the code, the loss weights and smoothing, the training
+    transform's crop scale, the task-incremental masking (MTIL) and the session layout."""
+    from torchvision import transforms as T
+
+    from cil.clip import ClipBackbone
+    from cil.module import create_strategy
+    from cil.session import stream_transforms
+    from tests.streams.test_vision import _image
+
+    _image(tmp_path / "reference" / "image_0.JPEG", 10)
+    (tmp_path / "captions.txt").write_text("a dog on a beach\n")
+    overrides = [
+        "backbone.pretrained=false",
+        f"strategy.reference_images={tmp_path / 'reference'}",
+        f"strategy.reference_captions={tmp_path / 'captions.txt'}",
+    ]
+    cfg = load_config(CONFIGS / "zscl" / f"{name}.yaml", overrides)
+    strategy = create_strategy(cfg)
+    hp = strategy.hparams
     setting = "mtil" if name.startswith("mtil") else "cil"
-    for key, value in PAPER[setting].items():
-        assert s[key] == value, (key, s[key])
-    assert s.text_loss_weight == s.image_loss_weight and s.label_smoothing == 0.2 and s.temperature == 2.0
-    assert s.weight_decay == 0.0 and s.distill_text_features == "teacher"
-    assert cfg.backbone.name == "open_clip:ViT-B-16.openai" and cfg.stream.batch_size == 64
-    assert cfg.stream.augment_kwargs.scale == [0.9, 1.0]
+    assert isinstance(strategy.backbone, ClipBackbone) and cfg.backbone.name == "open_clip:ViT-B-16.openai"
+    assert not any(p.requires_grad for p in strategy.teacher.parameters())
+    trained = {n for n, p in strategy.backbone.named_parameters() if p.requires_grad}
+    assert trained == {n for n, _ in strategy.backbone.named_parameters()} - {"model.logit_scale"}
+    expected = PAPER[setting]
+    for session in range(len(hp.lr_per_session or [None])):
+        strategy.session_index = session
+
+        class _Trainer:  # the CIL scripts' schedule length is the epoch's step count
+            estimated_stepping_batches = 500
+
+        strategy._trainer = _Trainer()
+        built = strategy.configure_optimizers()
+        optimizer, schedule = built["optimizer"], built["lr_scheduler"]["scheduler"]
+        group = optimizer.param_groups[0]
+        rate = expected["lr"] if hp.lr_per_session is None else hp.lr_per_session[session]
+        assert type(optimizer) is torch.optim.AdamW and group["initial_lr"] == rate
+        assert group["betas"] == (0.9, 0.999) and group["weight_decay"] == 0.0
+        total, warmup = expected["iterations"] or 500, expected["warmup"]
+        factor = schedule.lr_lambdas[0]
+        assert factor(0) == pytest.approx(1 / warmup) and factor(warmup) == pytest.approx(1.0)
+        assert factor(total) == pytest.approx(0.0, abs=1e-12)
     if setting == "mtil":
-        assert s.task_incremental and len(s.lr_per_session) == 11
-        rates = dict(zip(cfg.stream.datasets, s.lr_per_session))
+        rates = dict(zip(cfg.stream.datasets, hp.lr_per_session))
         assert rates == {d: 5e-5 if d in ("aircraft", "mnist") else 1e-5 for d in cfg.stream.datasets}
+        assert hp.task_incremental and len(cfg.stream.datasets) == 11
     else:
-        assert not s.task_incremental and list(s.templates) == ["a bad photo of a {}."]
+        assert not hp.task_incremental and list(hp.templates) == ["a bad photo of a {}."]
         assert sorted(cfg.stream.class_order) == list(range(100 if "cifar" in name else 200))
+    for key in ("iterations", "we_interval", "wc_weight", "image_loss_weight"):
+        assert hp[key] == expected[key], key
+    assert hp.text_loss_weight == hp.image_loss_weight and (hp.label_smoothing, hp.temperature) == (0.2, 2.0)
+    assert hp.distill_text_features == "teacher" and cfg.stream.batch_size == 64
+    train = stream_transforms(strategy.backbone, cfg).train.transforms
+    crops = [t for t in train if "RandomResizedCrop" in type(t).__name__]  # open_clip's training crop
+    assert len(crops) == 1 and tuple(crops[0].scale) == (0.9, 1.0) and crops[0].size == (224, 224)
+    assert tuple(crops[0].ratio) == pytest.approx((3 / 4, 4 / 3)) and not any(
+        isinstance(t, T.RandomHorizontalFlip) for t in train
+    )
     steps = {"cifar100_10steps": "B10-Inc10", "cifar100_20steps": "B5-Inc5", "cifar100_50steps": "B2-Inc2"}
     steps.update({"tinyimagenet_100-5": "B100-Inc5", "tinyimagenet_100-10": "B100-Inc10"})
     steps["tinyimagenet_100-20"] = "B100-Inc20"
