@@ -45,6 +45,12 @@ class RunConfig:
     seed: int = param(0, ge=0, help="seeds model init, class order, data order and every session")
     output_dir: str = param("runs", help="run folders go to <output_dir>/<name>/<timestamp>/")
     keep_session_checkpoints: bool = param(False, help="keep session_<k>.ckpt of every session, not just the newest")
+    checkpoint_every: float = param(
+        30.0,
+        ge=0.0,
+        help="minutes between mid-session resume points (last.ckpt, written at an epoch end once this long has "
+        "passed since the last one; 0: every epoch end); session checkpoints are written at every session end",
+    )
 
 
 @dataclass

@@ -209,6 +209,60 @@ class CILModule(pl.LightningModule):
     def num_trainable_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters() if p.requires_grad)
 
+    # ---- checkpoints without the tensors the config rebuilds ----------------------------------------------
+    def rebuildable_prefixes(self) -> tuple[str, ...]:
+        """State-dict prefixes whose tensors are exactly what the constructor builds from the config and never
+        change (a frozen pre-trained encoder, ZSCL's teacher): checkpoints leave them out, since rewriting ~1 GB
+        of frozen weights at every checkpoint costs disk and time for nothing, and keep a digest that loading
+        checks against the rebuilt tensors. None by default."""
+        return ()
+
+    def _split_state(self, state: dict[str, Any]) -> tuple[dict[str, Any], Optional[str]]:
+        prefixes = self.rebuildable_prefixes()
+        kept = {k: v for k, v in state.items() if not k.startswith(prefixes)} if prefixes else dict(state)
+        left_out = {k: v for k, v in state.items() if k not in kept}
+        return kept, (tensor_digest(left_out) if left_out else None)
+
+    def checkpoint_state(self) -> tuple[dict[str, Any], Optional[str]]:
+        """(the state dict without the rebuildable tensors, their digest or None)."""
+        return self._split_state(self.state_dict())
+
+    def complete_state(self, state: dict[str, Any], digest: Optional[str]) -> dict[str, Any]:
+        """``state`` with the tensors it left out taken from this (freshly built) strategy, after checking that
+        they are the ones the checkpoint was written with."""
+        missing = {k: v for k, v in self.state_dict().items() if k not in state}
+        if digest is None:
+            return dict(state)
+        rebuilt = {k: v for k, v in missing.items() if k.startswith(self.rebuildable_prefixes())}
+        if tensor_digest(rebuilt) != digest:
+            from cil.config import ConfigError
+
+            names = sorted({k.split(".")[0] for k in rebuilt}) or ["(none)"]
+            raise ConfigError(
+                f"the checkpoint was written with other {'/'.join(names)} weights than the config builds now "
+                "(backbone.name, backbone.weights or backbone.pretrained changed?); resume with the run's config.yaml"
+            )
+        return {**state, **rebuilt}
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["state_dict"], checkpoint["cil_rebuilt_digest"] = self._split_state(checkpoint["state_dict"])
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["state_dict"] = self.complete_state(checkpoint["state_dict"], checkpoint.get("cil_rebuilt_digest"))
+
+
+def tensor_digest(tensors: dict[str, torch.Tensor]) -> str:
+    """A digest of names, shapes, dtypes and bytes (exact: any changed bit changes it)."""
+    import hashlib
+
+    h = hashlib.blake2b(digest_size=16)
+    for key in sorted(tensors):
+        t = tensors[key].detach()
+        h.update(f"{key}:{tuple(t.shape)}:{t.dtype};".encode())
+        if t.numel():
+            h.update(t.cpu().contiguous().reshape(-1).view(torch.uint8).numpy())  # no copy of the bytes
+    return h.hexdigest()
+
 
 def create_strategy(cfg: DictConfig) -> CILModule:
     """The strategy of a validated experiment config, on the backbone its ``backbone`` group describes."""

@@ -152,13 +152,24 @@ class RunFolder:
         done = [int(p.stem.split("_")[1]) for p in self.checkpoints.glob("session_*.ckpt")]
         return max(done) + 1 if done else 0
 
-    def save_session(self, k: int, state_dict: dict, records: Sequence[SessionRecord]) -> None:
+    def save_session(
+        self, k: int, state_dict: dict, records: Sequence[SessionRecord], rebuilt_digest: str | None = None
+    ) -> None:
+        """``state_dict`` may leave out tensors the config rebuilds (``CILModule.checkpoint_state``); their digest
+        goes with it."""
         payload = {"session": k, "state_dict": state_dict, "records": [vars(r) for r in records]}
+        payload["rebuilt_digest"] = rebuilt_digest
         atomic_write(self.session_checkpoint(k), lambda p: torch.save(payload, p))
 
     def load_session(self, k: int) -> tuple[dict, list[SessionRecord]]:
+        """(the saved state dict, the session records); complete the state with ``CILModule.complete_state(state,
+        self.rebuilt_digest(k))`` before loading it into a strategy."""
         payload = torch.load(self.session_checkpoint(k), map_location="cpu", weights_only=False)
         return payload["state_dict"], [SessionRecord(**r) for r in payload["records"]]
+
+    def rebuilt_digest(self, k: int) -> str | None:
+        payload = torch.load(self.session_checkpoint(k), map_location="cpu", weights_only=False, mmap=True)
+        return payload.get("rebuilt_digest")
 
     # ---- results -------------------------------------------------------------------------------------
     def write_results(

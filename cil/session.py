@@ -25,10 +25,18 @@ import numpy as np
 import pytorch_lightning as pl
 import torch
 from omegaconf import DictConfig, OmegaConf
-from pytorch_lightning.callbacks import Callback, ModelCheckpoint
+from pytorch_lightning.callbacks import Callback
 from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
 from pytorch_lightning.plugins.io import TorchCheckpointIO
-from torch.utils.data import BatchSampler, ConcatDataset, DataLoader, Dataset, RandomSampler, SequentialSampler, Subset
+from torch.utils.data import (
+    BatchSampler,
+    ConcatDataset,
+    DataLoader,
+    Dataset,
+    RandomSampler,
+    Subset,
+    TensorDataset,
+)
 
 from cil import distributed
 from cil.backbones import Transforms, data_transforms
@@ -51,20 +59,36 @@ def seed_all(seed: int) -> None:
 class EpochSeededSampler(RandomSampler):
     """A shuffling sampler whose order depends only on (seed, epoch); Lightning calls ``set_epoch``.
 
-    It subclasses ``RandomSampler`` so that Lightning recognises a shuffled loader and, under DDP, swaps in a
-    shuffling ``DistributedSampler`` (seeded from ``run.seed``).
+    Under DDP it is its own distributed sampler (the session loop's trainers set ``use_distributed_sampler=False``):
+    each process takes every world-th index of the same permutation, padded to equal shares as PyTorch's
+    ``DistributedSampler`` does, so the epoch a resumed fit starts at can be given up front (``epoch``).
+    ``shuffle=False`` keeps the data's order (online streams). It subclasses ``RandomSampler`` so that a plain
+    Lightning project recognises a shuffled loader (and, with its default settings, swaps in its own sampler
+    under DDP).
     """
 
-    def __init__(self, data: Dataset, seed: int):
+    def __init__(self, data: Dataset, seed: int, epoch: int = 0, shuffle: bool = True):
         super().__init__(data)
-        self.seed, self.epoch = seed, 0
+        self.seed, self.epoch, self.shuffle = seed, epoch, shuffle
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
+    def __len__(self) -> int:
+        return -(-len(self.data_source) // distributed.world_size())
+
     def __iter__(self):
-        generator = torch.Generator().manual_seed(derived_seed(self.seed, self.epoch))
-        yield from torch.randperm(len(self.data_source), generator=generator).tolist()
+        n = len(self.data_source)
+        if self.shuffle:
+            generator = torch.Generator().manual_seed(derived_seed(self.seed, self.epoch))
+            order = torch.randperm(n, generator=generator).tolist()
+        else:
+            order = list(range(n))
+        world = distributed.world_size()
+        if world > 1:
+            order += order[: len(self) * world - n]  # equal shares, as DistributedSampler pads
+            order = order[distributed.rank() :: world]
+        yield from order
 
 
 class EveryItemBatchSampler(BatchSampler):
@@ -75,7 +99,16 @@ class EveryItemBatchSampler(BatchSampler):
     Lightning rebuilds it around a ``DistributedSampler`` under DDP (same constructor as ``BatchSampler``).
     """
 
+    with_epoch = False
+
     def __iter__(self):
+        batches = self._batches()
+        if self.with_epoch:  # the sampler's epoch (ours or Lightning's DistributedSampler), read as it shuffles
+            epoch = int(getattr(self.sampler, "epoch", 0))
+            batches = ([(epoch, i) for i in batch] for batch in batches)
+        yield from batches
+
+    def _batches(self):
         if self.drop_last or self.batch_size == 1:
             yield from super().__iter__()
             return
@@ -98,8 +131,43 @@ class EveryItemBatchSampler(BatchSampler):
         return n // size + (n % size > 1 or n == 1)
 
 
+class SeededItems(Dataset):
+    """Training items whose random augmentation is seeded by (run seed, session, epoch, index): the same draws in
+    the main process or in any number of loader workers, persistent or not, and after a resume. The batch sampler
+    passes ``(epoch, index)`` pairs (``EveryItemBatchSampler(..., with_epoch=True)``), so the epoch travels with
+    the index to whichever process loads it; a plain index counts as epoch 0."""
+
+    def __init__(self, data: Dataset, seed: int, session: int):
+        self.data, self.seed, self.session = data, seed, session
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, item):
+        epoch, index = item if isinstance(item, tuple) else (0, item)
+        seed_all(derived_seed(self.seed, self.session, int(epoch), int(index)))
+        return self.data[index]
+
+
+def in_memory(data: Dataset) -> bool:
+    """Tensors already in memory (cached features or maps): loader workers would only add start-up and copies."""
+    while isinstance(data, Subset):
+        data = data.dataset
+    if isinstance(data, ConcatDataset):
+        return all(in_memory(d) for d in data.datasets)
+    return isinstance(data, TensorDataset)
+
+
+class EpochItemBatchSampler(EveryItemBatchSampler):
+    """The same batches of ``(epoch, index)`` pairs for ``SeededItems`` (a class of its own: Lightning rebuilds a
+    batch sampler under DDP from its class, batch size and drop_last)."""
+
+    with_epoch = True
+
+
 class EpochSeed(Callback):
-    """Reseed the global generators at each epoch and batch start (dropout, augmentation): a resumed epoch replays."""
+    """Reseed the global generators at each epoch and batch start (dropout; augmentation is seeded per item, see
+    ``SeededItems``): a resumed epoch replays."""
 
     def __init__(self, seed: int, session: int):
         self.seed, self.session = seed, session
@@ -136,6 +204,29 @@ class StepBudget(Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
         if trainer.global_step >= self.steps:
             trainer.should_stop = True
+
+
+class IntervalCheckpoint(Callback):
+    """The mid-session resume point: ``last.ckpt`` at an epoch end once ``minutes`` have passed since the fit
+    started or since the last write (0: every epoch end), never at the fit's last epoch (the session checkpoint
+    follows). Its cost is bounded by wall time, not by the number of epochs (DKVB's 2,000 per task). Only epoch
+    ends: an epoch-end checkpoint resumes exactly (see ``EpochSeed``); a mid-epoch one would not."""
+
+    def __init__(self, path: Path, minutes: float):
+        self.path, self.seconds = path, 60.0 * minutes
+        self.since = time.monotonic()
+        self.writes = 0
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self.since = time.monotonic()
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        last_epoch = trainer.max_epochs is not None and trainer.current_epoch + 1 >= trainer.max_epochs > 0
+        due = self.seconds == 0 or time.monotonic() - self.since >= self.seconds
+        due = trainer.strategy.broadcast(due and not last_epoch and not trainer.should_stop, src=0)  # ranks agree
+        if due:
+            trainer.save_checkpoint(self.path)
+            self.since, self.writes = time.monotonic(), self.writes + 1
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -199,8 +290,11 @@ def setup_distributed(cfg: DictConfig) -> torch.device:
     return trainer.strategy.root_device
 
 
-def _loader(data: Dataset, cfg: DictConfig, **kwargs) -> DataLoader:
-    return DataLoader(data, num_workers=cfg.stream.num_workers, persistent_workers=False, **kwargs)
+def _loader(data: Dataset, cfg: DictConfig, persistent: bool = False, **kwargs) -> DataLoader:
+    """A loader with ``stream.num_workers`` workers, none for tensors already in memory; ``persistent`` keeps
+    them for the whole fit (training) instead of starting them again every epoch."""
+    workers = 0 if in_memory(data) else cfg.stream.num_workers
+    return DataLoader(data, num_workers=workers, persistent_workers=persistent and workers > 0, **kwargs)
 
 
 def stats_loader(data: Dataset, cfg: DictConfig) -> DataLoader:
@@ -208,16 +302,23 @@ def stats_loader(data: Dataset, cfg: DictConfig) -> DataLoader:
     return _loader(Subset(data, distributed.shard(len(data))), cfg, batch_size=cfg.stream.eval_batch_size)
 
 
-def train_loader(data: Dataset, cfg: DictConfig, session: int, batch_size: int | None = None) -> DataLoader:
+def train_loader(
+    data: Dataset, cfg: DictConfig, session: int, batch_size: int | None = None, start_epoch: int = 0
+) -> DataLoader:
+    """The session's training loader. ``start_epoch``: the epoch a resumed fit starts at. Lightning creates the
+    first iterator before it sets the sampler's epoch, and loader workers draw their first batches from it at once,
+    so the sampler must already know that epoch."""
     batch_size = batch_size or cfg.stream.batch_size
-    sampler = EpochSeededSampler(data, seed=derived_seed(cfg.run.seed, session))
-    if cfg.stream.online:  # one sequence in the stream's order (already shuffled within each original session)
-        sampler = SequentialSampler(data)
-    batches = EveryItemBatchSampler(sampler, batch_size, drop_last=cfg.stream.drop_last)
+    # online: one sequence in the stream's order (already shuffled within each original session)
+    sampler = EpochSeededSampler(data, derived_seed(cfg.run.seed, session), start_epoch, shuffle=not cfg.stream.online)
+    augmented = not in_memory(data)  # items that may be augmented: seeded per (epoch, index) wherever they load
+    batches = (EpochItemBatchSampler if augmented else EveryItemBatchSampler)(sampler, batch_size, cfg.stream.drop_last)
+    if augmented:
+        data = SeededItems(data, cfg.run.seed, session)
     # its own generator: creating the iterator then draws no number from the global generator, whose state must
     # not depend on whether the fit was resumed (a resumed fit creates its iterator at another moment)
     generator = torch.Generator().manual_seed(derived_seed(cfg.run.seed, session))
-    return _loader(data, cfg, batch_sampler=batches, generator=generator)
+    return _loader(data, cfg, persistent=True, batch_sampler=batches, generator=generator)
 
 
 def evaluate(strategy: CILModule, stream, session: int, cfg: DictConfig) -> np.ndarray:
@@ -284,7 +385,7 @@ def run_experiment(cfg: DictConfig, run_dir: str | Path | None = None, callbacks
         start = distributed.broadcast_object(folder.completed_sessions())
         if start > 0:
             state, records = folder.load_session(start - 1)
-            strategy.load_state_dict(state)
+            strategy.load_state_dict(strategy.complete_state(state, folder.rebuilt_digest(start - 1)))
             strategy.session_index = start - 1
         if distributed.is_rank_zero():
             folder.note_resume(cfg)
@@ -335,7 +436,8 @@ def run_experiment(cfg: DictConfig, run_dir: str | Path | None = None, callbacks
             )
         )
         if distributed.is_rank_zero():
-            folder.save_session(k, strategy.state_dict(), records)
+            state, digest = strategy.checkpoint_state()  # without the frozen tensors the config rebuilds
+            folder.save_session(k, state, records, digest)
             keep = cfg.run.keep_session_checkpoints
             for old in folder.checkpoints.glob("session_*.ckpt"):
                 if not keep and old != folder.session_checkpoint(k):
@@ -359,6 +461,14 @@ def _mid_session(folder: RunFolder, session: int) -> Path | None:
     return path if tag == session else None
 
 
+def _start_epoch(checkpoint: Path | None) -> int:
+    """The epoch a fit resumed from ``checkpoint`` starts at (0 for a fresh fit)."""
+    if checkpoint is None:
+        return 0
+    state = torch.load(checkpoint, map_location="cpu", weights_only=False, mmap=True)
+    return int(state["loops"]["fit_loop"]["epoch_progress"]["current"]["processed"])
+
+
 def _fit(strategy, session, epochs, cfg, folder, callbacks, resume_from, steps=None) -> None:
     logs = folder.path / "logs"
     version = f"session_{session.index}" + ("-resumed" if resume_from else "")  # keep the interrupted logs
@@ -367,20 +477,22 @@ def _fit(strategy, session, epochs, cfg, folder, callbacks, resume_from, steps=N
         max_epochs=epochs if steps is None else -1,  # a step budget cycles the data as often as it needs
         logger=[CSVLogger(logs, name="csv", version=version), TensorBoardLogger(logs, name="tb", version=version)],
         callbacks=[
-            # one rolling "last.ckpt", rewritten at every epoch end: the mid-session resume point
-            ModelCheckpoint(dirpath=folder.checkpoints, filename="last", save_top_k=1, enable_version_counter=False),
+            # one rolling "last.ckpt" at most every run.checkpoint_every minutes: the mid-session resume point
+            IntervalCheckpoint(folder.last_checkpoint, cfg.run.checkpoint_every),
             SessionTag(session.index),
             EpochSeed(cfg.run.seed, session.index),
             *([StepBudget(steps)] if steps is not None else []),
             *callbacks,
         ],
         plugins=[AtomicCheckpointIO()],
+        use_distributed_sampler=False,  # EpochSeededSampler shards itself
+        enable_checkpointing=False,  # IntervalCheckpoint writes the resume point
         log_every_n_steps=cfg.trainer.log_every_n_steps,
         gradient_clip_val=cfg.trainer.gradient_clip_val,
         num_sanity_val_steps=0,
     )
     data = strategy.train_data(session)
-    loader = train_loader(data, cfg, session.index, strategy.batch_size_for(session))
+    loader = train_loader(data, cfg, session.index, strategy.batch_size_for(session), _start_epoch(resume_from))
     trainer.fit(strategy, train_dataloaders=loader, ckpt_path=resume_from)
 
 

@@ -303,6 +303,9 @@ class DKVB(CILModule):
         self._unlabelled: Dataset | None = None
         self._device = torch.device("cpu")
 
+    def rebuildable_prefixes(self) -> tuple[str, ...]:
+        return ("backbone.",)  # the frozen encoder: checkpoints leave it out (the config rebuilds it)
+
     def train(self, mode: bool = True):
         super().train(mode)
         self.backbone.eval()  # frozen encoder

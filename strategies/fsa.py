@@ -92,6 +92,10 @@ class FSA(CILModule):
         self.register_buffer("adapted", torch.tensor(False))  # set once session 1 is over: the body is frozen
         self.train()
 
+    def rebuildable_prefixes(self) -> tuple[str, ...]:
+        # FiLM and none leave the pre-trained body as built (frozen, eval mode); full adaptation changes it
+        return () if self.hparams.adaptation == "full" else ("backbone.",)
+
     # ---- the body: adapted once, then frozen in eval mode ----------------------------------------------
     @property
     def body_frozen(self) -> bool:

@@ -146,6 +146,9 @@ class MOS(CILModule):
         for block in vit_blocks(backbone):
             block.register_forward_pre_hook(self._merge_before_block)
 
+    def rebuildable_prefixes(self) -> tuple[str, ...]:
+        return ("backbone.",)  # the pre-trained ViT never changes (adapters live in ``adapters``)
+
     # ---- §1.4 merging ------------------------------------------------------------------------------------
     @property
     def task(self) -> int:

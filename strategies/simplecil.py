@@ -76,6 +76,9 @@ class SimpleCIL(CILModule):
         self.backbone.requires_grad_(False)
         del self.classifier  # the prototypes are the classifier
 
+    def rebuildable_prefixes(self) -> tuple[str, ...]:
+        return ("backbone.",)  # frozen, never in training mode: checkpoints leave it out
+
     def epochs_for(self, session: Session) -> int:
         return 0
 

@@ -127,37 +127,55 @@ def text_classifier(
     tokenize: Callable[[list[str]], torch.Tensor],
     class_names: Sequence[str],
     templates: Sequence[str],
+    chunk: int = 1024,
 ) -> torch.Tensor:
     """(classes, d) unit rows: per class, the normalised text embeddings of every template, averaged, renormalised.
 
     With one template this is the training classifier; with the data set's template list, the evaluation
-    ensemble. Gradients flow into ``encode_text`` (the student's text tower trains through it).
+    ensemble. Gradients flow into ``encode_text`` (the student's text tower trains through it). Every prompt goes
+    through the text tower in batched calls of at most ``chunk`` prompts (the code makes one call per step for
+    the training classifier), not one call per class.
     """
     if not templates:
         raise ValueError("text_classifier needs at least one template")
-    rows = []
-    for name in class_names:
-        texts = [template.format(name) for template in templates]
-        embeddings = F.normalize(encode_text(tokenize(texts)), dim=-1)
-        rows.append(F.normalize(embeddings.mean(0), dim=-1))
-    return torch.stack(rows)
+    texts = [template.format(name) for name in class_names for template in templates]
+    embeddings = torch.cat(
+        [F.normalize(encode_text(tokenize(texts[i : i + chunk])), dim=-1) for i in range(0, len(texts), chunk)]
+    )
+    return F.normalize(embeddings.view(len(class_names), len(templates), -1).mean(1), dim=-1)
+
+
+CAPTION_COLUMNS = ("title", "caption", "captions", "text")
 
 
 def read_captions(path: str | Path) -> list[str]:
-    """Captions from a text file (one per line) or the Conceptual Captions TSV (caption, then URL, per row).
+    """Captions from a text file (one per line), the Conceptual Captions TSV (caption, then URL, per row), the
+    code's ``*_output.csv`` (tab-separated, header ``title  filepath``) or a comma-separated CSV.
 
-    A missing or empty file is a :class:`ConfigError` naming it: ZSCL needs reference texts.
+    Tab-separated and plain files are split by line and tab only: no quote processing, so a caption that starts
+    with a quote cannot swallow the lines after it. A header row naming the caption column (title, caption,
+    text) is skipped and picks that column. A missing or empty file is a :class:`ConfigError` naming it.
     """
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"reference captions file '{path}' not found (strategy.reference_captions)")
     with open(path, newline="", encoding="utf-8") as f:
-        if path.suffix.lower() in (".tsv", ".csv") or "\t" in f.readline():
-            f.seek(0)
-            captions = [row[0].strip() for row in csv.reader(f, delimiter="\t") if row and row[0].strip()]
-        else:
-            f.seek(0)
-            captions = [line.strip() for line in f if line.strip()]
+        lines = f.read().splitlines()
+    first = next((line for line in lines if line.strip()), "")
+    if "\t" in first or path.suffix.lower() == ".tsv":
+        rows = [line.split("\t") for line in lines]
+    elif path.suffix.lower() == ".csv":  # a comma-separated file: CSV quoting is part of its format
+        rows = list(csv.reader(lines))
+    else:
+        rows = [[line] for line in lines]
+    rows = [row for row in rows if row and row[0].strip()]
+    column = 0
+    if rows and len(rows[0]) > 1:
+        header = [field.strip().lower() for field in rows[0]]
+        named = [i for i, field in enumerate(header) if field in CAPTION_COLUMNS]
+        if named:
+            column, rows = named[0], rows[1:]
+    captions = [row[column].strip() for row in rows if len(row) > column and row[column].strip()]
     if not captions:
         raise ConfigError(f"reference captions file '{path}' holds no caption (strategy.reference_captions)")
     return captions
@@ -296,6 +314,12 @@ class ZSCLConfig(StrategyConfig):
     distill_text_features: str = param(
         "teacher", choices=["teacher", "student"], help="caption embeddings of the student logits (code: teacher)"
     )
+    student_caption_batch: Optional[int] = param(
+        256,
+        ge=1,
+        help="distill_text_features=student: captions per step, a seeded sample re-encoded by the student with "
+        "gradients (all ~15.8k every step would not fit in any GPU); null: all, refused above 4,096 captions",
+    )
     reference_images: Optional[str] = param(None, help="image folder (recursive) or 'digits'; labels never read")
     reference_captions: Optional[str] = param(None, help="captions: one per line, or the Conceptual Captions TSV")
     reference_batch_size: Optional[int] = param(None, ge=1, help="per process; default: the task batch size")
@@ -324,6 +348,7 @@ class ZSCL(CILModule):
         wc_weight: float = 1.0,
         we_interval: int = 100,
         distill_text_features: str = "teacher",
+        student_caption_batch: Optional[int] = 256,
         reference_images: str | Dataset | None = None,
         reference_captions: Optional[str] = None,
         reference_batch_size: Optional[int] = None,
@@ -358,6 +383,12 @@ class ZSCL(CILModule):
             )
         if reference_captions is not None:
             self.captions = read_captions(reference_captions)
+        if distill_text_features == "student" and student_caption_batch is None and len(self.captions) > 4096:
+            raise ConfigError(
+                f"strategy.distill_text_features=student with strategy.student_caption_batch=null re-encodes all "
+                f"{len(self.captions)} captions with gradients at every step, beyond any GPU's memory; set "
+                "strategy.student_caption_batch (e.g. 256: a seeded sample per step)"
+            )
         if reference_images is not None:
             from cil.backbones import data_transforms
 
@@ -371,6 +402,9 @@ class ZSCL(CILModule):
         self._train_names: list[str] = []
         self._train_template = ""
         self._local = torch.zeros(0, dtype=torch.long)
+
+    def rebuildable_prefixes(self) -> tuple[str, ...]:
+        return ("teacher.",)  # the initial model, frozen: checkpoints leave it out (the config rebuilds it)
 
     # ---- Lightning plumbing ----------------------------------------------------------------------------
     def train(self, mode: bool = True):
@@ -477,6 +511,15 @@ class ZSCL(CILModule):
         self._reference_step = step + 1
         return next(self._reference_iter).to(self.device)
 
+    def student_captions(self) -> torch.Tensor:
+        """The caption indices of this step when the student encodes captions: a sample of
+        ``student_caption_batch`` seeded by (session, step), the same on every process; all when it is None."""
+        n, size = len(self.captions), self.hparams.student_caption_batch
+        if size is None or size >= n:
+            return torch.arange(n)
+        generator = torch.Generator().manual_seed(self._reference_seed + 7919 * (self.global_step + 1))
+        return torch.randperm(n, generator=generator)[:size].sort().values
+
     def distillation(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(L_img, L_txt) on a reference batch: KD over captions per image, and over the images per caption."""
         scale = self.backbone.logit_scale.exp()
@@ -485,10 +528,14 @@ class ZSCL(CILModule):
             # equal-sized tensors: one collective on the device (gather_cat would round-trip through pickled CPU copies)
             teacher = distributed.gather_cat_with_grad(F.normalize(self.teacher(images), dim=-1))
         captions = self.caption_embeddings()
-        teacher_logits = scale * teacher @ captions.T
         if self.hparams.distill_text_features == "student":  # the paper's notation: the student's own captions
-            tokens = self.backbone.tokenize(self.captions)
-            captions = F.normalize(self.backbone.encode_text(tokens), dim=-1)
+            chosen = self.student_captions()
+            captions = captions[chosen.to(captions.device)]
+            teacher_logits = scale * teacher @ captions.T
+            tokens = self.backbone.tokenize([self.captions[i] for i in chosen.tolist()])
+            captions = F.normalize(self.backbone.encode_text(tokens.to(self.device)), dim=-1)
+        else:
+            teacher_logits = scale * teacher @ captions.T
         student_logits = scale * student @ captions.T
         T = self.hparams.temperature
         image_side = distillation_loss(teacher_logits, student_logits, T)
@@ -533,9 +580,11 @@ class ZSCL(CILModule):
             self.ensemble.copy_to(self.backbone)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
+        super().on_save_checkpoint(checkpoint)  # leaves the teacher out
         checkpoint["zscl_ensemble"] = {"count": self.ensemble.count, "mean": [m.cpu() for m in self.ensemble.mean]}
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        super().on_load_checkpoint(checkpoint)  # the rebuilt teacher, checked against the digest
         state = checkpoint.get("zscl_ensemble")
         if state is not None:
             self.ensemble.count, self.ensemble.mean = state["count"], [m.clone() for m in state["mean"]]

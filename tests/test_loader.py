@@ -5,8 +5,7 @@ from __future__ import annotations
 import pytest
 import pytorch_lightning as pl
 import torch
-from pytorch_lightning.utilities.data import _update_dataloader
-from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
+from torch.utils.data import DataLoader, TensorDataset
 
 from cil.session import EveryItemBatchSampler, train_loader
 from tests.conftest import tiny_config
@@ -83,17 +82,20 @@ def test_lightning_trains_batchnorm_on_every_sample(tmp_path):
     assert model.seen == 9
 
 
-def test_ddp_rebuild_keeps_the_batch_sampler(tmp_path):
-    """Under DDP Lightning rebuilds the loader around a DistributedSampler: each rank keeps the folding sampler
-    and the ranks' shares are disjoint."""
+def test_ddp_shares_are_disjoint_padded_and_keep_the_folding(tmp_path, monkeypatch):
+    """Under DDP the sampler shards itself (the session loop turns Lightning's replacement off): each rank takes
+    every world-th index of the same epoch permutation, padded to equal shares as DistributedSampler does, and
+    the batch sampler still folds a last batch of one."""
+    import cil.distributed as distributed
+
     cfg = tiny_config("finetune", tmp_path, "stream.batch_size=4")
-    data = indices(18)
     shares = []
+    monkeypatch.setattr(distributed, "world_size", lambda: 2)
     for rank in range(2):
-        loader = train_loader(data, cfg, session=0)
-        loader = _update_dataloader(loader, DistributedSampler(data, num_replicas=2, rank=rank, shuffle=True))
-        assert type(loader.batch_sampler) is EveryItemBatchSampler
-        got = batches(loader)
+        monkeypatch.setattr(distributed, "rank", lambda rank=rank: rank)
+        got = batches(train_loader(indices(18), cfg, session=0))
         assert [len(b) for b in got] == [4, 5]  # 9 per rank: the ninth joins the second batch
-        shares.append(set(sum(got, [])))
-    assert shares[0].isdisjoint(shares[1]) and shares[0] | shares[1] == set(range(18))
+        shares.append(sum(got, []))
+    assert set(shares[0]).isdisjoint(shares[1]) and set(shares[0]) | set(shares[1]) == set(range(18))
+    padded = [batches(train_loader(indices(7), cfg, session=0))]
+    assert sum(len(b) for b in padded[0]) == 4  # ceil(7 / 2): the shorter share is padded

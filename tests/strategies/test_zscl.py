@@ -137,6 +137,30 @@ def test_text_classifier_averages_normalised_template_embeddings():
     torch.testing.assert_close(one[1], torch.nn.functional.normalize(table[vocabulary["a photo of a dog."]], dim=0))
 
 
+def test_text_classifier_encodes_in_batched_calls_with_the_per_class_values():
+    """SUN397's 397 classes: few text-tower calls (chunks of prompts), the same rows as one call per class on a
+    real (tiny) CLIP text tower, gradients included."""
+    from cil.clip import create_clip
+
+    clip = create_clip("open_clip:cil-tiny-clip")
+    calls = []
+
+    def encode_text(tokens):
+        calls.append(len(tokens))
+        return clip.encode_text(tokens)
+
+    names = [f"class {i}" for i in range(397)]
+    templates = ["a photo of a {}.", "itap of a {}."]
+    batched = text_classifier(encode_text, clip.tokenize, names, templates, chunk=256)
+    assert calls == [256, 256, 256, 26]  # 794 prompts
+    per_class = torch.stack(
+        [text_classifier(clip.encode_text, clip.tokenize, [n], templates)[0] for n in names[:40]]
+    )  # one call per class, as before
+    torch.testing.assert_close(batched[:40], per_class, rtol=1e-5, atol=1e-6)
+    batched[:3].sum().backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in clip.parameters())
+
+
 def test_reference_captions_from_a_text_file_or_the_cc_tsv(tmp_path):
     from cil.config import ConfigError
 
@@ -152,6 +176,31 @@ def test_reference_captions_from_a_text_file_or_the_cc_tsv(tmp_path):
     empty.write_text("\n\n")
     with pytest.raises(ConfigError, match="holds no caption"):
         read_captions(empty)
+
+
+def test_captions_with_quotes_and_headers(tmp_path):
+    """A caption opening with an unmatched quote stays one caption (no quote processing in TSV and plain files);
+    the code's ``*_output.csv`` header (``title<TAB>filepath``) is skipped and names the column; a comma CSV with
+    a header keeps CSV quoting (commas inside quoted captions)."""
+    import pandas as pd
+
+    tsv = tmp_path / "Validation_GCC-1.1.0-Validation.tsv"
+    tsv.write_text('"a quote that never closes\thttp://x/1\nsecond caption\thttp://x/2\nthird\thttp://x/3\n')
+    assert read_captions(tsv) == ['"a quote that never closes', "second caption", "third"]
+    plain = tmp_path / "captions.txt"
+    plain.write_text('"unmatched\nnext line\n')
+    assert read_captions(plain) == ['"unmatched', "next line"]
+    output = tmp_path / "Validation_GCC-1.1.0-Validation_output.csv"
+    output.write_text("title\tfilepath\na dog on a beach\tval/0/0.jpg\na red car\tval/1/1.jpg\n")
+    assert read_captions(output) == ["a dog on a beach", "a red car"]
+    # the code reads that file with pandas: the same captions
+    assert read_captions(output) == pd.read_csv(output, sep="\t")["title"].tolist()
+    swapped = tmp_path / "swapped.tsv"
+    swapped.write_text("filepath\tcaption\nval/0/0.jpg\tthe caption\n")
+    assert read_captions(swapped) == ["the caption"]
+    comma = tmp_path / "captions.csv"
+    comma.write_text('url,caption\nhttp://x/1,"a dog, a cat"\nhttp://x/2,plain\n')
+    assert read_captions(comma) == ["a dog, a cat", "plain"]
 
 
 # ---- the strategy on a tiny open_clip CLIP (methods/zscl.md §5) --------------------------------------------------
@@ -290,6 +339,41 @@ def test_4_distillation_gradients_reach_only_the_image_tower(captions_file):
     perturb(paper.backbone)
     sum(paper.distillation(reference_images_batch())).backward()
     assert paper.backbone.model.token_embedding.weight.grad.abs().sum() > 0
+
+
+def test_student_caption_variant_samples_captions_per_step(captions_file, tmp_path, monkeypatch):
+    """distill_text_features=student: each step re-encodes a seeded sample of the captions (the teacher's logits
+    over the same sample), the same sample for the same step, another at the next; all captions with null, which
+    is refused on a caption file the size of Conceptual Captions' validation set."""
+    from cil.config import ConfigError
+    from strategies.zscl import distillation_loss
+
+    paper = make_zscl(captions_file, distill_text_features="student", student_caption_batch=3)
+    paper.begin_session(session(0))
+    perturb(paper.backbone)
+    chosen = paper.student_captions()
+    assert len(chosen) == 3 and torch.equal(chosen, paper.student_captions())
+    images = reference_images_batch()
+    image_side, text_side = paper.distillation(images)
+    with torch.no_grad():  # by hand over the chosen captions only
+        scale = paper.backbone.logit_scale.exp()
+        student = torch.nn.functional.normalize(paper.backbone(images), dim=-1)
+        teacher = torch.nn.functional.normalize(paper.teacher(images), dim=-1)
+        texts = [paper.captions[i] for i in chosen.tolist()]
+        t_caps = torch.nn.functional.normalize(paper.teacher.encode_text(paper.teacher.tokenize(texts)), dim=-1)
+        s_caps = torch.nn.functional.normalize(paper.backbone.encode_text(paper.backbone.tokenize(texts)), dim=-1)
+        t_logits, s_logits = scale * teacher @ t_caps.T, scale * student @ s_caps.T
+    torch.testing.assert_close(image_side.detach(), distillation_loss(t_logits, s_logits, 2.0), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(text_side.detach(), distillation_loss(t_logits.T, s_logits.T, 2.0), rtol=1e-4, atol=1e-5)
+    draws = set()
+    for step in range(6):
+        monkeypatch.setattr(ZSCL, "global_step", property(lambda self, step=step: step))
+        draws.add(tuple(paper.student_captions().tolist()))
+    assert len(draws) > 1  # another sample at another step
+    many = tmp_path / "many.txt"
+    many.write_text("\n".join(f"caption {i}" for i in range(5000)))
+    with pytest.raises(ConfigError, match="re-encodes all 5000 captions with gradients"):
+        make_zscl(many, distill_text_features="student", student_caption_batch=None)
 
 
 def test_5_the_teacher_is_the_initial_model_for_every_task(captions_file):
