@@ -40,15 +40,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Optional
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, TensorDataset
+from torch.utils.data import ConcatDataset, DataLoader, Dataset, Subset, TensorDataset
 from tqdm.auto import tqdm
 
 from cil.config import ConfigError, StrategyConfig, param
 from cil.distributed import all_reduce_sum
-from cil.module import CILModule, Growing, Session
+from cil.module import CILModule, Growing, Session, tensor_digest
 from cil.registry import register_strategy
 from cil.runs import atomic_write
 
@@ -174,33 +175,105 @@ class KeyValueBottleneck(Growing):
         self.values.zero_()
 
 
+def data_identity(data: Any, h: Any) -> bool:
+    """Feed what identifies ``data`` cheaply into ``h``: which raw sample each position reads (followed through
+    Avalanche's flat data, subsets, concatenations and index wrappers, whatever their nesting), the transforms met
+    on the way, the raw samples — array bytes of in-memory data sets (CIFAR's 150 MB, not its 30 GB of transformed
+    224-px tensors), path, size and modification time of file-based ones — and their labels. False when a base
+    data set is of a kind it does not know (the caller then hashes the transformed inputs)."""
+    bases: list[Any] = []
+    transforms: set[str] = set()
+    positions = _positions(data, bases, transforms)
+    h.update(np.asarray(positions, dtype=np.int64).tobytes())
+    h.update(repr(sorted(transforms)).encode())
+    return all(_base_identity(base, h) for base in bases)
+
+
+def _positions(data: Any, bases: list[Any], transforms: set[str]) -> list[tuple[int, int]]:
+    """(base data set number, index in it) for every position of ``data``."""
+    from avalanche.benchmarks.utils.data import AvalancheDataset
+
+    if isinstance(data, AvalancheDataset):
+        return _positions(data._flat_data, bases, transforms)
+    if hasattr(data, "_datasets") and hasattr(data, "_indices"):  # Avalanche's flat data
+        for groups in (getattr(data, "_transform_groups", None), getattr(data, "_frozen_transform_groups", None)):
+            current = getattr(groups, "current_group", None)
+            transform = (getattr(groups, "transform_groups", None) or {}).get(current)
+            if transform is not None:
+                transforms.add(repr(transform))
+        inner = [p for d in data._datasets for p in _positions(d, bases, transforms)]
+        return inner if data._indices is None else [inner[i] for i in data._indices]
+    if isinstance(data, Subset):
+        inner = _positions(data.dataset, bases, transforms)
+        return [inner[i] for i in data.indices]
+    if isinstance(data, ConcatDataset):
+        return [p for d in data.datasets for p in _positions(d, bases, transforms)]
+    for name in ("transform", "target_transform", "transforms"):
+        if getattr(data, name, None) is not None:
+            transforms.add(repr(getattr(data, name)))
+    wrapped = [getattr(data, n) for n in ("base", "dataset") if isinstance(getattr(data, n, None), Dataset)]
+    inner_data = wrapped[0] if wrapped else None
+    if inner_data is not None:  # an index wrapper (the streams' relabelling) or a plain wrapper
+        inner = _positions(inner_data, bases, transforms)
+        indices = getattr(data, "indices", None)
+        return inner if indices is None else [inner[i] for i in indices]
+    bases.append(data)
+    return [(len(bases) - 1, i) for i in range(len(data))]
+
+
+def _base_identity(data: Any, h: Any) -> bool:
+    h.update(f"{type(data).__module__}.{type(data).__qualname__}:{len(data)}".encode())
+    known = False
+    for name in ("targets", "labels", "data", "images", "tensors"):
+        value = getattr(data, name, None)
+        for part in value if isinstance(value, tuple) else (value,):
+            if isinstance(part, (np.ndarray, torch.Tensor, list)) and len(part):
+                array = part.detach().cpu().numpy() if isinstance(part, torch.Tensor) else np.asarray(part)
+                if array.dtype != object:
+                    h.update(name.encode())
+                    h.update(np.ascontiguousarray(array).reshape(-1).view(np.uint8))
+                    known = known or name in ("data", "images", "tensors")
+    for name in ("samples", "imgs", "files", "paths"):
+        value = getattr(data, name, None)
+        if isinstance(value, (list, tuple)) and value:
+            for item in value:
+                path = Path(item[0] if isinstance(item, (tuple, list)) else item)
+                stat = path.stat()
+                h.update(f"{path}:{stat.st_size}:{stat.st_mtime_ns};".encode())
+            known = True
+    return known
+
+
 class FeatureCache:
     """Features of a frozen encoder over a data set, cached on disk under a key of (encoder, data).
 
-    The key hashes every encoder tensor, the data's length, labels and transformed inputs (all of them: one
-    cheap pass without the encoder), so changing either invalidates the entry. ``directory=None`` keeps nothing.
+    The key is cheap: the encoder's weights digest, and the data's identity (:func:`data_identity`: structure,
+    transforms, labels, raw samples or file sizes and times); only a data set of a kind it does not know is keyed
+    on its transformed inputs (one pass without the encoder). Changing either invalidates the entry. A miss runs
+    the encoder with ``num_workers`` loader workers, ``batch_size`` at a time. ``directory=None`` keeps nothing.
     """
 
-    def __init__(self, directory: str | Path | None):
+    def __init__(self, directory: str | Path | None, batch_size: int = 256, num_workers: int = 0):
         self.directory = Path(directory).expanduser() if directory else None
+        self.batch_size, self.num_workers = batch_size, num_workers
 
-    @staticmethod
-    def _inputs(data: Dataset, batch_size: int) -> Iterable:
+    def _inputs(self, data: Dataset, workers: int = 0) -> Iterable:
         # its own generator: iterating must draw nothing from the global one, or a cache hit (one pass) and a miss
         # (two) would leave the run's random state, and so its key initialisation, different
-        return DataLoader(data, batch_size=batch_size, shuffle=False, num_workers=0, generator=torch.Generator())
+        return DataLoader(
+            data, batch_size=self.batch_size, shuffle=False, num_workers=workers, generator=torch.Generator()
+        )
 
-    def key(self, encoder: nn.Module, data: Dataset, labelled: bool = True, batch_size: int = 256) -> str:
+    def key(self, encoder: nn.Module, data: Dataset, labelled: bool = True) -> str:
         h = hashlib.sha256()
-        for name, tensor in encoder.state_dict().items():
-            h.update(name.encode())
-            h.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+        h.update(tensor_digest(encoder.state_dict()).encode())
         h.update(str(len(data)).encode())
         h.update(b"labelled" if labelled else b"unlabelled")
-        for batch in self._inputs(data, batch_size):
-            parts = list(batch[: 2 if labelled else 1]) if isinstance(batch, (list, tuple)) else [batch]
-            for part in parts:
-                h.update(torch.as_tensor(part).cpu().contiguous().numpy().tobytes())
+        if not data_identity(data, h):  # unknown kind: the transformed inputs themselves
+            for batch in self._inputs(data, self.num_workers):
+                parts = list(batch[: 2 if labelled else 1]) if isinstance(batch, (list, tuple)) else [batch]
+                for part in parts:
+                    h.update(torch.as_tensor(part).cpu().contiguous().numpy().tobytes())
         return h.hexdigest()[:32]
 
     @torch.no_grad()
@@ -215,7 +288,7 @@ class FeatureCache:
                 return cached["features"], cached["labels"]
         feats, labels = [], []
         quiet = os.environ.get("CIL_QUIET") == "1"
-        for batch in tqdm(self._inputs(data, 256), desc=desc or "features", leave=False, disable=quiet):
+        for batch in tqdm(self._inputs(data, self.num_workers), desc=desc or "features", leave=False, disable=quiet):
             x = batch[0] if isinstance(batch, (list, tuple)) else batch
             feats.append(encoder(x.to(device)).float().cpu())
             if labelled:
@@ -250,6 +323,8 @@ class DKVBConfig(StrategyConfig):
     clip_grad_norm: Optional[float] = param(1.0, gt=0.0, help="global gradient-norm clip")
     label_smoothing: float = param(0.1, ge=0.0, lt=1.0)
     feature_cache: Optional[str] = param("~/.cache/cil/features", help="folder of cached encoder features; null: off")
+    feature_batch_size: int = param(256, ge=1, help="images per encoder call when features are extracted")
+    feature_num_workers: int = param(0, ge=0, help="loader workers when features are extracted")
 
 
 class DKVB(CILModule):
@@ -276,6 +351,8 @@ class DKVB(CILModule):
         clip_grad_norm: Optional[float] = 1.0,
         label_smoothing: float = 0.1,
         feature_cache: Optional[str] = "~/.cache/cil/features",
+        feature_batch_size: int = 256,
+        feature_num_workers: int = 0,
     ):
         super().__init__(backbone, num_features)
         self.save_hyperparameters(ignore=["backbone"])
@@ -299,7 +376,7 @@ class DKVB(CILModule):
         self.bottleneck = KeyValueBottleneck(
             self.num_features, num_codebooks, keys_per_codebook, key_dim, num_classes or 0, splitting, decay, eps
         )
-        self.cache = FeatureCache(feature_cache)
+        self.cache = FeatureCache(feature_cache, feature_batch_size, feature_num_workers)
         self._unlabelled: Dataset | None = None
         self._device = torch.device("cpu")
 

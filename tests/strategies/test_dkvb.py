@@ -12,7 +12,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from cil.cli import main
 from cil.config import ConfigError, load_config
-from cil.module import Session
+from cil.module import Session, create_strategy
 from cil.runs import load_run
 from cil.session import run_experiment
 from strategies.dkvb import DKVB, FeatureCache, KeyValueBottleneck
@@ -254,6 +254,58 @@ def test_feature_cache_is_keyed_on_encoder_and_data(tmp_path):
     assert not torch.equal(f3, f1) and torch.equal(f4[:7], f3[:7]) and not torch.equal(f4[7], f3[7])
     with torch.no_grad():
         torch.testing.assert_close(f4, encoder(changed.tensors[0]))
+
+
+def test_feature_cache_key_of_a_stream_never_transforms_its_images(tmp_path, monkeypatch):
+    """On a real stream's session data (Avalanche over an in-memory data set) the key reads the raw samples, the
+    indices and the transform descriptions, and never runs the transform; it changes with a raw pixel, another
+    transform or another subset, and stays the same for an equal stream built again."""
+    from functools import partial
+
+    from cil.session import stream_transforms
+    from streams import create_stream
+
+    def session_data(*overrides):
+        cfg = tiny_config("dkvb", tmp_path, *overrides)
+        strategy = create_strategy(cfg)
+        stream = create_stream(cfg.stream, partial(stream_transforms, strategy.backbone, cfg))
+        return strategy, stream.train_data[0], stream.train_data[1]
+
+    strategy, data, other_session = session_data()
+    cache = FeatureCache(None)
+    calls = []
+    import torchvision.transforms.functional as TF
+
+    real = TF.resize
+    monkeypatch.setattr(TF, "resize", lambda *a, **k: calls.append(1) or real(*a, **k))
+    key = cache.key(strategy.backbone, data)
+    assert not calls  # no image was transformed to compute the key
+    assert key == cache.key(strategy.backbone, session_data()[1])
+    assert key != cache.key(strategy.backbone, other_session)
+    assert key != cache.key(strategy.backbone, session_data("backbone.image_size=24")[1])
+    base = data._flat_data
+    while hasattr(base, "_datasets"):
+        base = base._datasets[0]
+    while hasattr(base, "base"):  # the stream's relabelling wrapper
+        base = base.base
+    raw = next(getattr(base, n) for n in ("images", "data", "tensors") if getattr(base, n, None) is not None)
+    raw = raw[0] if isinstance(raw, tuple) else raw
+    raw.reshape(-1)[0] += 1  # one raw pixel
+    assert key != cache.key(strategy.backbone, data)
+
+
+def test_feature_cache_key_of_image_files_uses_paths_sizes_and_times(tmp_path):
+    from torchvision.datasets import ImageFolder
+
+    from tests.streams.test_vision import _image
+
+    for i in range(4):
+        _image(tmp_path / "images" / f"c{i % 2}" / f"{i}.png", 30 * i)
+    cache, encoder = FeatureCache(None), nn.Linear(4, 3)
+    key = cache.key(encoder, ImageFolder(tmp_path / "images"))
+    assert key == cache.key(encoder, ImageFolder(tmp_path / "images"))
+    _image(tmp_path / "images" / "c1" / "3.png", 201)  # rewritten with other content (a new time)
+    assert key != cache.key(encoder, ImageFolder(tmp_path / "images"))
 
 
 def test_optimiser_settings_that_break_locality_are_refused_unless_forced():
