@@ -12,6 +12,12 @@ them in one of MOS's three forms (``ca_storage_efficient_method``):
 ``update`` accumulates float64 sums of the classes being added (and, for multi-centroid, their features);
 ``all_reduce`` combines the processes' shares; ``finalize`` turns them into the stored statistics. Classes
 finalized earlier are never recomputed.
+
+Memory at MOS's scale (200 classes, d = 768): the pending sums cover only the classes being added (not every
+class seen), the outer products are summed class by class (one d x d product per class in the batch, no
+(batch, d, d) temporary), and the stored covariances and the cached sampling factors are float32 (computed in
+float64 from float64 sums, so they equal ``torch.cov`` to float32 precision): 2 x 200 x 768² x 4 B = 0.9 GiB,
+what the official code's float64 covariances alone take.
 """
 
 from __future__ import annotations
@@ -46,10 +52,11 @@ class ClassGaussians(Growing):
         self.register_buffer("counts", torch.zeros(0, dtype=torch.float64))
         self.register_buffer("means", torch.zeros(0, c, d, dtype=torch.float64))
         if storage == "covariance":
-            self.register_buffer("spread", torch.zeros(0, d, d, dtype=torch.float64))
+            self.register_buffer("spread", torch.zeros(0, d, d, dtype=torch.float32))
         else:
             self.register_buffer("spread", torch.zeros(0, c, d, dtype=torch.float64))
-        self._pending: dict[str, torch.Tensor] = {}
+        self._pending: dict[str, torch.Tensor] = {}  # sums of the classes being added, one row per class
+        self._rows: dict[int, int] = {}  # class id -> its row in the pending sums
         self._features: dict[int, list[torch.Tensor]] = {}
         self._factors: Optional[list] = None  # sampling factors, derived from the buffers when first needed
 
@@ -77,28 +84,34 @@ class ClassGaussians(Growing):
         if y.numel() and bool((self.counts[y] > 0).any()):
             done = sorted(set(y[self.counts[y] > 0].tolist()))
             raise ValueError(f"classes {done[:5]} already have statistics; update only adds new classes")
-        self._grow_pending(size)
-        self._pending["n"].index_add_(0, y, torch.ones_like(y, dtype=torch.float64))
-        self._pending["sum"].index_add_(0, y, x)
+        classes = y.unique().tolist()
+        self._add_rows(classes)
+        rows = torch.tensor([self._rows[c] for c in y.tolist()], dtype=torch.long, device=y.device)
+        self._pending["n"].index_add_(0, rows, torch.ones_like(y, dtype=torch.float64))
+        self._pending["sum"].index_add_(0, rows, x)
         if self.storage == "covariance":
-            self._pending["outer"].index_add_(0, y, x.unsqueeze(2) * x.unsqueeze(1))
+            for c in classes:  # one d x d product per class in the batch
+                xc = x[y == c]
+                self._pending["outer"][self._rows[c]] += xc.T @ xc
         else:
-            self._pending["outer"].index_add_(0, y, x * x)
+            self._pending["outer"].index_add_(0, rows, x * x)
         if self.storage == "multi-centroid":
-            for c in y.unique().tolist():
+            for c in classes:
                 self._features.setdefault(c, []).append(x[y == c].cpu())
         return self
 
-    def _grow_pending(self, size: int) -> int:
-        """Make the pending sums (n, sum, outer) cover class ids < size; returns how many they cover."""
+    def _add_rows(self, classes: list[int]) -> None:
+        """Give each class of ``classes`` a row in the pending sums (n, sum, outer), zero-filled."""
         d = self.num_features
         shapes = {"n": (), "sum": (d,), "outer": (d, d) if self.storage == "covariance" else (d,)}
+        new = [c for c in classes if c not in self._rows]
+        for c in new:
+            self._rows[c] = len(self._rows)
         for key, shape in shapes.items():
             old = self._pending.get(key, self.means.new_zeros(0, *shape))
-            if old.shape[0] < size:
-                old = torch.cat([old, old.new_zeros(size - old.shape[0], *shape)])
+            if old.shape[0] < len(self._rows):
+                old = torch.cat([old, old.new_zeros(len(self._rows) - old.shape[0], *shape)])
             self._pending[key] = old
-        return self._pending["n"].shape[0]
 
     def all_reduce(self) -> ClassGaussians:
         """Sum the pending statistics over processes (each having fed its own shard)."""
@@ -106,13 +119,18 @@ class ClassGaussians(Growing):
             return self
         import torch.distributed as dist
 
-        size = torch.tensor([self._grow_pending(0)], device=self.means.device)
-        dist.all_reduce(size, op=dist.ReduceOp.MAX)
-        self._grow_pending(int(size.item()))
+        gathered: list = [None] * dist.get_world_size()
+        dist.all_gather_object(gathered, sorted(self._rows))
+        union = sorted(set().union(*gathered))
+        mine, self._rows, self._pending = (dict(self._rows), dict(self._pending)), {}, {}
+        self._add_rows(union)  # the same row per class on every process
+        for c, r in mine[0].items():
+            for key, t in mine[1].items():
+                self._pending[key][self._rows[c]] = t[r]
         for t in self._pending.values():
             all_reduce_sum(t)
         if self.storage == "multi-centroid":
-            gathered: list = [None] * dist.get_world_size()
+            gathered = [None] * dist.get_world_size()
             dist.all_gather_object(gathered, {c: torch.cat(v) for c, v in self._features.items()})
             merged: dict[int, list[torch.Tensor]] = {}
             for part in gathered:  # rank order: every process clusters the same rows in the same order
@@ -124,27 +142,28 @@ class ClassGaussians(Growing):
     @torch.no_grad()
     def finalize(self) -> list[int]:
         """Turn the pending sums into stored statistics; returns the classes added."""
-        if not self._pending or self._pending["n"].numel() == 0:
-            self._pending = {}
+        if not self._rows:
+            self._pending, self._features = {}, {}
             return []
         n, s, outer = self._pending["n"], self._pending["sum"], self._pending["outer"]
-        self.grow(n.numel())
-        added = torch.nonzero(n > 0).flatten().tolist()
+        self.grow(max(self._rows) + 1)
+        added = sorted(c for c, r in self._rows.items() if n[r] > 0)
         eye = torch.eye(self.num_features, dtype=torch.float64, device=n.device)
         for c in added:
-            mean = s[c] / n[c]
+            r = self._rows[c]
+            mean = s[r] / n[r]
             if self.storage == "multi-centroid":
                 self._fit_centroids(c, torch.cat(self._features.pop(c)).to(torch.float64))
                 continue
-            correction = max(n[c].item() - 1, 1)  # torch.cov: correction 1 (0 for a single sample)
+            correction = max(n[r].item() - 1, 1)  # torch.cov: correction 1 (0 for a single sample)
             if self.storage == "covariance":
-                cov = (outer[c] - n[c] * torch.outer(mean, mean)) / correction + self.ridge * eye
-                self.spread[c] = cov
+                cov = (outer[r] - n[r] * torch.outer(mean, mean)) / correction + self.ridge * eye
+                self.spread[c] = cov.to(self.spread.dtype)
             else:
-                self.spread[c, 0] = (outer[c] - n[c] * mean * mean) / correction + self.ridge
+                self.spread[c, 0] = (outer[r] - n[r] * mean * mean) / correction + self.ridge
             self.means[c, 0] = mean
-            self.counts[c] = n[c]
-        self._pending, self._features = {}, {}
+            self.counts[c] = n[r]
+        self._pending, self._features, self._rows = {}, {}, {}
         self._factors = None
         return added
 
@@ -168,8 +187,9 @@ class ClassGaussians(Growing):
             if self.counts[c] == 0:
                 out.append(parts)
                 continue
-            if self.storage == "covariance":
-                parts.append((self.means[c, 0], torch.linalg.cholesky(self.spread[c]), True))
+            if self.storage == "covariance":  # factored in float64, kept in float32 (half the memory)
+                factor = torch.linalg.cholesky(self.spread[c].double()).float()
+                parts.append((self.means[c, 0], factor, True))
             elif self.storage == "variance":
                 parts.append((self.means[c, 0], self.spread[c, 0].sqrt(), False))
             else:
@@ -193,7 +213,7 @@ class ClassGaussians(Growing):
             for mean, scale, full in parts:
                 z = torch.randn(per_component, self.num_features, dtype=torch.float64, generator=generator)
                 z = z.to(mean.device)
-                xs.append(mean + (z @ scale.T if full else z * scale))
+                xs.append(mean + (z @ scale.double().T if full else z * scale))
                 ys.append(torch.full((per_component,), c, dtype=torch.long, device=mean.device))
         if not xs:
             raise RuntimeError("ClassGaussians holds no statistics yet: update(...) then finalize()")

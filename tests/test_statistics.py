@@ -30,7 +30,38 @@ def test_covariance_storage_equals_torch_cov_plus_ridge():
     assert feed(stats, x, y) == [0, 1, 2]
     for c in range(3):
         torch.testing.assert_close(stats.means[c, 0], x[y == c].mean(0))
-        torch.testing.assert_close(stats.spread[c], torch.cov(x[y == c].T) + 1e-4 * torch.eye(6))
+        assert stats.spread.dtype == torch.float32  # computed in float64, stored in float32
+        expected = torch.cov(x[y == c].T) + 1e-4 * torch.eye(6, dtype=torch.float64)
+        torch.testing.assert_close(stats.spread[c].double(), expected, rtol=1e-6, atol=1e-6)
+
+
+def test_pending_sums_cover_only_the_classes_being_added():
+    """Classes 198 and 199 after 198 others: two rows of pending sums, not 200 (at d = 768 the outer-product
+    sums are 4.7 MB per class), and statistics equal torch.cov."""
+    x, y = features(classes=2, d=6)
+    stats = ClassGaussians(6)
+    stats.grow(198)
+    stats.update(x, y + 198)
+    assert stats._pending["outer"].shape == (2, 6, 6) and stats.num_classes == 200
+    assert stats.finalize() == [198, 199]
+    for c in (0, 1):
+        expected = torch.cov(x[y == c].T) + 1e-4 * torch.eye(6, dtype=torch.float64)
+        torch.testing.assert_close(stats.spread[198 + c].double(), expected, rtol=1e-6, atol=1e-6)
+    assert not stats._pending and stats.counts[:198].sum() == 0
+
+
+def test_covariance_at_mos_scale_is_float32_and_matches_torch_cov():
+    """d = 768, features of a ViT's scale (mean far from zero): sums in float64 keep the covariance exact."""
+    g = torch.Generator().manual_seed(0)
+    x = (torch.randn(300, 768, generator=g) * 0.5 + 4.0).double()
+    stats = ClassGaussians(768)
+    for i in range(0, 300, 48):
+        stats.update(x[i : i + 48], torch.zeros(len(x[i : i + 48]), dtype=torch.long))
+    stats.finalize()
+    expected = torch.cov(x.T) + 1e-4 * torch.eye(768, dtype=torch.float64)
+    torch.testing.assert_close(stats.spread[0].double(), expected, rtol=1e-5, atol=1e-6)
+    stats.sample(2, torch.Generator().manual_seed(0))
+    assert stats._factors[0][0][1].dtype == torch.float32
 
 
 def test_variance_storage_is_the_diagonal():

@@ -257,7 +257,7 @@ def test_9_statistics_are_mean_and_cov_of_current_adapter_features(storage):
         cov = torch.cov(f[y == c].T) + 1e-4 * torch.eye(DIM, dtype=torch.float64)
         expected = cov if storage == "covariance" else torch.diagonal(cov)
         assert stats.spread[c].squeeze(0).shape == expected.shape
-        torch.testing.assert_close(stats.spread[c].squeeze(0), expected, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(stats.spread[c].squeeze(0).double(), expected, rtol=1e-5, atol=1e-6)
     old = stats.spread[:2].clone()
     fit(strategy, 1)
     assert torch.equal(strategy.statistics.spread[:2], old)
