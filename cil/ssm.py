@@ -234,7 +234,7 @@ class ProjectorOutput:
     features: torch.Tensor  # (B, C_out): what the classifier sees
     gate: torch.Tensor  # the new branch's pre-activation gate (the base branch's without a new branch)
     params: dict[str, torch.Tensor]  # the new branch's dt/B/C (h direction), or the base branch's
-    base_params: dict[str, torch.Tensor]
+    base_params: Optional[dict[str, torch.Tensor]]  # None when the frozen base branch was computed ahead
 
 
 class DualSelectiveProjector(nn.Module):
@@ -293,7 +293,18 @@ class DualSelectiveProjector(nn.Module):
             self.add_new_branch()
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
-    def forward(self, feature_map: torch.Tensor) -> ProjectorOutput:
+    def kept(self, feature_map: torch.Tensor) -> torch.Tensor:
+        """The base branch + residual, detached (what ``forward`` keeps of them once the new branch exists)."""
+        return (self.base(feature_map).y + self.residual(feature_map.mean((2, 3)))).detach()
+
+    def forward(self, feature_map: torch.Tensor, kept: Optional[torch.Tensor] = None) -> ProjectorOutput:
+        """``kept``: the detached base branch + residual of ``feature_map`` computed ahead (``detach_base`` only:
+        then the base branch is not run, and the output's ``base_params`` is None)."""
+        if kept is not None:
+            if self.new is None or not self.detach_base:
+                raise ValueError("kept= needs the new branch and detach_base=True")
+            new = self.new(feature_map.detach())
+            return ProjectorOutput(kept + new.y, new.gate, new.params, None)
         base = self.base(feature_map)
         residual = self.residual(feature_map.mean((2, 3)))
         if self.new is None:

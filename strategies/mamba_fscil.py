@@ -370,7 +370,24 @@ class MambaFSCIL(CILModule):
         repeats = math.ceil(draws / len(pool_y))
         order = torch.arange(len(pool_y)).repeat(repeats)[:draws]
         self.session_pool = (pool_x, pool_y)  # what the session trains on, before repetition (for inspection)
-        return TensorDataset(pool_x[order], pool_y[order])
+        # the loader draws pool indices (the pool stays on the device once, not steps x batch copies of maps)
+        self._pool = pool_x.to(session.device)
+        self._kept = self.frozen_base_output(self._pool)
+        return TensorDataset(order, pool_y[order])
+
+    @torch.no_grad()
+    def frozen_base_output(self, maps: torch.Tensor, chunk: int = 256) -> Optional[torch.Tensor]:
+        """The detached base branch + residual on every pooled map, once per session: with the base branch frozen
+        and detached (CIFAR, miniImageNet) its output on a cached map is the same at every step, so each step
+        scans the new branch only (about half the scans). None where the base branch trains or its dt/B/C are
+        needed (``w_sep > 0``)."""
+        if not (self.projector.detach_base and self.hparams.w_sep == 0):
+            return None
+        was_training = self.projector.training
+        self.projector.eval()
+        kept = torch.cat([self.projector.kept(maps[i : i + chunk]) for i in range(0, len(maps), chunk)])
+        self.projector.train(was_training)
+        return kept
 
     # ---- training ------------------------------------------------------------------------------------------------
     def dr(self, features: torch.Tensor, labels: torch.Tensor, with_length: bool) -> torch.Tensor:
@@ -380,7 +397,11 @@ class MambaFSCIL(CILModule):
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         x, y = batch[0], batch[1]
-        loss = self.base_loss(x, y) if self.session_index == 0 else self.incremental_loss(x, y)
+        if self.session_index == 0:
+            loss = self.base_loss(x, y)
+        else:  # x: indices into the session's pool of maps
+            kept = None if self._kept is None else self._kept[x]
+            loss = self.incremental_loss(self._pool[x], y, kept)
         self.log("train/loss", loss, prog_bar=True)
         return loss
 
@@ -398,9 +419,12 @@ class MambaFSCIL(CILModule):
             loss = loss + self.dr(features, labels, hp.base_with_length)
         return loss
 
-    def incremental_loss(self, maps: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    def incremental_loss(
+        self, maps: torch.Tensor, labels: torch.Tensor, kept: Optional[torch.Tensor] = None
+    ) -> torch.Tensor:
+        """``kept``: the frozen base branch's output on ``maps``, when computed ahead (``frozen_base_output``)."""
         hp = self.hparams
-        out = self.projector(maps)
+        out = self.projector(maps, kept=kept)
         losses = class_sensitive_losses(
             out.gate,
             out.params,

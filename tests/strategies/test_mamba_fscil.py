@@ -233,6 +233,40 @@ def test_10_incremental_session_data_and_evaluation_mask():
     assert strategy.epochs_for(base) == 1 and strategy.epochs_for(second) == 1
 
 
+def test_frozen_base_branch_runs_once_per_session_with_the_same_losses():
+    """CIFAR/miniImageNet (base branch frozen and detached): the base branch's output on the session's pool is
+    computed once at the session start; a training step scans only the new branch, and its loss and gradients
+    equal those of the full projector."""
+    strategy = tiny_strategy(inc_steps=[4], inc_batch_size=6, feat_mixup_prob=0.0, w_novel=0.5)
+    base = tiny_session(0, [0, 1, 2, 3], per_class=4, seen=4)
+    strategy.begin_session(base)
+    strategy.end_session(base)
+    first = tiny_session(1, [4, 5], per_class=5, seen=6)
+    strategy.begin_session(first)
+    strategy.eval()
+    assert strategy._kept is not None and len(strategy._kept) == len(strategy.session_pool[1])
+    index, labels = strategy.train_data(first).tensors
+    index, labels = index[:6], labels[:6]
+    calls = []
+    handle = strategy.projector.base.register_forward_hook(lambda *a: calls.append(1))
+    cached = strategy.training_step((index, labels), 0)
+    assert not calls  # the base branch did not run in the step
+    new_params = [p for p in strategy.projector.new.parameters()]
+    grads = torch.autograd.grad(cached, new_params, allow_unused=True)
+    full = strategy.incremental_loss(strategy._pool[index], labels)  # the projector as a whole
+    assert calls  # here it did
+    handle.remove()
+    torch.testing.assert_close(cached, full, rtol=1e-5, atol=1e-6)
+    for a, b in zip(grads, torch.autograd.grad(full, new_params, allow_unused=True)):
+        if a is not None or b is not None:
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    sep = tiny_strategy(w_sep=1e-3)  # the base branch's dt/B/C are needed: no cache
+    sep.begin_session(base)
+    sep.end_session(base)
+    sep.begin_session(first)
+    assert sep._kept is None
+
+
 def test_the_new_branch_starts_silent_and_checkpoints_restore_it():
     strategy = tiny_strategy()
     base = tiny_session(0, [0, 1, 2, 3], per_class=3, seen=4)
