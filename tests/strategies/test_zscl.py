@@ -178,6 +178,29 @@ def test_reference_captions_from_a_text_file_or_the_cc_tsv(tmp_path):
         read_captions(empty)
 
 
+def test_reference_folder_lists_what_os_walk_lists_in_the_same_order(tmp_path):
+    """The lean listing (scandir, one byte array) against the former os.walk + sorted Paths: same files, same order
+    (names that sort differently as strings and as paths, nested folders, non-images, a symlinked folder that
+    os.walk does not enter), and the images open."""
+    import os
+    from pathlib import Path
+
+    from strategies.zscl import IMAGE_SUFFIXES, ImageFiles
+    from tests.streams.test_vision import _image
+
+    for rel in ["a/b.png", "a-b/c.jpg", "a/x/y/z.JPEG", "é/ü.png", "top.png", "a b/c.png"]:
+        _image(tmp_path / "ref" / rel, 7)
+    (tmp_path / "ref" / "a" / "notes.txt").write_text("not an image")
+    _image(tmp_path / "elsewhere" / "linked.png", 9)
+    os.symlink(tmp_path / "elsewhere", tmp_path / "ref" / "link")
+    former = sorted(
+        Path(d) / f for d, _, names in os.walk(tmp_path / "ref") for f in names if f.lower().endswith(IMAGE_SUFFIXES)
+    )
+    files = ImageFiles(tmp_path / "ref")
+    assert [files.path(i) for i in range(len(files))] == former and len(files) == 6
+    assert files.files.dtype.kind == "S" and files[0].size == (20, 20)
+
+
 def test_captions_with_quotes_and_headers(tmp_path):
     """A caption opening with an unmatched quote stays one caption (no quote processing in TSV and plain files);
     the code's ``*_output.csv`` header (``title<TAB>filepath``) is skipped and names the column; a comma CSV with
