@@ -1,0 +1,336 @@
+"""What every shipped paper config costs in checkpoints, disk writes and bookkeeping memory, and a rehearsal of one
+config per strategy at the real architecture and input size.
+
+**Footprint** (every paper config, no training): the strategy is built from the config (random weights, the real
+architecture) and grown to the protocol's classes and sessions (heads, class statistics, DKVB's values, MOS's
+adapter snapshots); then
+
+- ``session ckpt``: the bytes of a session checkpoint as the session loop writes it now (``torch.save`` of
+  ``checkpoint_state()``: without the frozen tensors the config rebuilds), next to the whole state (before);
+- ``resume point``: that plus the optimiser's state (SGD with momentum: 1 x the trained parameters, Adam/AdamW: 2 x,
+  ZSCL's weight ensemble: 1 x more), written at most every ``run.checkpoint_every`` = 30 minutes;
+- ``writes / session``: one session checkpoint plus at most 2 resume points per hour of training, whatever the
+  number of epochs; ``before``: the former ``last.ckpt`` of the whole state at every epoch end, over the protocol;
+- ``bookkeeping``: the strategy's buffers (statistics, prototypes, LDA, values, means) in host memory.
+
+**Rehearsal** (``--rehearse``; one config per strategy): the config itself, cut to 2 sessions and 1 epoch, on
+synthetic images written in the data set's real on-disk format, with the real backbone at its real input size
+(random weights), ``run.checkpoint_every=0`` so every epoch end writes a resume point. Recorded: peak RSS, seconds
+per training step (and the batch it ran at: the synthetic sessions hold fewer images than the paper's batch),
+every checkpoint written (count and bytes), bytes written by the process (``/proc/self/io`` wchar) and the run
+folder's size.
+
+    python benchmarks/paper_scale.py                    # footprint table (README)
+    python benchmarks/paper_scale.py --rehearse         # + the rehearsals (slow: minutes per config on a CPU)
+    python benchmarks/paper_scale.py --write-readme
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from benchmarks._machine import machine  # noqa: E402
+from benchmarks._readme import write_block  # noqa: E402
+from cil.config import load_config, split_sizes  # noqa: E402
+from cil.module import create_strategy  # noqa: E402
+
+CONFIGS = ROOT / "configs"
+PAPER = {
+    "fsa": ["cifar100_b10inc10", "svhn_b2inc2", "fgvc_aircraft_b10inc10", "stanford_cars_b16inc20",
+            "cifar100_fewshot_plus", "svhn_fewshot_plus", "fgvc_aircraft_fewshot_plus", "cifar100_fscil",
+            "cub200_fscil"],
+    "mamba_fscil": ["cifar100_fscil", "miniimagenet_fscil", "cub200_fscil"],
+    "mos": [f"{d}_{w}" for d in ("cifar100_b0inc5", "cub200_b0inc10", "imagenet_r_b0inc20", "imagenet_a_b0inc20",
+                                 "objectnet_b0inc20", "omnibenchmark_b0inc20", "vtab_b0inc10")
+            for w in ("in21k", "in1k")],
+    "zscl": ["mtil_order1", "mtil_order2", "cifar100_10steps", "cifar100_20steps", "cifar100_50steps",
+             "tinyimagenet_100-20", "tinyimagenet_100-10", "tinyimagenet_100-5"],
+    "dkvb": ["cifar10_clip_vitb32", "cifar10_resnet50", "cifar100_clip_vitb32", "cifar100_resnet50",
+             "cifar10_clip_vitb32_online"],
+}  # fmt: skip
+CLASSES = {
+    "cifar100": 100, "cifar10": 10, "svhn": 10, "fgvc_aircraft": 100, "stanford_cars": 196, "cub200": 200,
+    "miniimagenet": 100, "imagenet_r": 200, "imagenet_a": 200, "objectnet": 200, "omnibenchmark": 300, "vtab": 50,
+    "tinyimagenet": 200,
+}  # fmt: skip
+MTIL_CLASSES = 100 + 101 + 100 + 47 + 10 + 102 + 101 + 10 + 37 + 196 + 397  # the 11 data sets of MTIL
+
+
+def reference_files(folder: Path) -> list[str]:
+    """ZSCL's reference set, tiny (the footprint does not depend on it)."""
+    from PIL import Image
+
+    (folder / "images").mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", (32, 32)).save(folder / "images" / "0.png")
+    (folder / "captions.txt").write_text("a photo\n")
+    return [f"strategy.reference_images={folder / 'images'}", f"strategy.reference_captions={folder / 'captions.txt'}"]
+
+
+def protocol(cfg) -> tuple[int, int]:
+    """(classes, sessions) of the config's stream."""
+    if cfg.stream.name == "mtil":
+        return MTIL_CLASSES, len(cfg.stream.datasets)
+    classes = CLASSES[cfg.stream.name]
+    if cfg.stream.online:  # the whole stream as one sequence
+        return classes, 1
+    base, inc = split_sizes(cfg.stream.split)
+    return classes, (1 if base else 0) + -(-(classes - base) // inc)
+
+
+def epochs_over_protocol(strategy, cfg, sessions: int) -> tuple[int, str]:
+    """(epochs the former code wrote last.ckpt after, how they were counted)."""
+    hp, name = strategy.hparams, cfg.strategy.name
+    if name == "fsa":
+        return (0, "no adaptation") if hp.adaptation == "none" else (int(hp.epochs), "session 1 only")
+    if name == "mamba_fscil":
+        return int(hp.base_epochs) + sessions - 1, "base epochs + 1 per session"
+    if name == "zscl" and hp.iterations:
+        return int(hp.iterations) * sessions, "<= 1 per step (small data sets cycle)"
+    return int(hp.get("epochs", 1)) * sessions, "epochs x sessions"
+
+
+def optimizer_copies(strategy, cfg) -> float:
+    hp, name = strategy.hparams, cfg.strategy.name
+    if name in ("fsa", "zscl"):  # Adam / AdamW: two moments; ZSCL also keeps its weight ensemble
+        return 2.0 + (1.0 if name == "zscl" else 0.0)
+    if name == "dkvb":
+        return 0.0 if hp.momentum == 0 and hp.optimizer == "sgd" else 2.0
+    return 1.0  # SGD with momentum (MOS, Mamba-FSCIL)
+
+
+def saved_bytes(state: dict, folder: Path) -> int:
+    path = folder / "state.pt"
+    torch.save(state, path)
+    size = path.stat().st_size
+    path.unlink()
+    return size
+
+
+def footprint(strategy_name: str, config: str, work: Path) -> dict:
+    overrides = ["backbone.pretrained=false"]
+    if strategy_name == "zscl":
+        overrides += reference_files(work / "reference")
+    cfg = load_config(CONFIGS / strategy_name / f"{config}.yaml", overrides)
+    torch.manual_seed(0)
+    strategy = create_strategy(cfg)
+    classes, sessions = protocol(cfg)
+    for module in strategy.modules():  # grow every class-sized tensor to the protocol's classes
+        if module is not strategy and hasattr(module, "grow"):
+            module.grow(classes)
+    if hasattr(strategy, "bottleneck"):
+        strategy.bottleneck.allocate(classes)
+    if hasattr(strategy, "adapters"):
+        for _ in range(sessions):
+            strategy.adapters.snapshot()
+    trained = sum(p.numel() * p.element_size() for p in strategy.parameters() if p.requires_grad)
+    if strategy_name == "fsa" and strategy.hparams.adaptation == "full":
+        trained = sum(p.numel() * p.element_size() for p in strategy.parameters())  # the body adapts
+    now, _ = strategy.checkpoint_state()
+    session_now = saved_bytes(now, work)
+    session_before = saved_bytes(strategy.state_dict(), work)
+    opt = optimizer_copies(strategy, cfg) * trained
+    epochs, counted = epochs_over_protocol(strategy, cfg, sessions)
+    buffers = sum(
+        b.numel() * b.element_size() for n, b in strategy.named_buffers() if not n.startswith(("backbone.", "teacher."))
+    )
+    return {
+        "config": f"{strategy_name}/{config}",
+        "classes": classes,
+        "sessions": sessions,
+        "params_m": sum(p.numel() for p in strategy.parameters()) / 1e6,
+        "session_ckpt_mb": session_now / 2**20,
+        "session_ckpt_before_mb": session_before / 2**20,
+        "resume_mb": (session_now + opt) / 2**20,
+        "resume_before_mb": (session_before + opt) / 2**20,
+        "epochs": epochs,
+        "epochs_counted": counted,
+        "before_total_gb": epochs * (session_before + opt) / 2**30,
+        "bookkeeping_mb": buffers / 2**20,
+    }
+
+
+# ---- rehearsals --------------------------------------------------------------------------------------------------
+REHEARSALS = {  # one config per strategy, cut to 2 sessions and 1 epoch; (config, data writer, overrides)
+    "fsa": ("cifar100_b10inc10", "cifar100",
+            ["stream.split=B50-Inc50", "strategy.epochs=1", "strategy.milestones=[1]"]),
+    "mamba_fscil": ("cifar100_fscil", "cifar100", ["stream.split=B90-Inc10", "strategy.base_epochs=1",
+                                                   "strategy.inc_steps=[2]", "strategy.base_warmup=0"]),
+    "mos": ("cifar100_b0inc5_in21k", "cifar100",
+            ["stream.split=B0-Inc50", "strategy.epochs=1", "strategy.ca_epochs=1"]),
+    "zscl": ("cifar100_10steps", "cifar100", ["stream.split=B50-Inc50", "stream.class_order=null",
+                                              "strategy.reference_batch_size=16"]),
+    "dkvb": ("cifar10_clip_vitb32", "cifar10", ["stream.split=B0-Inc5", "strategy.epochs=2", "strategy.init_epochs=1"]),
+}  # fmt: skip
+
+
+def write_data(kind: str, root: Path) -> None:
+    sys.path.insert(0, str(ROOT))
+    from tests.streams.test_vision import write_cifar10, write_cifar100
+
+    if kind == "cifar100":
+        write_cifar100(root / "cifar100", per_class_train=6, per_class_test=1)
+    write_cifar10(root / "cifar10", per_class_train=6, per_class_test=1)
+    if kind == "cifar10":
+        write_cifar100(root / "cifar100", per_class_train=1, per_class_test=1)
+
+
+def wchar() -> int:
+    with open("/proc/self/io") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("wchar"))
+
+
+def rehearse(strategy_name: str, work: Path) -> dict:
+    from pytorch_lightning.callbacks import Callback
+
+    import cil.session as S
+    from cil.runs import RunFolder
+
+    config, kind, extra = REHEARSALS[strategy_name]
+    write_data(kind, work / "data")
+    overrides = [
+        f"stream.data_root={work / 'data' / kind}",
+        f"stream.unlabelled_root={work / 'data' / ('cifar100' if kind == 'cifar10' else 'cifar10')}",
+        "stream.verify_checksums=false",
+        "stream.num_workers=0",
+        "backbone.pretrained=false",
+        "trainer.accelerator=cpu",
+        "trainer.enable_progress_bar=false",
+        "run.checkpoint_every=0",
+        f"run.output_dir={work / 'runs'}",
+        *extra,
+    ]
+    if strategy_name == "zscl":
+        overrides += reference_files(work / "reference")
+    if strategy_name == "dkvb":
+        overrides += [f"strategy.feature_cache={work / 'cache'}"]
+    cfg = load_config(CONFIGS / strategy_name / f"{config}.yaml", overrides)
+    writes: list[tuple[str, int]] = []
+    save_resume, save_session = S.AtomicCheckpointIO.save_checkpoint, RunFolder.save_session
+
+    def resume_point(self, checkpoint, path, storage_options=None):
+        save_resume(self, checkpoint, path, storage_options)
+        writes.append(("resume", Path(path).stat().st_size))
+
+    def session_checkpoint(self, k, state, records, digest=None):
+        save_session(self, k, state, records, digest)
+        writes.append(("session", self.session_checkpoint(k).stat().st_size))
+
+    class StepTimer(Callback):
+        def __init__(self):
+            self.times, self.batches, self.began = [], [], 0.0
+
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            self.began = time.perf_counter()
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            self.times.append(time.perf_counter() - self.began)
+            self.batches.append(len(batch[1]))
+
+    timer = StepTimer()
+    S.AtomicCheckpointIO.save_checkpoint, RunFolder.save_session = resume_point, session_checkpoint
+    try:
+        before, began = wchar(), time.perf_counter()
+        run = S.run_experiment(cfg, callbacks=[timer])
+        written, wall = wchar() - before, time.perf_counter() - began
+    finally:
+        S.AtomicCheckpointIO.save_checkpoint, RunFolder.save_session = save_resume, save_session
+    folder = sum(p.stat().st_size for p in run.rglob("*") if p.is_file())
+    resumes = [size for kind_, size in writes if kind_ == "resume"]
+    sessions = [size for kind_, size in writes if kind_ == "session"]
+    steady = timer.times[1:] or timer.times
+    return {
+        "config": f"{strategy_name}/{config}",
+        "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+        "s_per_step": sum(steady) / max(len(steady), 1),
+        "step_batch": max(timer.batches) if timer.batches else 0,
+        "steps": len(timer.times),
+        "resume_points": len(resumes),
+        "resume_mb": max(resumes, default=0) / 2**20,
+        "session_ckpt_mb": max(sessions, default=0) / 2**20,
+        "written_mb": written / 2**20,
+        "run_folder_mb": folder / 2**20,
+        "wall_s": wall,
+    }
+
+
+def footprint_table(rows: list[dict]) -> str:
+    lines = [
+        "| config | classes × sessions | params (M) | session ckpt (MB), before → now | resume point (MB), "
+        "before → now | former last.ckpt writes over the protocol | writes / session now | bookkeeping (MB) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        before = f"{r['epochs']:,} × {r['resume_before_mb']:,.0f} MB = {r['before_total_gb']:,.0f} GB"
+        before += f" ({r['epochs_counted']})"
+        lines.append(
+            f"| `{r['config']}` | {r['classes']} × {r['sessions']} | {r['params_m']:.1f} | "
+            f"{r['session_ckpt_before_mb']:,.0f} → {r['session_ckpt_mb']:,.0f} | "
+            f"{r['resume_before_mb']:,.0f} → {r['resume_mb']:,.0f} | {before} | "
+            f"{r['session_ckpt_mb']:,.0f} MB + ≤ 2 × {r['resume_mb']:,.0f} MB per hour of training | "
+            f"{r['bookkeeping_mb']:,.0f} |"
+        )
+    return "\n".join(lines)
+
+
+def rehearsal_table(rows: list[dict]) -> str:
+    lines = [
+        "| config (2 sessions, 1 epoch) | peak RSS (GB) | s / step (batch) | resume points written (MB each) | "
+        "session ckpt (MB) | bytes written (MB) | run folder (MB) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| `{r['config']}` | {r['peak_rss_gb']:.1f} | {r['s_per_step']:.1f} ({r['step_batch']}) | "
+            f"{r['resume_points']} ({r['resume_mb']:,.0f}) | {r['session_ckpt_mb']:,.0f} | {r['written_mb']:,.0f} | "
+            f"{r['run_folder_mb']:,.0f} |"
+        )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rehearse", nargs="*", help="strategies to rehearse (none given: all five)")
+    parser.add_argument("--only", nargs="*", help="footprint of these strategies only")
+    parser.add_argument("--write-readme", action="store_true")
+    parser.add_argument("--json", type=Path, help="also write the rows here")
+    args = parser.parse_args()
+    os.environ.setdefault("CIL_QUIET", "1")
+    out: dict = {"machine": machine()}
+    with tempfile.TemporaryDirectory() as tmp:
+        rows = []
+        for name, configs in PAPER.items():
+            if args.only and name not in args.only:
+                continue
+            for config in configs:
+                rows.append(footprint(name, config, Path(tmp)))
+                print(json.dumps(rows[-1]), flush=True)
+        out["footprint"] = rows
+        if args.rehearse is not None:
+            out["rehearsal"] = []
+            for name in args.rehearse or list(REHEARSALS):
+                out["rehearsal"].append(rehearse(name, Path(tmp) / name))
+                print(json.dumps(out["rehearsal"][-1]), flush=True)
+    text = f"Machine: {out['machine']}.\n\n" + footprint_table(out["footprint"])
+    if out.get("rehearsal"):
+        text += "\n\nRehearsals:\n\n" + rehearsal_table(out["rehearsal"])
+    print(text)
+    if args.json:
+        args.json.write_text(json.dumps(out, indent=1))
+    if args.write_readme:
+        write_block("paper-scale", text)
+
+
+if __name__ == "__main__":
+    main()
