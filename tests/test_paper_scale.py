@@ -1,0 +1,82 @@
+"""Cheap rehearsals of the paper-scale costs (``benchmarks/paper_scale.py`` measures the real configs): a blow-up in
+checkpoint writes or bookkeeping fails here."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+
+from cil.runs import RunFolder
+from cil.session import AtomicCheckpointIO, run_experiment
+from tests.conftest import ROOT, tiny_config
+
+
+def paper_scale():
+    spec = importlib.util.spec_from_file_location("paper_scale", ROOT / "benchmarks" / "paper_scale.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def wchar() -> int:
+    with open("/proc/self/io") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("wchar"))
+
+
+EPOCHS = {
+    "fsa": ["strategy.epochs=3", "strategy.milestones=[2]"],
+    "mamba_fscil": [
+        "backbone.image_size=32",
+        "strategy.base_epochs=3",
+        "strategy.inc_steps=[3]",
+        "strategy.base_warmup=0",
+    ],
+    "mos": ["strategy.epochs=3", "strategy.ca_epochs=1"],
+    "zscl": ["strategy.epochs=3", "strategy.iterations=null"],
+    "dkvb": ["strategy.epochs=20", "strategy.init_epochs=1"],
+}
+
+
+@pytest.mark.parametrize("name", sorted(EPOCHS))
+def test_writes_per_session_do_not_grow_with_epochs(name, tmp_path, monkeypatch):
+    """Each strategy's digits config over 2 sessions with many epochs and the default 30-minute resume interval:
+    one checkpoint per session, none in between, and the process writes (checkpoints, logs, tables, plots) at most
+    a few times its session checkpoints; frozen tensors the config rebuilds are not in them."""
+    sizes: list[int] = []
+    save = AtomicCheckpointIO.save_checkpoint
+    monkeypatch.setattr(AtomicCheckpointIO, "save_checkpoint", lambda *a, **k: sizes.append(-1) or save(*a, **k))
+    overrides = ["stream.split=B6-Inc4", "run.checkpoint_every=30", "run.keep_session_checkpoints=true", *EPOCHS[name]]
+    cfg = tiny_config(name, tmp_path, *overrides)
+    before = wchar()
+    run = run_experiment(cfg)
+    written = wchar() - before
+    assert sizes == []  # no resume point: the epochs were far quicker than the interval
+    checkpoints = sorted((run / "checkpoints").glob("session_*.ckpt"))
+    assert [p.name for p in checkpoints] == ["session_0.ckpt", "session_1.ckpt"]
+    total = sum(p.stat().st_size for p in checkpoints)
+    assert written < 2 * total + 8 * 2**20, (written, total)
+    state, _ = RunFolder(run).load_session(1)
+    from cil.module import create_strategy
+
+    prefixes = create_strategy(cfg).rebuildable_prefixes()
+    assert not prefixes or not any(k.startswith(prefixes) for k in state)
+
+
+@pytest.mark.parametrize(
+    "config, frozen",
+    [
+        ("fsa/cub200_fscil", True),  # FiLM: the pre-trained body is left out
+        ("mamba_fscil/cub200_fscil", False),
+        ("mos/omnibenchmark_b0inc20_in21k", True),  # 300 classes: the largest class statistics
+        ("dkvb/cifar100_clip_vitb32", True),
+    ],
+)
+def test_paper_configs_checkpoints_and_bookkeeping_stay_bounded(config, frozen, tmp_path):
+    """The paper configs at their protocols' class counts: checkpoints without the frozen weights, and the
+    strategies' own buffers (class statistics, values, prototypes) far from a 24 GiB machine's memory."""
+    strategy, name = config.split("/")
+    row = paper_scale().footprint(strategy, name, tmp_path)
+    if frozen:
+        assert row["session_ckpt_mb"] < 0.8 * row["session_ckpt_before_mb"]
+    assert row["bookkeeping_mb"] < 1024 and row["resume_mb"] < 1024
