@@ -315,6 +315,7 @@ def main() -> None:
     parser.add_argument("--json", type=Path, help="also write the rows here")
     parser.add_argument("--rehearsals-from", type=Path, help="reuse the rehearsal rows of an earlier --json file")
     parser.add_argument("--rehearse-one", help=argparse.SUPPRESS)
+    parser.add_argument("--from-json", type=Path, help="only print (and --write-readme) an earlier --json file")
     args = parser.parse_args()
     os.environ.setdefault("CIL_QUIET", "1")
     if args.rehearse_one:
@@ -322,6 +323,8 @@ def main() -> None:
             args.json.write_text(json.dumps(rehearse(args.rehearse_one, Path(tmp))))
         return
     out: dict = {"machine": machine()}
+    if args.from_json:
+        out = json.loads(args.from_json.read_text())
     with tempfile.TemporaryDirectory() as tmp:
         if args.rehearsals_from:
             out["rehearsal"] = json.loads(args.rehearsals_from.read_text())["rehearsal"]
@@ -333,8 +336,8 @@ def main() -> None:
                 subprocess.run(command, check=True, env={**os.environ, "CIL_QUIET": "1"})
                 out["rehearsal"].append(json.loads(row.read_text()))
                 print(json.dumps(out["rehearsal"][-1]), flush=True)
-        rows = []
-        for name, configs in PAPER.items():
+        rows = out.get("footprint", [])
+        for name, configs in [] if args.from_json else PAPER.items():
             if args.only and name not in args.only:
                 continue
             for config in configs:
