@@ -54,9 +54,11 @@ def load_weights(model: nn.Module, path: str | Path) -> None:
         raise ConfigError(f"backbone.weights file '{path}' not found")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
+    except Exception as e:  # one line, and never torch's advice to unpickle an untrusted file
+        unsafe = "weights only load failed" in str(e).lower() or "pickle" in type(e).__name__.lower()
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ConfigError(f"backbone.weights file '{path}' is not a torch state dict: {first}") from None
+        why = "not a tensor file saved with torch.save (or a truncated one)" if unsafe else first
+        raise ConfigError(f"backbone.weights file '{path}' is not a torch state dict: {why}") from None
     for wrapper in ("state_dict", "model", "module"):
         if isinstance(state, dict) and isinstance(state.get(wrapper), dict):
             state = state[wrapper]

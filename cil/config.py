@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import re
 import typing
 from dataclasses import dataclass, field
@@ -186,6 +187,8 @@ def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> DictConfig:
     path = path.resolve()
     if path in seen:
         raise ConfigError(f"config file '{path}' extends itself (cycle: {' -> '.join(map(str, seen))})")
+    if path.is_dir():
+        raise ConfigError(f"config file '{path}' is a folder; give a YAML file (e.g. configs/fsa/digits.yaml)")
     if not path.is_file():
         raise ConfigError(f"config file '{path}' not found")
     try:
@@ -233,6 +236,13 @@ def validate(user: DictConfig | dict) -> DictConfig:
 
     if not isinstance(user, DictConfig):
         user = OmegaConf.create(user)
+    groups = [f.name for f in dataclasses.fields(ExperimentConfig)]
+    for group in groups:
+        node = user._get_node(group) if group in user else None
+        if node is not None and not isinstance(node, DictConfig) and node._value() is not None:
+            raise ConfigError(
+                f"config group '{group}' must be a mapping of keys (e.g. {group}: {{...}}), not {node._value()!r}"
+            )
     strategy_name = OmegaConf.select(user, "strategy.name", default=None)
     if strategy_name is None:
         raise ConfigError(f"strategy.name is required; registered strategies: {registry.strategy_names()}")
@@ -249,6 +259,7 @@ def validate(user: DictConfig | dict) -> DictConfig:
         raise ConfigError(f"{key}: {msg}") from None
     _check_values(cfg, ExperimentConfig(strategy=strategy_cls()), prefix="")
     _check_devices(cfg.trainer.devices)
+    _check_run_name(str(cfg.run.name))
     registry.check_stream(cfg.stream.name)
     if cfg.stream.unlabelled not in (None, "self"):
         registry.check_stream(cfg.stream.unlabelled)
@@ -287,7 +298,19 @@ def _check_values(node: DictConfig, schema: Any, prefix: str) -> None:
         _check_one(full, value, f.metadata)
 
 
+def _check_run_name(name: str) -> None:
+    """A run name is a folder name inside run.output_dir, never a path."""
+    if not name or name in (".", "..") or "/" in name or "\\" in name or "\0" in name:
+        raise ConfigError(
+            f"run.name={name!r} is not a plain name; use letters, digits, '-', '_' or '.' without '/' "
+            "(the run folder goes to run.output_dir/run.name/)"
+        )
+
+
 def _check_one(key: str, value: Any, meta: typing.Mapping[str, Any]) -> None:
+    for v in value if isinstance(value, (list, ListConfig)) else [value]:
+        if isinstance(v, float) and not math.isfinite(v) and not (meta or {}).get("allow_nonfinite"):
+            raise ConfigError(f"{key}={value!r} is not a finite number")
     if value is None or not meta:
         return
     if meta.get("choices") is not None and value not in meta["choices"]:

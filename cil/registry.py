@@ -43,7 +43,8 @@ def register_stream(name: str, builder: Callable[..., Any]) -> Callable[..., Any
 def _unknown(kind: str, name: str, names: list[str]) -> ConfigError:
     close = difflib.get_close_matches(name, names, n=3, cutoff=0.5)
     hint = f" (did you mean {', '.join(close)}?)" if close else ""
-    return ConfigError(f"unknown {kind} '{name}'{hint}; registered {kind}s: {', '.join(sorted(names))}")
+    kinds = {"strategy": "strategies"}.get(kind, f"{kind}s")
+    return ConfigError(f"unknown {kind} '{name}'{hint}; registered {kinds}: {', '.join(sorted(names))}")
 
 
 def strategy_names() -> list[str]:

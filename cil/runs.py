@@ -52,11 +52,18 @@ def atomic_write(path: str | Path, data: str | bytes | Callable[[Path], None]) -
             data(Path(tmp))
         else:
             Path(tmp).write_bytes(data.encode() if isinstance(data, str) else data)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp's 0600 would make results private: follow the umask
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
     return path
+
+
+def _umask() -> int:
+    mask = os.umask(0)  # reading the umask means setting it: put it straight back
+    os.umask(mask)
+    return mask
 
 
 def environment(cfg: DictConfig) -> dict[str, Any]:
@@ -129,7 +136,14 @@ class RunFolder:
         return path
 
     def create(self, cfg: DictConfig) -> RunFolder:
-        self.path.mkdir(parents=True, exist_ok=False)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        for k in range(1, 1000):  # another process may take the same timestamp between new_path and here
+            try:
+                self.path.mkdir(exist_ok=False)
+                break
+            except FileExistsError:
+                self.path = self.path.with_name(f"{self.path.name.split('-r')[0]}-r{k}")
+        self.checkpoints, self.plots = self.path / "checkpoints", self.path / "plots"
         atomic_write(self.path / "config.yaml", to_yaml(cfg))
         atomic_write(self.path / "env.json", json.dumps(environment(cfg), indent=2))
         return self

@@ -376,10 +376,10 @@ def run_experiment(cfg: DictConfig, run_dir: str | Path | None = None, callbacks
     if resume:
         folder = RunFolder(run_dir)
     else:
-        path = RunFolder.new_path(cfg) if distributed.is_rank_zero() else None
-        folder = RunFolder(distributed.broadcast_object(str(path) if path else None))
+        folder = RunFolder(RunFolder.new_path(cfg))
         if distributed.is_rank_zero():
-            folder.create(cfg)
+            folder.create(cfg)  # atomically: another run may have taken the same timestamp meanwhile
+        folder = RunFolder(distributed.broadcast_object(str(folder.path)))
     start, records = 0, []
     if resume:
         start = distributed.broadcast_object(folder.completed_sessions())

@@ -1,0 +1,78 @@
+"""Bad input a new user hits: one line naming the key, file or value, exit status 2, nothing trained or written."""
+
+from __future__ import annotations
+
+import os
+import stat
+
+import pytest
+
+from cil.cli import main
+from cil.runs import RunFolder, atomic_write
+from tests.conftest import CONFIGS
+
+
+def run_cli(args, capsys) -> tuple[int, str]:
+    code = main(args)
+    return code, capsys.readouterr().err.strip()
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("strategy.lr=inf", "strategy.lr=inf is not a finite number"),
+        ("strategy.lr=-inf", "strategy.lr=-inf is not a finite number"),
+        ("strategy.lr=nan", "strategy.lr=nan"),
+        ("stream.mean=[0.5,inf,0.5]", "is not a finite number"),
+        ("run.name=/etc/evil", "run.name='/etc/evil' is not a plain name"),
+        ("run.name=../outside", "is not a plain name"),
+        ("run.name=a/b", "is not a plain name"),
+        ("stream.name=cifar11", "unknown stream 'cifar11' (did you mean cifar10, cifar100?); registered streams:"),
+        ("strategy.name=fsaa", "registered strategies: dkvb"),
+    ],
+)
+def test_bad_values_stop_before_anything_runs(override, message, tmp_path, capsys):
+    code, err = run_cli(["run", str(CONFIGS / "fsa" / "digits.yaml"), f"run.output_dir={tmp_path}", override], capsys)
+    assert code == 2 and message in err and len(err.splitlines()) == 1, err
+    assert not any(tmp_path.iterdir())  # no run folder
+
+
+def test_bad_files_get_one_line(tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("strategy: {name: fsa}\nstream: 5\n")
+    code, err = run_cli(["run", str(bad)], capsys)
+    assert code == 2 and "config group 'stream' must be a mapping of keys" in err and "not 5" in err
+    code, err = run_cli(["run", str(tmp_path)], capsys)
+    assert code == 2 and "is a folder; give a YAML file" in err
+    noise = tmp_path / "noise.pt"
+    noise.write_bytes(os.urandom(4096))
+    args = [
+        "run",
+        str(CONFIGS / "simplecil" / "digits.yaml"),
+        f"backbone.weights={noise}",
+        f"run.output_dir={tmp_path}",
+    ]
+    code, err = run_cli(args, capsys)
+    assert code == 2 and f"backbone.weights file '{noise}' is not a torch state dict" in err
+    assert "weights_only" not in err and len(err.splitlines()) == 1  # never advise unpickling untrusted files
+
+
+def test_written_files_follow_the_umask(tmp_path):
+    old = os.umask(0o022)
+    try:
+        path = atomic_write(tmp_path / "summary.json", "{}")
+        assert stat.S_IMODE(path.stat().st_mode) == 0o644
+        os.umask(0o077)
+        assert stat.S_IMODE(atomic_write(tmp_path / "private.json", "{}").stat().st_mode) == 0o600
+    finally:
+        os.umask(old)
+
+
+def test_run_folders_of_the_same_second_do_not_collide(tmp_path):
+    from cil.config import load_config
+
+    cfg = load_config(CONFIGS / "simplecil" / "digits.yaml", [f"run.output_dir={tmp_path}"])
+    path = RunFolder.new_path(cfg)
+    first, second = RunFolder(path).create(cfg), RunFolder(path).create(cfg)  # both picked the same path
+    assert first.path != second.path and first.path.is_dir() and second.path.is_dir()
+    assert (second.path / "config.yaml").is_file() and second.checkpoints == second.path / "checkpoints"
