@@ -79,23 +79,47 @@ def _run(args: argparse.Namespace) -> int:
         cfg = load_config(args.config, args.overrides)
         run_dir = None
     quiet_lightning()
-    from cil.session import run_experiment
+    from cil.session import RunInterrupted, run_experiment
 
-    path = run_experiment(cfg, run_dir=run_dir)
+    if run_dir is not None and _complete(run_dir):
+        print(f"[cil] {run_dir} is complete: every session has its results (cil report {run_dir})")
+        return 0
+    try:
+        path = run_experiment(cfg, run_dir=run_dir)
+    except RunInterrupted as e:
+        if os.environ.get("LOCAL_RANK", "0") == "0":
+            print(
+                f"cil: interrupted in session {e.session + 1}; resume with: cil run --resume {e.folder}",
+                file=sys.stderr,
+            )
+        return 130
     if os.environ.get("LOCAL_RANK", "0") == "0":
         print(f"[cil] run folder: {path}")
     return 0
 
 
+def _complete(run_dir: Path) -> bool:
+    import json
+
+    try:
+        return bool(json.loads((run_dir / "summary.json").read_text()).get("complete"))
+    except (OSError, ValueError):
+        return False
+
+
 def _report(args: argparse.Namespace) -> int:
     from cil.runs import compare, load_run, plot_comparison
 
-    runs = []
+    runs, skipped = [], []
     for path in args.runs:
         try:
             runs.append(load_run(path))
-        except FileNotFoundError as e:
-            raise ConfigError(str(e)) from None
+        except FileNotFoundError as e:  # a run stopped before its first session's results: skipped, said so
+            skipped.append(str(e))
+    for note in skipped:
+        print(f"[cil] skipped: {note}", file=sys.stderr)
+    if not runs:
+        raise ConfigError("no run folder with results among " + ", ".join(map(str, args.runs)))
     table = compare(runs)
     print(table.to_string(index=False, float_format=lambda v: f"{v:.2f}"))
     print(f"[cil] comparison plot: {plot_comparison(runs, args.plot)}")

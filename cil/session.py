@@ -45,6 +45,14 @@ from cil.module import CILModule, Session, create_strategy
 from cil.runs import RunFolder, SessionRecord, atomic_write
 
 
+class RunInterrupted(KeyboardInterrupt):
+    """Ctrl-C (or SIGINT) during a run: where it stopped and how to go on."""
+
+    def __init__(self, folder: Path, session: int):
+        super().__init__(f"interrupted in session {session + 1}")
+        self.folder, self.session = folder, session
+
+
 def derived_seed(*parts: int) -> int:
     """A seed for a (run seed, session, epoch) tuple; distinct tuples give distinct seeds."""
     return int(np.random.SeedSequence(list(parts)).generate_state(1)[0])
@@ -182,13 +190,16 @@ class EpochSeed(Callback):
 
 
 class SessionTag(Callback):
-    """Marks Lightning checkpoints with their session, so ``--resume`` knows which session last.ckpt belongs to."""
+    """Marks Lightning checkpoints with their session, so ``--resume`` knows which session last.ckpt belongs to,
+    and with the session's time so far (``began``: its ``perf_counter`` start), so its wall time survives a resume."""
 
-    def __init__(self, session: int):
-        self.session = session
+    def __init__(self, session: int, began: float | None = None):
+        self.session, self.began = session, began
 
     def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
         checkpoint["cil_session"] = self.session
+        if self.began is not None:
+            checkpoint["cil_elapsed_s"] = time.perf_counter() - self.began
 
 
 class StepBudget(Callback):
@@ -382,10 +393,9 @@ def run_experiment(cfg: DictConfig, run_dir: str | Path | None = None, callbacks
         folder = RunFolder(distributed.broadcast_object(str(folder.path)))
     start, records = 0, []
     if resume:
-        start = distributed.broadcast_object(folder.completed_sessions())
+        start, state, digest, records = _newest_intact_session(folder)
         if start > 0:
-            state, records = folder.load_session(start - 1)
-            strategy.load_state_dict(strategy.complete_state(state, folder.rebuilt_digest(start - 1)))
+            strategy.load_state_dict(strategy.complete_state(state, digest))
             strategy.session_index = start - 1
         if distributed.is_rank_zero():
             folder.note_resume(cfg)
@@ -411,16 +421,24 @@ def run_experiment(cfg: DictConfig, run_dir: str | Path | None = None, callbacks
         if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()
         began = time.perf_counter()
-        strategy.begin_session(session)
-        epochs = strategy.epochs_for(session)
-        trainable = strategy.num_trainable_parameters()
-        if epochs > 0:
-            resume_from = _mid_session(folder, k)
-            _fit(strategy, session, epochs, cfg, folder, list(callbacks), resume_from, strategy.steps_for(session))
-        strategy.end_session(session)
+        try:
+            strategy.begin_session(session)
+            epochs = strategy.epochs_for(session)
+            trainable = strategy.num_trainable_parameters()
+            if epochs > 0:
+                resume_from = _mid_session(folder, k)
+                began -= _elapsed_before(resume_from)  # the session's time before the interruption counts too
+                steps = strategy.steps_for(session)
+                _fit(strategy, session, epochs, cfg, folder, list(callbacks), resume_from, steps, began)
+            strategy.end_session(session)
+        except KeyboardInterrupt:
+            raise RunInterrupted(folder.path, k) from None
         wall = time.perf_counter() - began
         began = time.perf_counter()
-        confusion = evaluate(strategy, stream, k, cfg)
+        try:
+            confusion = evaluate(strategy, stream, k, cfg)
+        except KeyboardInterrupt:
+            raise RunInterrupted(folder.path, k) from None
         records.append(
             SessionRecord(
                 session=k,
@@ -452,13 +470,55 @@ def run_experiment(cfg: DictConfig, run_dir: str | Path | None = None, callbacks
 
 
 def _mid_session(folder: RunFolder, session: int) -> Path | None:
-    """Lightning's last.ckpt if it was written during ``session`` (resume mid-session), else None."""
+    """Lightning's last.ckpt if it was written during ``session`` (resume mid-session), else None. An unreadable
+    one (truncated by a full disk, say) is set aside with a note: the session starts again, with the same result."""
     path = folder.last_checkpoint
     if not path.is_file():
         return None
-    # memory-mapped: only the tag is read here; Lightning loads the weights itself when it resumes
-    tag = torch.load(path, map_location="cpu", weights_only=False, mmap=True).get("cil_session")
+    try:  # memory-mapped: only the tag is read here; Lightning loads the weights itself when it resumes
+        state = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+        tag = state.get("cil_session")
+        state["loops"]["fit_loop"]["epoch_progress"]  # noqa: B018 - present in every resume point
+    except Exception as e:
+        _note(f"{path} is unreadable ({type(e).__name__}); session {session + 1} starts again from its beginning")
+        if distributed.is_rank_zero():
+            path.replace(path.with_suffix(".unreadable"))
+        _barrier()
+        return None
     return path if tag == session else None
+
+
+def _newest_intact_session(folder: RunFolder) -> tuple[int, dict, str | None, list]:
+    """(sessions done, state, rebuilt-tensor digest, records) of the newest session checkpoint that loads; an
+    unreadable one is set aside with a note and the one before it (or the run's start) is used."""
+    done = distributed.broadcast_object(folder.completed_sessions())
+    for k in range(done - 1, -1, -1):
+        if not folder.session_checkpoint(k).is_file():
+            continue
+        try:
+            state, records = folder.load_session(k)
+            return k + 1, state, folder.rebuilt_digest(k), records
+        except Exception as e:
+            bad = folder.session_checkpoint(k)
+            _note(f"{bad} is unreadable ({type(e).__name__}); resuming from the checkpoint before it")
+            _barrier()
+            if distributed.is_rank_zero():
+                bad.replace(bad.with_suffix(".unreadable"))
+    if done:
+        _note("no readable session checkpoint left: the run starts again from session 1 (same result)")
+    return 0, {}, None, []
+
+
+def _note(message: str) -> None:
+    if distributed.is_rank_zero():
+        print(f"[cil] {message}", flush=True)
+
+
+def _elapsed_before(checkpoint: Path | None) -> float:
+    """Seconds the session had run when ``checkpoint`` was written (0 for a fresh start)."""
+    if checkpoint is None:
+        return 0.0
+    return float(torch.load(checkpoint, map_location="cpu", weights_only=False, mmap=True).get("cil_elapsed_s", 0.0))
 
 
 def _start_epoch(checkpoint: Path | None) -> int:
@@ -469,7 +529,7 @@ def _start_epoch(checkpoint: Path | None) -> int:
     return int(state["loops"]["fit_loop"]["epoch_progress"]["current"]["processed"])
 
 
-def _fit(strategy, session, epochs, cfg, folder, callbacks, resume_from, steps=None) -> None:
+def _fit(strategy, session, epochs, cfg, folder, callbacks, resume_from, steps=None, began=None) -> None:
     logs = folder.path / "logs"
     version = f"session_{session.index}" + ("-resumed" if resume_from else "")  # keep the interrupted logs
     trainer = make_trainer(
@@ -479,7 +539,7 @@ def _fit(strategy, session, epochs, cfg, folder, callbacks, resume_from, steps=N
         callbacks=[
             # one rolling "last.ckpt" at most every run.checkpoint_every minutes: the mid-session resume point
             IntervalCheckpoint(folder.last_checkpoint, cfg.run.checkpoint_every),
-            SessionTag(session.index),
+            SessionTag(session.index, began),
             EpochSeed(cfg.run.seed, session.index),
             *([StepBudget(steps)] if steps is not None else []),
             *callbacks,
@@ -493,7 +553,12 @@ def _fit(strategy, session, epochs, cfg, folder, callbacks, resume_from, steps=N
     )
     data = strategy.train_data(session)
     loader = train_loader(data, cfg, session.index, strategy.batch_size_for(session), _start_epoch(resume_from))
-    trainer.fit(strategy, train_dataloaders=loader, ckpt_path=resume_from)
+    try:
+        trainer.fit(strategy, train_dataloaders=loader, ckpt_path=resume_from)
+    except SystemExit:
+        if trainer.interrupted:  # Lightning turns Ctrl-C into exit(1) after its own shutdown
+            raise KeyboardInterrupt from None
+        raise
 
 
 def _print_session(summary: dict, k: int) -> None:

@@ -1,0 +1,94 @@
+"""Faults a night's run meets: Ctrl-C, truncated checkpoints, resuming a finished run, half-made run folders."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from pytorch_lightning.callbacks import Callback
+
+from cil.cli import main
+from cil.runs import load_run
+from cil.session import RunInterrupted, run_experiment
+from tests.conftest import tiny_config
+
+OVERRIDES = ["strategy.epochs=3", "stream.batch_size=64", "stream.split=B6-Inc2", "trainer.deterministic=true"]
+
+
+class CtrlC(Callback):
+    """Ctrl-C at the start of a given epoch of a given session."""
+
+    def __init__(self, session: int, epoch: int):
+        self.session, self.epoch = session, epoch
+
+    def on_train_epoch_start(self, trainer, pl_module):
+        if pl_module.session_index == self.session and trainer.current_epoch == self.epoch:
+            raise KeyboardInterrupt
+
+
+@pytest.fixture(scope="module")
+def full(tmp_path_factory):
+    return run_experiment(tiny_config("finetune", tmp_path_factory.mktemp("full"), *OVERRIDES))
+
+
+def interrupted(tmp_path, session: int = 1, epoch: int = 2):
+    cfg = tiny_config("finetune", tmp_path, *OVERRIDES, "run.keep_session_checkpoints=true")
+    with pytest.raises(RunInterrupted) as caught:
+        run_experiment(cfg, callbacks=[CtrlC(session, epoch)])
+    folder = next((tmp_path / "finetune-digits").iterdir())
+    assert caught.value.session == session and caught.value.folder == folder
+    return folder
+
+
+def same(a, b) -> None:
+    np.testing.assert_array_equal(load_run(a).accuracy_matrix.to_numpy(), load_run(b).accuracy_matrix.to_numpy())
+
+
+def test_ctrl_c_names_the_session_and_the_resume_command(tmp_path, capsys, monkeypatch, full):
+    folder = interrupted(tmp_path)
+    import cil.session
+
+    def stop(*args, **kwargs):
+        raise RunInterrupted(folder, 1)
+
+    monkeypatch.setattr(cil.session, "run_experiment", stop)
+    assert main(["run", "--resume", str(folder)]) == 130
+    err = capsys.readouterr().err.strip()
+    assert err == f"cil: interrupted in session 2; resume with: cil run --resume {folder}"
+    monkeypatch.undo()
+    elapsed = torch.load(folder / "checkpoints" / "last.ckpt", weights_only=False)["cil_elapsed_s"]
+    assert main(["run", "--resume", str(folder)]) == 0
+    same(folder, full)
+    session = json.loads((folder / "summary.json").read_text())["sessions"][1]
+    assert session["wall_time_s"] >= elapsed > 0  # the time before the interruption counts
+    assert main(["run", "--resume", str(folder)]) == 0
+    assert "is complete" in capsys.readouterr().out
+
+
+def test_a_truncated_resume_point_restarts_its_session_with_the_same_result(tmp_path, capsys, full):
+    folder = interrupted(tmp_path)
+    last = folder / "checkpoints" / "last.ckpt"
+    last.write_bytes(last.read_bytes()[: last.stat().st_size // 2])
+    assert main(["run", "--resume", str(folder)]) == 0
+    assert "last.ckpt is unreadable" in capsys.readouterr().out
+    same(folder, full)
+
+
+def test_a_truncated_session_checkpoint_falls_back_to_the_one_before(tmp_path, capsys, full):
+    folder = interrupted(tmp_path, session=2, epoch=1)
+    newest = folder / "checkpoints" / "session_1.ckpt"
+    newest.write_bytes(newest.read_bytes()[:1000])
+    assert main(["run", "--resume", str(folder)]) == 0
+    assert "session_1.ckpt is unreadable" in capsys.readouterr().out
+    same(folder, full)
+
+
+def test_report_skips_a_run_stopped_before_any_result(tmp_path, capsys, full):
+    stopped = tmp_path / "stopped"
+    stopped.mkdir()
+    (stopped / "config.yaml").write_text("{}")
+    assert main(["report", str(full), str(stopped), "--plot", str(tmp_path / "p.png")]) == 0
+    captured = capsys.readouterr()
+    assert "skipped" in captured.err and str(stopped) in captured.err and "finetune" in captured.out
