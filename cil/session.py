@@ -373,6 +373,9 @@ def run_experiment(cfg: DictConfig, run_dir: str | Path | None = None, callbacks
     ``callbacks`` are added to every session's ``Trainer.fit`` (tests use one to inject a fault).
     """
     resume = run_dir is not None
+    from cil.progress import set_enabled
+
+    set_enabled(cfg.trainer.enable_progress_bar)  # the statistics passes' bars follow Lightning's switch
     pl.seed_everything(cfg.run.seed, workers=True, verbose=False)
     strategy = create_strategy(cfg)
     transforms = partial(stream_transforms, strategy.backbone, cfg)

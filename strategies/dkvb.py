@@ -35,7 +35,6 @@ unlabelled data as ``Session.unlabelled_data`` for the key initialisation, and a
 from __future__ import annotations
 
 import hashlib
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Optional
@@ -45,11 +44,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import ConcatDataset, DataLoader, Dataset, Subset, TensorDataset
-from tqdm.auto import tqdm
 
 from cil.config import ConfigError, StrategyConfig, param
 from cil.distributed import all_reduce_sum
 from cil.module import CILModule, Growing, Session, tensor_digest
+from cil.progress import progress
 from cil.registry import register_strategy
 from cil.runs import atomic_write
 
@@ -287,8 +286,7 @@ class FeatureCache:
                 cached = torch.load(path, map_location="cpu", weights_only=True)
                 return cached["features"], cached["labels"]
         feats, labels = [], []
-        quiet = os.environ.get("CIL_QUIET") == "1"
-        for batch in tqdm(self._inputs(data, self.num_workers), desc=desc or "features", leave=False, disable=quiet):
+        for batch in progress(self._inputs(data, self.num_workers), desc=desc or "features", leave=False):
             x = batch[0] if isinstance(batch, (list, tuple)) else batch
             feats.append(encoder(x.to(device)).float().cpu())
             if labelled:
@@ -415,7 +413,7 @@ class DKVB(CILModule):
         features = features.to(self.device)
         threshold = hp.dead_key_factor * hp.init_batch_size / hp.keys_per_codebook
         generator = torch.Generator().manual_seed(int(torch.randint(0, 2**62, ()).item()))
-        for _ in tqdm(range(hp.init_epochs), desc="key init", leave=False, disable=os.environ.get("CIL_QUIET") == "1"):
+        for _ in progress(range(hp.init_epochs), desc="key init", leave=False):
             order = torch.randperm(len(features), generator=generator).to(features.device)
             for i in range(0, len(order), hp.init_batch_size):
                 kvb.ema_step(features[order[i : i + hp.init_batch_size]], threshold)

@@ -26,13 +26,12 @@ from typing import Any, Optional, Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
 
 from cil.config import ConfigError, StrategyConfig, param
-from cil.distributed import is_rank_zero
 from cil.film import FiLMAdapters
 from cil.heads import StreamingLDA
 from cil.module import CILModule, GrowingClassifier, Session
+from cil.progress import progress
 from cil.registry import register_strategy
 
 ADAPTATIONS = ("full", "film", "none")
@@ -135,7 +134,7 @@ class FSA(CILModule):
             self.freeze_body()
         self.to(session.device).eval()
         head = StreamingLDA(self.num_features, self.lda.mode, self.lda.shrinkage, self.lda.priors).to(session.device)
-        for batch in tqdm(session.train_loader(), desc=f"LDA statistics s{session.index}", disable=not is_rank_zero()):
+        for batch in progress(session.train_loader(), desc=f"LDA statistics s{session.index}"):
             head.update(self.features(batch[0].to(session.device)), batch[1])
         self.lda.merge(head.all_reduce())  # step 3: exact, no replay
 

@@ -48,12 +48,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Dataset, TensorDataset
-from tqdm.auto import tqdm
 
 from cil.config import ConfigError, StrategyConfig, param
-from cil.distributed import all_reduce_min, gather_cat, is_rank_zero
+from cil.distributed import all_reduce_min, gather_cat
 from cil.heads import EtfClassifier, dot_regression_loss
 from cil.module import CILModule, Session
+from cil.progress import progress
 from cil.registry import register_strategy
 from cil.ssm import DualSelectiveProjector
 from strategies.simplecil import ClassMeans
@@ -340,7 +340,7 @@ class MambaFSCIL(CILModule):
 
     def _session_maps(self, session: Session):
         desc = f"feature maps s{session.index}"
-        for batch in tqdm(session.train_loader(), desc=desc, disable=not is_rank_zero()):
+        for batch in progress(session.train_loader(), desc=desc):
             x, y = batch[0].to(session.device), batch[1].to(session.device)
             yield self.feature_map(x), y
 

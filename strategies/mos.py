@@ -50,12 +50,11 @@ from typing import Any, Iterator, Optional
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm, trange
 
 from cil.adapters import AdapterBank, vit_blocks
 from cil.config import ConfigError, StrategyConfig, param
-from cil.distributed import is_rank_zero
 from cil.module import CILModule, GrowingClassifier, Session
+from cil.progress import progress
 from cil.registry import register_strategy
 from cil.retrieval import SelfRefinedRetrieval
 from cil.statistics import STORAGES, ClassGaussians
@@ -215,7 +214,7 @@ class MOS(CILModule):
         prototypes = ClassMeans(self.num_features).to(session.device)
         prototypes.grow(session.num_seen)
         desc = f"class statistics s{session.index}"
-        for batch in tqdm(session.train_loader(), desc=desc, disable=not is_rank_zero()):
+        for batch in progress(session.train_loader(), desc=desc):
             x, y = batch[0].to(session.device), batch[1].to(session.device)
             with self.current_adapter(session.index):
                 self.statistics.update(self.features(x), y)
@@ -233,7 +232,7 @@ class MOS(CILModule):
         n = hp.ca_samples_per_class
         head.train()
         with torch.enable_grad():
-            for _ in trange(hp.ca_epochs, desc="classifier alignment", disable=not is_rank_zero()):
+            for _ in progress(range(hp.ca_epochs), desc="classifier alignment"):
                 x, y = self.statistics.sample(n, generator)  # fresh samples every epoch
                 order = torch.randperm(len(y), generator=generator).to(y.device)
                 x, y = x[order], y[order]

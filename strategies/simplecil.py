@@ -17,11 +17,11 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
 
 from cil.config import StrategyConfig, param
-from cil.distributed import all_reduce_sum, is_rank_zero
+from cil.distributed import all_reduce_sum
 from cil.module import CILModule, Growing, Session
+from cil.progress import progress
 from cil.registry import register_strategy
 
 
@@ -92,7 +92,7 @@ class SimpleCIL(CILModule):
         self.to(session.device).eval()
         fresh = ClassMeans(self.num_features).to(session.device)
         fresh.grow(session.num_seen)
-        batches = tqdm(session.train_loader(), desc=f"prototypes s{session.index}", disable=not is_rank_zero())
+        batches = progress(session.train_loader(), desc=f"prototypes s{session.index}")
         for batch in batches:
             x, y = batch[0].to(session.device), batch[1].to(session.device)
             fresh.update(self.backbone(x), y)
