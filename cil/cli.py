@@ -24,7 +24,9 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run from its folder")
     report = sub.add_parser("report", help="compare finished runs: a table and a plot")
     report.add_argument("runs", nargs="+", metavar="RUN_DIR")
-    report.add_argument("--plot", default="cil_report.png", help="where to write the comparison plot")
+    report.add_argument(
+        "--plot", default=None, help="where to write the comparison plot (default: cil_report.png beside the first run)"
+    )
     sub.add_parser("list", help="registered strategies and streams")
     return parser
 
@@ -122,7 +124,8 @@ def _report(args: argparse.Namespace) -> int:
         raise ConfigError("no run folder with results among " + ", ".join(map(str, args.runs)))
     table = compare(runs)
     print(table.to_string(index=False, float_format=lambda v: f"{v:.2f}"))
-    print(f"[cil] comparison plot: {plot_comparison(runs, args.plot)}")
+    plot = args.plot or runs[0].path.parent / "cil_report.png"
+    print(f"[cil] comparison plot: {plot_comparison(runs, plot)}")
     return 0
 
 

@@ -265,7 +265,7 @@ def plot_run(folder: Path, R: np.ndarray, counts: Sequence[int]) -> None:
     done = R.shape[0]
     if done == 0:
         return
-    sessions = np.arange(done)
+    sessions = np.arange(1, done + 1)  # numbered as the CLI prints them ("session 1/5")
     seen = M.seen_accuracy(R, counts)
     old, new, _ = M.old_new_accuracy(R, counts)
 
@@ -284,14 +284,17 @@ def plot_run(folder: Path, R: np.ndarray, counts: Sequence[int]) -> None:
             if not np.isnan(R[i, j]):
                 color = "k" if R[i, j] > 0.6 else "w"  # readable on viridis' bright end
                 ax.text(j, i, f"{100 * R[i, j]:.0f}", ha="center", va="center", color=color, fontsize=8)
-    ax.set(xlabel="evaluated on session", ylabel="after session", xticks=sessions, yticks=sessions)
+    ax.set_xticks(sessions - 1, labels=sessions)
+    ax.set_yticks(sessions - 1, labels=sessions)
+    ax.set(xlabel="evaluated on session", ylabel="after session")
     ax.set_title("Accuracy matrix R[i, j] (%)")
     fig.colorbar(image, ax=ax)
     _save(fig, folder / "accuracy_matrix.png")
 
     fig, (left, right) = _subplots(1, 2, figsize=(8, 3.2))
     f = M.forgetting_per_session(R) if done > 1 else np.array([])
-    left.bar(np.arange(len(f)), 100 * f)
+    left.bar(np.arange(1, len(f) + 1), 100 * f)
+    left.set_xticks(np.arange(1, len(f) + 1))
     left.set(xlabel="old session j", ylabel="forgetting f_j (%)", title="Forgetting after the last session")
     right.plot(sessions, 100 * M.forgetting_curve(R), "o-")
     right.set(xlabel="session k", ylabel="average forgetting F_k (%)", title="Forgetting over time", xticks=sessions)
@@ -387,7 +390,12 @@ def plot_comparison(runs: Sequence[Run], path: str | Path) -> Path:
     fig, ax = _subplots(figsize=(5.5, 3.8))
     for run in runs:
         seen = run.seen_accuracy
-        ax.plot(seen.index, 100 * seen.values, "o-", label=f"{run.config.strategy.name} ({run.path.name})")
+        ax.plot(
+            np.asarray(seen.index) + 1, 100 * seen.values, "o-", label=f"{run.config.strategy.name} ({run.path.name})"
+        )
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # sessions 1, 2, ... as the CLI numbers them
     ax.set(xlabel="session", ylabel="accuracy on seen classes (%)", ylim=(0, 100), title="Comparison")
     ax.legend(fontsize=8)
     _save(fig, Path(path))
