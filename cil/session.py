@@ -367,10 +367,13 @@ def stream_transforms(backbone: torch.nn.Module, cfg: DictConfig, **stream_defau
     return data_transforms(backbone, cfg.backbone.image_size, cfg.stream.augment, **kwargs)
 
 
-def run_experiment(cfg: DictConfig, run_dir: str | Path | None = None, callbacks: Sequence[Callback] = ()) -> Path:
+def run_experiment(
+    cfg: DictConfig, run_dir: str | Path | None = None, callbacks: Sequence[Callback] = (), stream: Any = None
+) -> Path:
     """Run the experiment of a validated config, or resume the one in ``run_dir``; returns the run folder.
 
-    ``callbacks`` are added to every session's ``Trainer.fit`` (tests use one to inject a fault).
+    ``callbacks`` are added to every session's ``Trainer.fit`` (tests use one to inject a fault). ``stream``: a
+    stream built elsewhere (:func:`cil.interop.run_benchmark`) instead of the one ``cfg.stream`` names.
     """
     resume = run_dir is not None
     from cil.progress import set_enabled
@@ -383,7 +386,7 @@ def run_experiment(cfg: DictConfig, run_dir: str | Path | None = None, callbacks
 
     # the stream is built (and Avalanche imported) before the process group exists: Avalanche refuses to
     # create its default loggers in a non-main process of an initialised process group
-    stream = create_stream(cfg.stream, transforms)
+    stream = stream if stream is not None else create_stream(cfg.stream, transforms)
     unlabelled = unlabelled_data(cfg.stream, transforms, stream)
     device = setup_distributed(cfg)
 

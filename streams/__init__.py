@@ -7,6 +7,16 @@ Builders have the signature ``builder(cfg: StreamConfig, make_transforms) -> str
 from streams import digits, fewshot, mnist, mtil, vision  # noqa: F401  (registration)
 from streams.common import Stream, build_stream, make_benchmark
 
+
+def _register_interop() -> None:
+    from cil.interop import STREAM_NAME, _refuse_from_config
+    from cil.registry import register_stream
+
+    register_stream(STREAM_NAME, _refuse_from_config)  # a benchmark object given from Python
+
+
+_register_interop()
+
 __all__ = ["Stream", "build_stream", "make_benchmark", "create_stream", "online_stream", "unlabelled_data"]
 
 
