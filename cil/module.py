@@ -251,6 +251,42 @@ class CILModule(pl.LightningModule):
         checkpoint["state_dict"] = self.complete_state(checkpoint["state_dict"], checkpoint.get("cil_rebuilt_digest"))
 
 
+def run_session(
+    strategy: CILModule, session: Session, make_trainer: Callable[[int], pl.Trainer], *fit_args: Any, **fit_kwargs: Any
+) -> None:
+    """The strategy contract's three lines for a Lightning project of its own: ``begin_session``,
+    ``make_trainer(epochs).fit(strategy, *fit_args, **fit_kwargs)`` when the strategy trains in this session, then
+    ``end_session``. ``make_trainer`` gets the epochs the strategy asks for (its ``steps_for`` budget, if any, is
+    the caller's to pass as ``max_steps``)."""
+    strategy.begin_session(session)
+    epochs = strategy.epochs_for(session)
+    if epochs > 0:
+        make_trainer(epochs).fit(strategy, *fit_args, **fit_kwargs)
+    strategy.end_session(session)
+
+
+@torch.no_grad()
+def accuracy_row(
+    strategy: CILModule, test_sets: Iterable[Any], batch_size: int = 256, device: Optional[torch.device] = None
+) -> list[float]:
+    """Accuracy on each test set (one per session, seen or not yet): one row of the accuracy matrix R. A test set
+    is a Dataset of ``(x, y, ...)`` items or a DataLoader of such batches."""
+    from torch.utils.data import DataLoader
+
+    device = device or next(strategy.parameters()).device
+    strategy.eval()
+    row = []
+    for data in test_sets:
+        loader = data if isinstance(data, DataLoader) else DataLoader(data, batch_size=batch_size)
+        right = total = 0
+        for batch in loader:
+            predicted = strategy(batch[0].to(device)).argmax(1).cpu()
+            right += int((predicted == batch[1]).sum())
+            total += len(batch[1])
+        row.append(right / total if total else float("nan"))
+    return row
+
+
 def tensor_digest(tensors: dict[str, torch.Tensor]) -> str:
     """A digest of names, shapes, dtypes and bytes (exact: any changed bit changes it)."""
     import hashlib
@@ -275,4 +311,13 @@ def create_strategy(cfg: DictConfig) -> CILModule:
     return cls(backbone_from_config(cfg.backbone), **hparams)
 
 
-__all__ = ["Session", "CILModule", "GrowingClassifier", "Growing", "TrainingConfig", "create_strategy"]
+__all__ = [
+    "Session",
+    "CILModule",
+    "GrowingClassifier",
+    "Growing",
+    "TrainingConfig",
+    "accuracy_row",
+    "create_strategy",
+    "run_session",
+]

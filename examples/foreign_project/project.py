@@ -3,8 +3,9 @@
 It knows nothing of cil's configs, streams or Avalanche: its own ``LightningDataModule`` over plain tensors
 (scikit-learn's digits, preprocessed once with timm's transform for the backbone), its own ``Trainer`` and
 callback, its own evaluation. From cil it imports only the strategies and the two reproducibility helpers that
-make its numbers bit-identical to ``cil run`` (``EpochSeededSampler``, ``EpochSeed``); without them it would train
-just as well, with other random draws. Each session is the three lines of the strategy contract::
+make its numbers bit-identical to ``cil run`` (``EpochSeededSampler``, ``EpochSeed``; without them it would train
+just as well, with other random draws) and the two helpers that keep the loop short (``run_session``, the three
+lines below for a Trainer factory, and ``accuracy_row``). Each session is the three lines of the strategy contract::
 
     strategy.begin_session(session)
     trainer.fit(strategy, datamodule=...)      # skipped when strategy.epochs_for(session) == 0
@@ -27,7 +28,7 @@ from sklearn.model_selection import train_test_split
 from timm.data import create_transform, resolve_data_config
 from torch.utils.data import DataLoader, Subset, TensorDataset
 
-from cil.module import Session
+from cil.module import Session, accuracy_row, run_session
 from cil.session import EpochSeed, EpochSeededSampler, derived_seed, seed_all
 from strategies.fsa import FSA
 from strategies.mos import MOS
@@ -90,18 +91,6 @@ class LogSession(pl.Callback):
         print(f"  session {pl_module.session_index + 1}: fit done after {trainer.global_step} steps")
 
 
-@torch.no_grad()
-def accuracy_row(strategy, data: DigitsDataModule) -> list[float]:
-    """Accuracy on each session's test classes, seen or not yet, after the current session (one row of R)."""
-    strategy.eval()
-    row = []
-    for j in range(len(SESSIONS)):
-        x, y = zip(*data.session_data(j, test=True))
-        predictions = torch.cat([strategy(torch.stack(x[i : i + 256])).argmax(1) for i in range(0, len(x), 256)])
-        row.append(int((predictions == torch.stack(y)).sum()) / len(y))
-    return row
-
-
 def run(name: str, seed: int = 0) -> np.ndarray:
     pl.seed_everything(seed, verbose=False)
     backbone = backbone_for(name)
@@ -118,16 +107,13 @@ def run(name: str, seed: int = 0) -> np.ndarray:
             train_data=data.session_data(k),
             loader_fn=lambda k=k: DataLoader(data.session_data(k), batch_size=256),
         )
-        strategy.begin_session(session)
-        if strategy.epochs_for(session) > 0:
-            trainer = pl.Trainer(
-                max_epochs=strategy.epochs_for(session), accelerator="cpu", devices=1, logger=False,
-                enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                callbacks=[LogSession(), EpochSeed(seed, k)],
-            )  # fmt: skip
-            trainer.fit(strategy, datamodule=data)
-        strategy.end_session(session)
-        rows.append(accuracy_row(strategy, data))
+        make_trainer = lambda epochs, k=k: pl.Trainer(  # noqa: E731
+            max_epochs=epochs, accelerator="cpu", devices=1, logger=False,
+            enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+            callbacks=[LogSession(), EpochSeed(seed, k)],
+        )  # fmt: skip
+        run_session(strategy, session, make_trainer, datamodule=data)  # the contract's three lines
+        rows.append(accuracy_row(strategy, [data.session_data(j, test=True) for j in range(len(SESSIONS))]))
     return np.array(rows)
 
 
