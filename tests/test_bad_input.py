@@ -76,3 +76,14 @@ def test_run_folders_of_the_same_second_do_not_collide(tmp_path):
     first, second = RunFolder(path).create(cfg), RunFolder(path).create(cfg)  # both picked the same path
     assert first.path != second.path and first.path.is_dir() and second.path.is_dir()
     assert (second.path / "config.yaml").is_file() and second.checkpoints == second.path / "checkpoints"
+
+
+def test_help_answers_without_loading_torch():
+    """`cil --help` imports neither torch nor Lightning (it used to take 7-11 s)."""
+    import subprocess
+    import sys
+
+    code = "import sys\nfrom cil.cli import main\ntry:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
+    code += "print(sorted(m for m in ('torch', 'pytorch_lightning', 'timm') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip().splitlines()[-1] == "[]"
