@@ -22,6 +22,9 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("config", nargs="?", help="YAML config, e.g. configs/simplecil/digits.yaml")
     run.add_argument("overrides", nargs="*", help="key=value overrides, e.g. run.seed=1 trainer.devices=2")
     run.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run from its folder")
+    run.add_argument(
+        "--seeds", type=int, nargs="+", metavar="SEED", help="one run per seed (run.seed); cil report groups them"
+    )
     report = sub.add_parser("report", help="compare finished runs: a table and a plot")
     report.add_argument("runs", nargs="+", metavar="RUN_DIR")
     report.add_argument(
@@ -78,8 +81,11 @@ def _run(args: argparse.Namespace) -> int:
             raise ConfigError("give a config file (cil run CONFIG [key=value ...]) or --resume RUN_DIR")
         if "=" in args.config and not Path(args.config).exists():
             raise ConfigError(f"'{args.config}' looks like an override; the config file comes first")
+        if args.seeds:
+            return _run_seeds(args)
         cfg = load_config(args.config, args.overrides)
         run_dir = None
+    check_before_running(cfg)
     quiet_lightning()
     from cil.session import RunInterrupted, run_experiment
 
@@ -100,6 +106,44 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_seeds(args: argparse.Namespace) -> int:
+    """``--seeds 0 1 2``: every seed's config is checked first, then one run per seed, in order."""
+    from cil.config import load_config
+
+    for seed in args.seeds:
+        load_config(args.config, [*args.overrides, f"run.seed={seed}"])
+    for seed in args.seeds:
+        print(f"[cil] seed {seed}")
+        code = _run(
+            argparse.Namespace(**{**vars(args), "seeds": None, "overrides": [*args.overrides, f"run.seed={seed}"]})
+        )
+        if code:
+            return code
+    return 0
+
+
+def check_before_running(cfg) -> None:
+    """What only the file system and Lightning can say about a config, asked before any data is loaded: the output
+    folder must be a writable folder, and Lightning must accept the trainer settings on this machine."""
+    out = Path(cfg.run.output_dir)
+    existing = next((p for p in [out, *out.parents] if p.exists()), None)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"run.output_dir='{out}' is a file, not a folder")
+    if existing is not None and not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"run.output_dir='{out}' cannot be created or written ('{existing}' is not writable)")
+    quiet_lightning()
+    from cil.session import make_trainer
+
+    try:
+        make_trainer(cfg, logger=False, enable_checkpointing=False)
+    except Exception as e:  # Lightning's own rules (strategy names, accelerators present on this machine)
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ConfigError(
+            f"trainer (accelerator={cfg.trainer.accelerator}, strategy={cfg.trainer.strategy}, "
+            f"devices={cfg.trainer.devices}): {first}"
+        ) from None
+
+
 def _complete(run_dir: Path) -> bool:
     import json
 
@@ -110,7 +154,7 @@ def _complete(run_dir: Path) -> bool:
 
 
 def _report(args: argparse.Namespace) -> int:
-    from cil.runs import compare, load_run, plot_comparison
+    from cil.runs import compare, load_run, over_seeds, plot_comparison
 
     runs, skipped = [], []
     for path in args.runs:
@@ -124,6 +168,11 @@ def _report(args: argparse.Namespace) -> int:
         raise ConfigError("no run folder with results among " + ", ".join(map(str, args.runs)))
     table = compare(runs)
     print(table.to_string(index=False, float_format=lambda v: f"{v:.2f}"))
+    seeds = over_seeds(runs)
+    if (seeds["seeds"].map(len) > 1).any():  # runs of one config over several seeds: as papers report them
+        columns = ["seeds", "avg_incremental_acc", "last_acc", "forgetting"]
+        print("\nmean ± std over seeds (%):")
+        print(seeds[columns].to_string())
     plot = args.plot or runs[0].path.parent / "cil_report.png"
     print(f"[cil] comparison plot: {plot_comparison(runs, plot)}")
     return 0

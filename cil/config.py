@@ -43,7 +43,7 @@ SPLIT_PATTERN = r"B(\d+)-Inc(\d+)"
 @dataclass
 class RunConfig:
     name: str = "${strategy.name}-${stream.name}"
-    seed: int = param(0, ge=0, help="seeds model init, class order, data order and every session")
+    seed: int = param(0, ge=0, le=2**32 - 1, help="seeds model init, class order, data order and every session")
     output_dir: str = param("runs", help="run folders go to <output_dir>/<name>/<timestamp>/")
     keep_session_checkpoints: bool = param(False, help="keep session_<k>.ckpt of every session, not just the newest")
     checkpoint_every: float = param(
@@ -71,7 +71,7 @@ class StreamConfig:
         help="generator of the shuffle: numpy (RandomState(seed).permutation) or python (random.seed(seed); "
         "random.shuffle(ids): DKVB's official code)",
     )
-    seed: int = param(II("run.seed"), ge=0, help="seed of the class order, splits and k-shot sampling")
+    seed: int = param(II("run.seed"), ge=0, le=2**32 - 1, help="seed of the class order, splits and k-shot sampling")
     shots: Optional[int] = param(None, ge=1, help="k-shot incremental sessions (base session stays full)")
     base_shots: Optional[int] = param(
         None, ge=1, help="k-shot base session too (with shots; FSA's few-shot+ uses shots=base_shots=50)"

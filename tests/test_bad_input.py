@@ -87,3 +87,39 @@ def test_help_answers_without_loading_torch():
     code += "print(sorted(m for m in ('torch', 'pytorch_lightning', 'timm') if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip().splitlines()[-1] == "[]"
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("trainer.strategy=ddp_bogus", "strategy=ddp_bogus, devices=1): You selected an invalid strategy name"),
+        ("trainer.accelerator=gpu", "trainer (accelerator=gpu"),
+        ("run.seed=4294967296", "run.seed=4294967296 is out of range; it must be <= 4294967295"),
+    ],
+)
+def test_settings_for_other_libraries_are_checked_up_front(override, message, tmp_path, capsys):
+    if "gpu" in override:
+        import torch
+
+        if torch.cuda.is_available():
+            pytest.skip("this machine has a GPU")
+    code, err = run_cli(["run", str(CONFIGS / "fsa" / "digits.yaml"), f"run.output_dir={tmp_path}", override], capsys)
+    assert code == 2 and message in err and len(err.splitlines()) == 1, err
+    assert not any(tmp_path.iterdir())
+
+
+def test_an_output_folder_that_is_a_file_is_refused(tmp_path, capsys):
+    target = tmp_path / "runs"
+    target.write_text("not a folder")
+    code, err = run_cli(["run", str(CONFIGS / "fsa" / "digits.yaml"), f"run.output_dir={target}"], capsys)
+    assert code == 2 and f"run.output_dir='{target}' is a file, not a folder" in err
+
+
+def test_seeds_run_one_after_another_and_report_groups_them(tmp_path, capsys):
+    args = ["run", str(CONFIGS / "simplecil" / "digits.yaml"), f"run.output_dir={tmp_path}", "backbone.image_size=16"]
+    assert main([*args, "stream.split=B6-Inc4", "--seeds", "0", "1"]) == 0
+    folders = sorted((tmp_path / "simplecil-digits").iterdir())
+    assert len(folders) == 2
+    assert main(["report", *map(str, folders)]) == 0
+    out = capsys.readouterr().out
+    assert "mean ± std over seeds" in out and "[0, 1]" in out
