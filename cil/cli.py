@@ -132,8 +132,9 @@ def check_before_running(cfg) -> None:
     if existing is not None and not os.access(existing, os.W_OK | os.X_OK):
         raise ConfigError(f"run.output_dir='{out}' cannot be created or written ('{existing}' is not writable)")
     quiet_lightning()
-    from cil.session import make_trainer
+    from cil.session import check_loggers, make_trainer
 
+    check_loggers(cfg.trainer.loggers)
     try:
         make_trainer(cfg, logger=False, enable_checkpointing=False)
     except Exception as e:  # Lightning's own rules (strategy names, accelerators present on this machine)

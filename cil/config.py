@@ -169,6 +169,11 @@ class TrainerConfig:
     enable_progress_bar: bool = True
     gradient_clip_val: Optional[float] = param(None, gt=0.0)
     eval_unseen: bool = param(True, help="also evaluate on future sessions' test data (forward transfer)")
+    loggers: list[str] = param(
+        ["csv", "tensorboard"],
+        help="Lightning loggers of each session's fit: csv, tensorboard, wandb, mlflow (the last two need their "
+        "package: pip install wandb / mlflow)",
+    )
 
 
 @dataclass

@@ -527,6 +527,43 @@ def _elapsed_before(checkpoint: Path | None) -> float:
     return float(torch.load(checkpoint, map_location="cpu", weights_only=False, mmap=True).get("cil_elapsed_s", 0.0))
 
 
+LOGGERS = {"csv": None, "tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow"}  # name: package
+
+
+def check_loggers(names: Sequence[str]) -> None:
+    """Every name known and its package installed: a ConfigError naming what to install, before any work."""
+    import importlib.util
+
+    for name in names:
+        if name not in LOGGERS:
+            raise ConfigError(f"trainer.loggers: unknown logger {name!r}; choose from {sorted(LOGGERS)}")
+        package = LOGGERS[name]
+        if package is not None and importlib.util.find_spec(package) is None:
+            raise ConfigError(f"trainer.loggers: {name} needs the {package} package (pip install {package})")
+
+
+def make_loggers(cfg: DictConfig, logs: Path, version: str) -> list:
+    """The session fit's Lightning loggers, as ``trainer.loggers`` names them (under the run folder's logs/)."""
+    check_loggers(cfg.trainer.loggers)
+    made = []
+    for name in cfg.trainer.loggers:
+        if name == "csv":
+            made.append(CSVLogger(logs, name="csv", version=version))
+        elif name == "tensorboard":
+            made.append(TensorBoardLogger(logs, name="tb", version=version))
+        elif name == "wandb":
+            from pytorch_lightning.loggers import WandbLogger
+
+            made.append(WandbLogger(name=f"{cfg.run.name}-{version}", save_dir=str(logs), group=str(cfg.run.name)))
+        else:
+            from pytorch_lightning.loggers import MLFlowLogger
+
+            made.append(
+                MLFlowLogger(experiment_name=str(cfg.run.name), run_name=version, save_dir=str(logs / "mlruns"))
+            )
+    return made
+
+
 def _start_epoch(checkpoint: Path | None) -> int:
     """The epoch a fit resumed from ``checkpoint`` starts at (0 for a fresh fit)."""
     if checkpoint is None:
@@ -541,7 +578,7 @@ def _fit(strategy, session, epochs, cfg, folder, callbacks, resume_from, steps=N
     trainer = make_trainer(
         cfg,
         max_epochs=epochs if steps is None else -1,  # a step budget cycles the data as often as it needs
-        logger=[CSVLogger(logs, name="csv", version=version), TensorBoardLogger(logs, name="tb", version=version)],
+        logger=make_loggers(cfg, logs, version),
         callbacks=[
             # one rolling "last.ckpt" at most every run.checkpoint_every minutes: the mid-session resume point
             IntervalCheckpoint(folder.last_checkpoint, cfg.run.checkpoint_every),

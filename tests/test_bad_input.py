@@ -123,3 +123,32 @@ def test_seeds_run_one_after_another_and_report_groups_them(tmp_path, capsys):
     assert main(["report", *map(str, folders)]) == 0
     out = capsys.readouterr().out
     assert "mean ± std over seeds" in out and "[0, 1]" in out
+
+
+@pytest.mark.parametrize(
+    "loggers, message",
+    [
+        (
+            "[csv,bogus]",
+            "trainer.loggers: unknown logger 'bogus'; choose from ['csv', 'mlflow', 'tensorboard', 'wandb']",
+        ),
+        ("[mlflow]", "trainer.loggers: mlflow needs the mlflow package (pip install mlflow)"),
+    ],
+)
+def test_loggers_are_checked_before_running(loggers, message, tmp_path, capsys):
+    import importlib.util
+
+    if "mlflow" in loggers and importlib.util.find_spec("mlflow") is not None:
+        pytest.skip("mlflow is installed here")
+    args = ["run", str(CONFIGS / "fsa" / "digits.yaml"), f"run.output_dir={tmp_path}", f"trainer.loggers={loggers}"]
+    code, err = run_cli(args, capsys)
+    assert code == 2 and message in err and not any(tmp_path.iterdir())
+
+
+def test_the_configured_loggers_are_the_ones_that_write(tmp_path):
+    from cil.session import run_experiment
+    from tests.conftest import tiny_config
+
+    cfg = tiny_config("finetune", tmp_path, "trainer.loggers=[csv]", "strategy.epochs=1", "stream.split=B8-Inc2")
+    run = run_experiment(cfg)
+    assert (run / "logs" / "csv").is_dir() and not (run / "logs" / "tb").exists()
