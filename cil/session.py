@@ -401,7 +401,9 @@ def run_experiment(
     if resume:
         start, state, digest, records = _newest_intact_session(folder)
         if start > 0:
-            strategy.load_state_dict(strategy.complete_state(state, digest))
+            state = strategy.complete_state(state, digest)
+            strategy.check_state(state)
+            strategy.load_state_dict(state)
             strategy.session_index = start - 1
         if distributed.is_rank_zero():
             folder.note_resume(cfg)

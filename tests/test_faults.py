@@ -92,3 +92,17 @@ def test_report_skips_a_run_stopped_before_any_result(tmp_path, capsys, full):
     assert main(["report", str(full), str(stopped), "--plot", str(tmp_path / "p.png")]) == 0
     captured = capsys.readouterr()
     assert "skipped" in captured.err and str(stopped) in captured.err and "finetune" in captured.out
+
+
+def test_resuming_with_another_strategy_names_the_keys_that_differ(tmp_path, capsys):
+    cfg = tiny_config("finetune", tmp_path, "strategy.epochs=1", "stream.split=B8-Inc2")
+    with pytest.raises(RunInterrupted):
+        run_experiment(cfg, callbacks=[CtrlC(session=1, epoch=0)])
+    folder = next((tmp_path / "finetune-digits").iterdir())
+    text = (folder / "config.yaml").read_text().replace("name: finetune", "name: simplecil")
+    finetune_only = ("epochs", "lr:", "momentum", "optimizer", "weight_decay", "scheduler")
+    kept = [line for line in text.splitlines() if not any(key in line for key in finetune_only)]
+    (folder / "config.yaml").write_text("\n".join(kept))
+    assert main(["run", "--resume", str(folder)]) == 2
+    err = capsys.readouterr().err
+    assert "the checkpoint does not fit the strategy its config.yaml builds now" in err and "classifier" in err
