@@ -92,6 +92,10 @@ class LogSession(pl.Callback):
 
 
 def run(name: str, seed: int = 0) -> np.ndarray:
+    import logging
+
+    for logger in ("pytorch_lightning", "lightning_fabric"):  # the project's own choice: no device/tip chatter
+        logging.getLogger(logger).setLevel(logging.WARNING)
     pl.seed_everything(seed, verbose=False)
     backbone = backbone_for(name)
     strategy = STRATEGIES[name](backbone)
