@@ -22,6 +22,7 @@ A missing or malformed root is a config error that shows the expected layout.
 from __future__ import annotations
 
 import csv
+import pickle
 from pathlib import Path
 from typing import Any, Callable
 
@@ -95,6 +96,11 @@ def _cifar(cfg: Any, make_transforms: Callable[..., Transforms], name: str) -> S
     cls = checked if cfg.verify_checksums else unchecked
     try:
         train, test = cls(str(root), train=True, download=False), cls(str(root), train=False, download=False)
+    except (pickle.UnpicklingError, EOFError, KeyError, ValueError) as e:  # a truncated or foreign pickle
+        raise ConfigError(
+            f"stream.data_root='{root}': a file of {folder} is not a readable CIFAR pickle ({type(e).__name__}: "
+            f"{e}); replace the copy (it may be truncated); expected layout: {layout}"
+        ) from None
     except RuntimeError as e:
         raise ConfigError(
             f"stream.data_root='{root}': {e} (set stream.verify_checksums=false for a re-packed copy)"

@@ -152,3 +152,21 @@ def test_the_configured_loggers_are_the_ones_that_write(tmp_path):
     cfg = tiny_config("finetune", tmp_path, "trainer.loggers=[csv]", "strategy.epochs=1", "stream.split=B8-Inc2")
     run = run_experiment(cfg)
     assert (run / "logs" / "csv").is_dir() and not (run / "logs" / "tb").exists()
+
+
+def test_a_truncated_cifar_pickle_is_one_line_before_training(tmp_path, capsys):
+    from tests.streams.test_vision import write_cifar100
+
+    write_cifar100(tmp_path / "data", per_class_train=2, per_class_test=1)
+    train = tmp_path / "data" / "cifar-100-python" / "train"
+    train.write_bytes(train.read_bytes()[:2000])
+    args = [
+        "run",
+        str(CONFIGS / "simplecil" / "digits.yaml"),
+        "stream.name=cifar100",
+        f"stream.data_root={tmp_path / 'data'}",
+    ]
+    args += ["stream.verify_checksums=false", f"run.output_dir={tmp_path / 'runs'}"]
+    code, err = run_cli(args, capsys)
+    assert code == 2 and "is not a readable CIFAR pickle (UnpicklingError" in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "runs").exists()
