@@ -375,7 +375,9 @@ def compare(runs: Sequence[Run], columns: Sequence[str] | None = None) -> pd.Dat
         columns = REPORT_COLUMNS + (MTIL_COLUMNS if mtil else [])
     rows = []
     for run in runs:
-        row = {"run": str(run.path), "strategy": run.config.strategy.name, "stream": run.config.stream.name}
+        # the run's name and timestamp folder: short, and unique among runs of one output folder
+        row = {"run": f"{run.path.parent.name}/{run.path.name}", "strategy": run.config.strategy.name}
+        row["stream"] = run.config.stream.name
         row["sessions"] = f"{run.summary['completed_sessions']}/{run.summary['n_sessions']}"
         for c in columns:
             v = run.metric(c)
