@@ -28,7 +28,15 @@ def initial_strategy(cfg):
 
 
 def session_state(run, k):
-    return RunFolder(run).load_session(k)[0]
+    """The state after session k, with the frozen tensors the checkpoint leaves out filled in from a freshly
+    built strategy; complete_state checks their digest, so a changed frozen body fails here."""
+    from cil.config import load_config
+
+    folder = RunFolder(run)
+    state, digest = folder.load_session(k)[0], folder.rebuilt_digest(k)
+    if digest is None:
+        return state
+    return initial_strategy(load_config(run / "config.yaml")).complete_state(state, digest)
 
 
 def part(state, prefix):
