@@ -40,6 +40,7 @@ def test_the_resume_point_is_written_by_interval_never_at_the_last_epoch(monkeyp
     assert load_run(run).summary["complete"] and not (run / "checkpoints" / "last.ckpt").exists()
 
 
+@pytest.mark.slow
 def test_without_a_resume_point_a_fault_restarts_the_session_and_gives_the_same_matrix(tmp_path):
     full = run_experiment(tiny_config("finetune", tmp_path / "a", *FINETUNE))
     cfg = tiny_config("finetune", tmp_path / "b", *FINETUNE, "run.checkpoint_every=60")

@@ -76,6 +76,7 @@ def test_a_truncated_resume_point_restarts_its_session_with_the_same_result(tmp_
     same(folder, full)
 
 
+@pytest.mark.slow
 def test_a_truncated_session_checkpoint_falls_back_to_the_one_before(tmp_path, capsys, full):
     folder = interrupted(tmp_path, session=2, epoch=1)
     newest = folder / "checkpoints" / "session_1.ckpt"

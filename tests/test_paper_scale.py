@@ -68,8 +68,8 @@ def test_writes_per_session_do_not_grow_with_epochs(name, tmp_path, monkeypatch)
     [
         ("fsa/cub200_fscil", True),  # FiLM: the pre-trained body is left out
         ("mamba_fscil/cub200_fscil", False),
-        ("mos/omnibenchmark_b0inc20_in21k", True),  # 300 classes: the largest class statistics
-        ("dkvb/cifar100_clip_vitb32", True),
+        pytest.param("mos/omnibenchmark_b0inc20_in21k", True, marks=pytest.mark.slow),  # 300 classes' statistics
+        pytest.param("dkvb/cifar100_clip_vitb32", True, marks=pytest.mark.slow),  # saves ~1.6 GB
     ],
 )
 def test_paper_configs_checkpoints_and_bookkeeping_stay_bounded(config, frozen, tmp_path):
