@@ -115,6 +115,7 @@ def test_an_output_folder_that_is_a_file_is_refused(tmp_path, capsys):
     assert code == 2 and f"run.output_dir='{target}' is a file, not a folder" in err
 
 
+@pytest.mark.slow
 def test_seeds_run_one_after_another_and_report_groups_them(tmp_path, capsys):
     args = ["run", str(CONFIGS / "simplecil" / "digits.yaml"), f"run.output_dir={tmp_path}", "backbone.image_size=16"]
     assert main([*args, "stream.split=B6-Inc4", "--seeds", "0", "1"]) == 0

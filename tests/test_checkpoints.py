@@ -29,7 +29,7 @@ def count_writes(monkeypatch) -> list[str]:
     return written
 
 
-@pytest.mark.parametrize("minutes, per_session", [(0, 2), (60, 0)])
+@pytest.mark.parametrize("minutes, per_session", [(0, 2), pytest.param(60, 0, marks=pytest.mark.slow)])
 def test_the_resume_point_is_written_by_interval_never_at_the_last_epoch(monkeypatch, tmp_path, minutes, per_session):
     """Every epoch end but the last with 0 minutes (3 epochs: 2 writes per session); none within an hour: the
     number of writes is bounded by wall time, not by the number of epochs."""
@@ -92,6 +92,7 @@ def test_frozen_tensors_never_reach_the_resume_point(name, tmp_path):
     assert set(checkpoint["state_dict"]) == set(strategy.state_dict())
 
 
+@pytest.mark.slow
 def test_augmented_training_with_persistent_workers_resumes_to_the_run_without_workers(tmp_path):
     """Augmentation is seeded per (epoch, index): 2 persistent workers, interrupted and resumed, give the matrix
     of a run in the main process."""

@@ -67,6 +67,7 @@ def test_ctrl_c_names_the_session_and_the_resume_command(tmp_path, capsys, monke
     assert "is complete" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_a_truncated_resume_point_restarts_its_session_with_the_same_result(tmp_path, capsys, full):
     folder = interrupted(tmp_path)
     last = folder / "checkpoints" / "last.ckpt"
@@ -95,6 +96,7 @@ def test_report_skips_a_run_stopped_before_any_result(tmp_path, capsys, full):
     assert "skipped" in captured.err and str(stopped) in captured.err and "finetune" in captured.out
 
 
+@pytest.mark.slow
 def test_resuming_with_another_strategy_names_the_keys_that_differ(tmp_path, capsys):
     cfg = tiny_config("finetune", tmp_path, "strategy.epochs=1", "stream.split=B8-Inc2")
     with pytest.raises(RunInterrupted):

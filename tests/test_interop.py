@@ -71,6 +71,7 @@ def test_simplecil_over_an_avalanche_benchmark_matches_nearest_mean_by_hand(tmp_
     assert main(["report", str(folder)]) == 0 and "simplecil" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_an_avalanche_run_folder_cannot_be_resumed_from_its_config_alone(tmp_path, capsys):
     from cil.interop import run_benchmark
 

@@ -11,10 +11,10 @@ from tests.conftest import tiny_config
 @pytest.mark.parametrize(
     "setting, env, shown",
     [
-        ("true", {}, True),
+        pytest.param("true", {}, True, marks=pytest.mark.slow),
         ("false", {}, False),
         ("true", {"TQDM_DISABLE": "1"}, False),
-        ("true", {"CIL_QUIET": "1"}, False),
+        pytest.param("true", {"CIL_QUIET": "1"}, False, marks=pytest.mark.slow),
     ],
 )
 def test_statistics_bars_follow_the_switches(setting, env, shown, tmp_path, capsys, monkeypatch):

@@ -399,7 +399,7 @@ def code_adapter_state(strategy: MOS):
     return adapter_list, sums
 
 
-@pytest.mark.parametrize("spread", [None, 0.3])
+@pytest.mark.parametrize("spread", [pytest.param(None, marks=pytest.mark.slow), 0.3])
 def test_official_evaluation_converges_to_the_merged_mode(three_sessions, spread):
     """Run the code's test path (features of every stored adapter for each test batch, merging in place) over
     batches of held-out data: its first batch sees partly merged adapters, and from then on it converges to what
@@ -529,7 +529,7 @@ PAPER = {
 WEIGHTS = {"in21k": "vit_base_patch16_224.augreg_in21k", "in1k": "vit_base_patch16_224.augreg_in21k_ft_in1k"}
 
 
-@pytest.mark.parametrize("tag", sorted(WEIGHTS))
+@pytest.mark.parametrize("tag", ["in21k", pytest.param("in1k", marks=pytest.mark.slow)])  # the same model
 @pytest.mark.parametrize("name", sorted(PAPER))
 def test_paper_configs_build_the_official_model(name, tag):
     """What each paper config builds, against the official json: ViT-B/16 with the json's weights, 12 adapters of
