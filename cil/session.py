@@ -401,9 +401,7 @@ def run_experiment(
     if resume:
         start, state, digest, records = _newest_intact_session(folder)
         if start > 0:
-            state = strategy.complete_state(state, digest)
-            strategy.check_state(state)
-            strategy.load_state_dict(state)
+            strategy.load_checked(strategy.complete_state(state, digest))
             strategy.session_index = start - 1
         if distributed.is_rank_zero():
             folder.note_resume(cfg)

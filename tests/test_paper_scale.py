@@ -32,8 +32,8 @@ EPOCHS = {
         "strategy.inc_steps=[3]",
         "strategy.base_warmup=0",
     ],
-    "mos": ["strategy.epochs=3", "strategy.ca_epochs=1"],
-    "zscl": ["strategy.epochs=3", "strategy.iterations=null"],
+    "mos": ["backbone.image_size=32", "strategy.epochs=3", "strategy.ca_epochs=1"],
+    "zscl": ["backbone.image_size=32", "strategy.epochs=3", "strategy.iterations=null"],
     "dkvb": ["strategy.epochs=20", "strategy.init_epochs=1"],
 }
 
