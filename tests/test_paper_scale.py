@@ -43,15 +43,16 @@ def test_writes_per_session_do_not_grow_with_epochs(name, tmp_path, monkeypatch)
     """Each strategy's digits config over 2 sessions with many epochs and the default 30-minute resume interval:
     one checkpoint per session, none in between, and the process writes (checkpoints, logs, tables, plots) at most
     a few times its session checkpoints; frozen tensors the config rebuilds are not in them."""
-    sizes: list[int] = []
+    resume_points: list[str] = []
     save = AtomicCheckpointIO.save_checkpoint
-    monkeypatch.setattr(AtomicCheckpointIO, "save_checkpoint", lambda *a, **k: sizes.append(-1) or save(*a, **k))
+    record = lambda *a, **k: resume_points.append(str(a[2])) or save(*a, **k)  # noqa: E731  (self, ckpt, path)
+    monkeypatch.setattr(AtomicCheckpointIO, "save_checkpoint", record)
     overrides = ["stream.split=B6-Inc4", "run.checkpoint_every=30", "run.keep_session_checkpoints=true", *EPOCHS[name]]
     cfg = tiny_config(name, tmp_path, *overrides)
     before = wchar()
     run = run_experiment(cfg)
     written = wchar() - before
-    assert sizes == []  # no resume point: the epochs were far quicker than the interval
+    assert resume_points == []  # no resume point: the epochs were far quicker than the interval
     checkpoints = sorted((run / "checkpoints").glob("session_*.ckpt"))
     assert [p.name for p in checkpoints] == ["session_0.ckpt", "session_1.ckpt"]
     total = sum(p.stat().st_size for p in checkpoints)
