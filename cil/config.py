@@ -52,6 +52,14 @@ class RunConfig:
         help="minutes between mid-session resume points (last.ckpt, written at an epoch end once this long has "
         "passed since the last one; 0: every epoch end); session checkpoints are written at every session end",
     )
+    reuse_features: bool = param(
+        True,
+        help="a strategy with a frozen body (features_frozen) computes each test image's features once per run and "
+        "reuses them at every later evaluation (same predictions); false: every evaluation runs the body again",
+    )
+    feature_memory_mb: float = param(
+        2048.0, ge=0.0, help="reused features held in memory up to this size; beyond it in <run folder>/features/"
+    )
 
 
 @dataclass

@@ -169,12 +169,34 @@ class CILModule(pl.LightningModule):
         """The data ``fit`` trains on in ``session``: the session's own data by default."""
         return session.train_data
 
-    # ---- Lightning -----------------------------------------------------------------------------------
+    # ---- features and head: ``forward(x) == classify(features(x))`` ---------------------------------------
     def features(self, x: torch.Tensor) -> torch.Tensor:
+        """The body's output: the input of ``classify``."""
         return self.backbone(x)
 
+    def classify(self, features: torch.Tensor) -> torch.Tensor:
+        """Logits over the classes seen so far, from ``features(x)``."""
+        return self.classifier(features)
+
+    @property
+    def features_frozen(self) -> bool:
+        """True while ``features(x)`` cannot change for the rest of the run (a frozen pre-trained body, FSA's body
+        after session 1): the session loop then computes each evaluation image's features once per run and
+        reuses them (:mod:`cil.features`). A strategy that opts in must keep ``forward(x)`` equal to
+        ``classify(features(x))`` and name the tensors behind ``features`` in ``feature_prefixes``."""
+        return False
+
+    def feature_prefixes(self) -> tuple[str, ...]:
+        """State-dict prefixes of every tensor ``features`` reads: their digest keys the cached features."""
+        return ("backbone.",)
+
+    def features_digest(self) -> str:
+        prefixes = self.feature_prefixes()
+        return tensor_digest({k: v for k, v in self.state_dict().items() if k.startswith(prefixes)})
+
+    # ---- Lightning -----------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.classifier(self.features(x))
+        return self.classify(self.features(x))
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         x, y = batch[0], batch[1]  # Avalanche items may carry a task label third
@@ -283,22 +305,44 @@ def run_session(
 
 @torch.no_grad()
 def accuracy_row(
-    strategy: CILModule, test_sets: Iterable[Any], batch_size: int = 256, device: Optional[torch.device] = None
+    strategy: CILModule,
+    test_sets: Iterable[Any],
+    batch_size: int = 256,
+    device: Optional[torch.device] = None,
+    store: Any = None,
 ) -> list[float]:
     """Accuracy on each test set (one per session, seen or not yet): one row of the accuracy matrix R. A test set
-    is a Dataset of ``(x, y, ...)`` items or a DataLoader of such batches."""
+    is a Dataset of ``(x, y, ...)`` items or a DataLoader of such batches.
+
+    ``store``: a :class:`cil.features.FeatureStore` kept across calls. While ``strategy.features_frozen``, each
+    test set's features are then computed once and reused by every later call (the same predictions: the same
+    batches go through ``features`` and then ``classify``)."""
     from torch.utils.data import DataLoader
 
     device = device or next(strategy.parameters()).device
     strategy.eval()
+    reuse = store is not None and strategy.features_frozen
+    digest = strategy.features_digest() if reuse else ""
     row = []
     for data in test_sets:
         loader = data if isinstance(data, DataLoader) else DataLoader(data, batch_size=batch_size)
-        right = total = 0
-        for batch in loader:
-            predicted = strategy(batch[0].to(device)).argmax(1).cpu()
-            right += int((predicted == batch[1]).sum())
-            total += len(batch[1])
+        key = store.key(digest, loader.dataset, loader.batch_size, "accuracy_row") if reuse else None
+        cached = store.get(key) if reuse else None
+        if cached is not None:
+            size = loader.batch_size or len(cached[0])
+            batches = [(f, y, True) for f, y in zip(cached[0].split(size), cached[1].split(size))]
+        else:
+            batches = ((batch[0], batch[1], False) for batch in loader)
+        right, total, kept = 0, 0, []
+        for x, y, is_features in batches:
+            features = x.to(device) if is_features else strategy.features(x.to(device))
+            if reuse and not is_features:
+                kept.append((features.cpu(), torch.as_tensor(y).cpu()))
+            predicted = strategy.classify(features).argmax(1).cpu()
+            right += int((predicted == y).sum())
+            total += len(y)
+        if kept:
+            store.put(key, torch.cat([f for f, _ in kept]), torch.cat([y for _, y in kept]))
         row.append(right / total if total else float("nan"))
     return row
 

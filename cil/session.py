@@ -41,6 +41,7 @@ from torch.utils.data import (
 from cil import distributed
 from cil.backbones import Transforms, data_transforms
 from cil.config import ConfigError
+from cil.features import ClassifyFeatures, FeaturesOf, FeatureStore, shard_key
 from cil.module import CILModule, Session, create_strategy
 from cil.runs import RunFolder, SessionRecord, atomic_write
 
@@ -332,14 +333,47 @@ def train_loader(
     return _loader(data, cfg, persistent=True, batch_sampler=batches, generator=generator)
 
 
-def evaluate(strategy: CILModule, stream, session: int, cfg: DictConfig) -> np.ndarray:
-    """Confusion matrix over the test data of sessions 0..session (all sessions with ``eval_unseen``)."""
+def evaluate(
+    strategy: CILModule, stream, session: int, cfg: DictConfig, store: FeatureStore | None = None
+) -> np.ndarray:
+    """Confusion matrix over the test data of sessions 0..session (all sessions with ``eval_unseen``).
+
+    Each process predicts its own share of each test set (``stats_loader``: disjoint, unpadded). With a ``store``
+    and a strategy whose features are frozen, it classifies the stored features of each test set instead, computing
+    them (with the same batches) only where the store has none: the same predictions, one body pass per run."""
     upto = stream.n_sessions if cfg.trainer.eval_unseen else session + 1
-    loader = _loader(ConcatDataset(stream.eval_data[:upto]), cfg, batch_size=cfg.stream.eval_batch_size)
+    sets = list(stream.eval_data[:upto])
     collector = ConfusionCollector(stream.n_classes)
-    trainer = make_trainer(cfg, logger=False, enable_checkpointing=False, callbacks=[collector])
-    trainer.predict(strategy, dataloaders=loader, return_predictions=False)
+    evaluator = make_trainer(
+        cfg, logger=False, enable_checkpointing=False, callbacks=[collector], use_distributed_sampler=False
+    )
+    if store is not None and strategy.features_frozen:
+        loaders = stored_features(strategy, sets, cfg, store)
+        evaluator.predict(ClassifyFeatures(strategy), dataloaders=loaders, return_predictions=False)
+    else:
+        loaders = [stats_loader(data, cfg) for data in sets]
+        evaluator.predict(strategy, dataloaders=loaders, return_predictions=False)
     return collector.matrix()
+
+
+def stored_features(strategy: CILModule, sets: list[Dataset], cfg: DictConfig, store: FeatureStore) -> list[DataLoader]:
+    """Loaders over the stored frozen features of this process's share of each data set, in the batches
+    ``stats_loader`` gives; features missing from the store are computed first (one Lightning predict)."""
+    batch = cfg.stream.eval_batch_size
+    digest = strategy.features_digest()
+    keys = [store.key(digest, data, *shard_key(batch)) for data in sets]
+    found = [store.get(key) for key in keys]
+    todo = [i for i, f in enumerate(found) if f is None]
+    if todo:
+        extractor = make_trainer(cfg, logger=False, enable_checkpointing=False, use_distributed_sampler=False)
+        outputs = extractor.predict(FeaturesOf(strategy), dataloaders=[stats_loader(sets[i], cfg) for i in todo])
+        outputs = [outputs] if len(todo) == 1 else outputs  # Lightning unwraps a single loader's outputs
+        for i, batches in zip(todo, outputs):
+            features = torch.cat([f for f, _ in batches]) if batches else torch.empty(0)
+            labels = torch.cat([y for _, y in batches]) if batches else torch.empty(0, dtype=torch.long)
+            store.put(keys[i], features, labels)
+            found[i] = (features, labels)
+    return [DataLoader(TensorDataset(*f), batch_size=batch) for f in found]
 
 
 def _peak_memory_mb() -> float:
@@ -405,6 +439,8 @@ def run_experiment(
             strategy.session_index = start - 1
         if distributed.is_rank_zero():
             folder.note_resume(cfg)
+    # a frozen body's test features, computed once per run (in memory, or on disk under the run folder)
+    store = FeatureStore(folder.path / "features", cfg.run.feature_memory_mb) if cfg.run.reuse_features else None
     info = {"strategy": cfg.strategy.name, "stream": cfg.stream.name, "run_dir": str(folder.path)}
     if stream.task_names:
         info["task_names"] = list(stream.task_names)
@@ -442,7 +478,7 @@ def run_experiment(
         wall = time.perf_counter() - began
         began = time.perf_counter()
         try:
-            confusion = evaluate(strategy, stream, k, cfg)
+            confusion = evaluate(strategy, stream, k, cfg, store)
         except KeyboardInterrupt:
             raise RunInterrupted(folder.path, k) from None
         records.append(
@@ -472,6 +508,8 @@ def run_experiment(
             )
             _print_session(summary, k)
         _barrier()
+    if store is not None:
+        store.clear()  # the run is complete: its stored features are no longer needed
     return folder.path
 
 

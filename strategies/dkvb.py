@@ -39,14 +39,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Optional
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import ConcatDataset, DataLoader, Dataset, Subset, TensorDataset
+from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from cil.config import ConfigError, StrategyConfig, param
 from cil.distributed import all_reduce_sum
+from cil.features import data_identity
 from cil.module import CILModule, Growing, Session, tensor_digest
 from cil.progress import progress
 from cil.registry import register_strategy
@@ -172,75 +172,6 @@ class KeyValueBottleneck(Growing):
         self.initialised.fill_(True)
         self.counter.zero_()
         self.values.zero_()
-
-
-def data_identity(data: Any, h: Any) -> bool:
-    """Feed what identifies ``data`` cheaply into ``h``: which raw sample each position reads (followed through
-    Avalanche's flat data, subsets, concatenations and index wrappers, whatever their nesting), the transforms met
-    on the way, the raw samples — array bytes of in-memory data sets (CIFAR's 150 MB, not its 30 GB of transformed
-    224-px tensors), path, size and modification time of file-based ones — and their labels. False when a base
-    data set is of a kind it does not know (the caller then hashes the transformed inputs)."""
-    bases: list[Any] = []
-    transforms: set[str] = set()
-    positions = _positions(data, bases, transforms)
-    h.update(np.asarray(positions, dtype=np.int64).tobytes())
-    h.update(repr(sorted(transforms)).encode())
-    return all(_base_identity(base, h) for base in bases)
-
-
-def _positions(data: Any, bases: list[Any], transforms: set[str]) -> list[tuple[int, int]]:
-    """(base data set number, index in it) for every position of ``data``."""
-    from avalanche.benchmarks.utils.data import AvalancheDataset
-
-    if isinstance(data, AvalancheDataset):
-        return _positions(data._flat_data, bases, transforms)
-    if hasattr(data, "_datasets") and hasattr(data, "_indices"):  # Avalanche's flat data
-        for groups in (getattr(data, "_transform_groups", None), getattr(data, "_frozen_transform_groups", None)):
-            current = getattr(groups, "current_group", None)
-            transform = (getattr(groups, "transform_groups", None) or {}).get(current)
-            if transform is not None:
-                transforms.add(repr(transform))
-        inner = [p for d in data._datasets for p in _positions(d, bases, transforms)]
-        return inner if data._indices is None else [inner[i] for i in data._indices]
-    if isinstance(data, Subset):
-        inner = _positions(data.dataset, bases, transforms)
-        return [inner[i] for i in data.indices]
-    if isinstance(data, ConcatDataset):
-        return [p for d in data.datasets for p in _positions(d, bases, transforms)]
-    for name in ("transform", "target_transform", "transforms"):
-        if getattr(data, name, None) is not None:
-            transforms.add(repr(getattr(data, name)))
-    wrapped = [getattr(data, n) for n in ("base", "dataset") if isinstance(getattr(data, n, None), Dataset)]
-    inner_data = wrapped[0] if wrapped else None
-    if inner_data is not None:  # an index wrapper (the streams' relabelling) or a plain wrapper
-        inner = _positions(inner_data, bases, transforms)
-        indices = getattr(data, "indices", None)
-        return inner if indices is None else [inner[i] for i in indices]
-    bases.append(data)
-    return [(len(bases) - 1, i) for i in range(len(data))]
-
-
-def _base_identity(data: Any, h: Any) -> bool:
-    h.update(f"{type(data).__module__}.{type(data).__qualname__}:{len(data)}".encode())
-    known = False
-    for name in ("targets", "labels", "data", "images", "tensors"):
-        value = getattr(data, name, None)
-        for part in value if isinstance(value, tuple) else (value,):
-            if isinstance(part, (np.ndarray, torch.Tensor, list)) and len(part):
-                array = part.detach().cpu().numpy() if isinstance(part, torch.Tensor) else np.asarray(part)
-                if array.dtype != object:
-                    h.update(name.encode())
-                    h.update(np.ascontiguousarray(array).reshape(-1).view(np.uint8))
-                    known = known or name in ("data", "images", "tensors")
-    for name in ("samples", "imgs", "files", "paths"):
-        value = getattr(data, name, None)
-        if isinstance(value, (list, tuple)) and value:
-            for item in value:
-                path = Path(item[0] if isinstance(item, (tuple, list)) else item)
-                stat = path.stat()
-                h.update(f"{path}:{stat.st_size}:{stat.st_mtime_ns};".encode())
-            known = True
-    return known
 
 
 class FeatureCache:
@@ -430,8 +361,12 @@ class DKVB(CILModule):
             self.init_keys(self._unlabelled)
 
     # ---- training: values only ------------------------------------------------------------------------------
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.bottleneck(self.backbone(x))
+    @property
+    def features_frozen(self) -> bool:
+        return True  # the frozen encoder: evaluation reuses each test image's features
+
+    def classify(self, features: torch.Tensor) -> torch.Tensor:
+        return self.bottleneck(features)
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         features, y = batch[0], batch[1]

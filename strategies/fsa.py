@@ -138,9 +138,15 @@ class FSA(CILModule):
             head.update(self.features(batch[0].to(session.device)), batch[1])
         self.lda.merge(head.all_reduce())  # step 3: exact, no replay
 
-    # ---- Lightning ---------------------------------------------------------------------------------------
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.lda.logits(self.features(x)).float()
+    @property
+    def features_frozen(self) -> bool:
+        return bool(self.adapted)  # step 2 done: every later pass reuses each test image's features
+
+    def feature_prefixes(self) -> tuple[str, ...]:
+        return ("backbone.", "film.")
+
+    def classify(self, features: torch.Tensor) -> torch.Tensor:
+        return self.lda.logits(features).float()
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         x, y = batch[0], batch[1]

@@ -293,8 +293,15 @@ class MambaFSCIL(CILModule):
     def feature_map(self, x: torch.Tensor) -> torch.Tensor:
         return self.backbone.forward_features(x)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.etf(self.projector(self.feature_map(x)).features).float()
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.feature_map(x)
+
+    @property
+    def features_frozen(self) -> bool:
+        return bool(self.base_done)  # after the base session: evaluation reuses each test image's feature map
+
+    def classify(self, features: torch.Tensor) -> torch.Tensor:
+        return self.etf(self.projector(features).features).float()
 
     # ---- session hooks -------------------------------------------------------------------------------------------
     def begin_session(self, session: Session) -> None:

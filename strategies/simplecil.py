@@ -98,8 +98,11 @@ class SimpleCIL(CILModule):
             fresh.update(self.backbone(x), y)
         self.class_means.adopt(fresh.all_reduce(), session.new_classes)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        features = self.backbone(x)
+    @property
+    def features_frozen(self) -> bool:
+        return True  # the backbone is never trained: evaluation reuses each test image's features
+
+    def classify(self, features: torch.Tensor) -> torch.Tensor:
         if self.hparams.metric == "cosine":
             logits = self.class_means.cosine(features)
         else:
