@@ -179,7 +179,8 @@ REHEARSALS = {  # one config per strategy, cut to 2 sessions of 2 epochs; (confi
             ["stream.split=B0-Inc50", "strategy.epochs=2", "strategy.ca_epochs=1"]),
     "zscl": ("cifar100_10steps", "cifar100", ["stream.split=B50-Inc50", "stream.class_order=null",
                                               "strategy.epochs=2", "strategy.reference_batch_size=16",
-                                              "stream.train_per_class=1", "stream.batch_size=16"]),  # CPU time
+                                              "stream.train_per_class=1", "stream.batch_size=16",
+                                              "strategy.reference_num_workers=0"]),  # CPU time and memory
     "dkvb": ("cifar10_clip_vitb32", "cifar10", ["stream.split=B0-Inc5", "strategy.epochs=2", "strategy.init_epochs=1"]),
 }  # fmt: skip
 
