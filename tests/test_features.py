@@ -9,7 +9,6 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from pytorch_lightning.callbacks import Callback
 
 from cil.features import FeatureStore
 from cil.module import accuracy_row
@@ -18,13 +17,13 @@ from cil.session import run_experiment, stats_loader, stored_features, stream_tr
 from tests.conftest import tiny_config
 
 
-class Capture(Callback):
-    """Keeps the strategy a run trains (the session loop hands it to every fit)."""
+def capture_strategy(monkeypatch) -> list:
+    """The strategy the next run builds (appended to the returned list)."""
+    import cil.session as S
 
-    strategy = None
-
-    def on_fit_start(self, trainer, pl_module) -> None:
-        Capture.strategy = pl_module
+    built, create = [], S.create_strategy
+    monkeypatch.setattr(S, "create_strategy", lambda cfg: built.append(create(cfg)) or built[-1])
+    return built
 
 
 def count_body_images(monkeypatch, cls) -> list[int]:
@@ -91,12 +90,13 @@ SLOW = {"fsa-adapted", "mamba_fscil"}  # a minute or more each on 2 CPU cores: m
 
 
 @pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n in SLOW else n for n in FROZEN])
-def test_stored_features_give_bit_identical_logits(name, tmp_path):
+def test_stored_features_give_bit_identical_logits(name, tmp_path, monkeypatch):
     """After a run, the trained strategy's logits on every test set are bit for bit the same from stored features as
     from the images, and the run's own (cached) matrix is the one the images give."""
     cfg = tiny_config(name.split("-")[0], tmp_path, *FROZEN[name])
-    run = load_run(run_experiment(cfg, callbacks=[Capture()]))
-    strategy = Capture.strategy
+    built = capture_strategy(monkeypatch)
+    run = load_run(run_experiment(cfg))
+    strategy = built[-1]
     assert strategy.features_frozen
     direct, cached, cached_again = stored_and_direct_logits(strategy, cfg)
     for d, c, a in zip(direct, cached, cached_again):
