@@ -1,0 +1,212 @@
+"""Frozen-body strategies against Avalanche 0.6 under the standard protocol: evaluation on all test data after every
+session, end to end from images, one process, the same stream and the same ImageNet EfficientNet-Lite0.
+
+Pairs that compute the same prediction rule on the same frozen features:
+
+- ``simplecil`` with ``strategy.metric=euclidean`` (nearest class mean) vs Avalanche's
+  ``NCMClassifier(normalize=False)`` filled by its ``CurrentDataNCMUpdate`` plugin (a ``Naive`` strategy with 0
+  training epochs);
+- ``fsa`` with ``adaptation=none`` and ``lda_mode=slda`` (Deep SLDA, shrinkage 1e-4) vs Avalanche's ``StreamingLDA``.
+
+Avalanche runs the body over every test image at every evaluation; cil runs it once per run (``run.reuse_features``,
+:mod:`cil.features`). Rows at 5 and 10 sessions of Fashion-MNIST (2 and 1 classes per session). Wall time is from
+config to accuracy matrix (ours also writes its run folder and checkpoints).
+
+The **curve** (``--curve``): what reuse saves as the stream gets longer at the same data — a CIFAR-100-format stream
+of synthetic images (written in CIFAR's pickle format, the paper-scale 100 classes, ``--curve-train``/``--curve-test``
+images per class) cut into 5, 10, 20 and 50 sessions, SimpleCIL with and without reuse and Avalanche's NCM. Accuracy
+on random images means nothing here; only time is read. It writes ``benchmarks/feature_reuse.png``.
+
+    python benchmarks/peers_frozen.py [--train-per-class 300] [--test-per-class 100] [--curve] [--readme]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import torch
+from _machine import machine
+from _readme import write_block
+from peers import avalanche_matrix, build_stream, lite0, ours, theirs
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+
+class NCMNet(torch.nn.Module):
+    """The model Avalanche's NCM plugins expect: ``feature_extractor`` and an ``eval_classifier``."""
+
+    def __init__(self, body: torch.nn.Module):
+        super().__init__()
+        from avalanche.models import NCMClassifier
+
+        self.feature_extractor = body
+        self.eval_classifier = NCMClassifier(normalize=False)  # Euclidean distance to the raw class means
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.eval_classifier(self.feature_extractor(x))
+
+
+def avalanche_ncm(stream, cfg, batch_size: int) -> np.ndarray:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from avalanche.evaluation.metrics import accuracy_metrics
+        from avalanche.training import Naive
+        from avalanche.training.plugins import EvaluationPlugin
+        from avalanche.training.plugins.update_ncm import CurrentDataNCMUpdate
+
+    model = NCMNet(lite0(cfg).eval())
+    strategy = Naive(
+        model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.0), criterion=torch.nn.CrossEntropyLoss(),
+        train_mb_size=batch_size, eval_mb_size=256, train_epochs=0, device="cpu", eval_every=-1,
+        evaluator=EvaluationPlugin(accuracy_metrics(experience=True), loggers=[]), plugins=[CurrentDataNCMUpdate()],
+    )  # fmt: skip
+    return avalanche_matrix(strategy, stream)
+
+
+def timed(fn, *args):
+    began = time.perf_counter()
+    out = fn(*args)
+    return out, time.perf_counter() - began
+
+
+def metrics(R: np.ndarray, counts: list[int]) -> tuple[float, float]:
+    from cil.metrics import average_incremental_accuracy, last_accuracy
+
+    return average_incremental_accuracy(R, counts), last_accuracy(R, counts)
+
+
+PAIRS = [  # (label, ours config, extra overrides, Avalanche side)
+    ("SimpleCIL (NCM) vs NCM", "simplecil/fashion_mnist.yaml", ["strategy.metric=euclidean"], "NCM"),
+    ("FSA (none, Deep SLDA) vs StreamingLDA", "fsa/fashion_mnist_none.yaml", ["strategy.lda_mode=slda"], "SLDA"),
+]
+
+
+def run_avalanche(side: str, shared: list[str], args) -> np.ndarray:
+    stream, cfg = build_stream(shared)
+    if side == "NCM":
+        return avalanche_ncm(stream, cfg, args.batch_size)
+    return theirs("StreamingLDA", stream, cfg, SimpleNamespace(seed=args.seed, batch_size=args.batch_size))
+
+
+def table(args, out: str) -> str:
+    lines = [
+        "| pair | sessions | cil: avg / last (%) | Avalanche: avg / last (%) | wall s (cil \\| Avalanche) "
+        "| speed-up (Avalanche / cil) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for sessions in args.sessions:
+        shared = [
+            f"run.seed={args.seed}", f"stream.train_per_class={args.train_per_class}",
+            f"stream.test_per_class={args.test_per_class}", f"stream.batch_size={args.batch_size}",
+            f"stream.split=B0-Inc{10 // sessions}", "trainer.enable_progress_bar=false",
+        ]  # fmt: skip
+        for label, config, extra, side in PAIRS:
+            (R, counts), ours_s = timed(ours, config, [*shared, f"run.output_dir={out}", *extra])
+            R_theirs, theirs_s = timed(run_avalanche, side, shared, args)
+            a, last = metrics(R, counts)
+            ta, tlast = metrics(R_theirs, counts)
+            print(f"{label}, {sessions} sessions: ours {100 * a:.2f}/{100 * last:.2f} in {ours_s:.0f} s, "
+                  f"Avalanche {100 * ta:.2f}/{100 * tlast:.2f} in {theirs_s:.0f} s", flush=True)  # fmt: skip
+            lines.append(
+                f"| {label} | {sessions} | {100 * a:.2f} / {100 * last:.2f} | {100 * ta:.2f} / {100 * tlast:.2f} | "
+                f"{ours_s:.0f} \\| {theirs_s:.0f} | {theirs_s / ours_s:.2f}× |"
+            )
+    return "\n".join(lines)
+
+
+def curve(args, out: str) -> tuple[str, dict]:
+    from tests.streams.test_vision import write_cifar100
+
+    data = Path(out) / "cifar100"
+    write_cifar100(data, per_class_train=args.curve_train, per_class_test=args.curve_test)
+    shared = [
+        f"run.seed={args.seed}", "stream.name=cifar100", f"stream.data_root={data}", "stream.verify_checksums=false",
+        "stream.train_per_class=null", "stream.test_per_class=null", f"stream.batch_size={args.batch_size}",
+        "trainer.enable_progress_bar=false",
+    ]  # fmt: skip
+    times: dict[str, list[float]] = {"cil, reuse": [], "cil, no reuse": [], "Avalanche NCM": []}
+    for sessions in args.curve_sessions:
+        split = [f"stream.split=B0-Inc{100 // sessions}"]
+        for reuse in ("true", "false"):
+            overrides = [*shared, *split, f"run.output_dir={out}", "strategy.metric=euclidean"]
+            _, t = timed(ours, "simplecil/fashion_mnist.yaml", [*overrides, f"run.reuse_features={reuse}"])
+            times["cil, reuse" if reuse == "true" else "cil, no reuse"].append(t)
+        _, t = timed(run_avalanche, "NCM", [*shared, *split], args)
+        times["Avalanche NCM"].append(t)
+        print(f"curve, {sessions} sessions: " + ", ".join(f"{k} {v[-1]:.0f} s" for k, v in times.items()), flush=True)
+    lines = ["| sessions | " + " | ".join(times) + " | saved by reuse |", "|---|---|---|---|---|"]
+    for i, sessions in enumerate(args.curve_sessions):
+        cells = " | ".join(f"{times[k][i]:.0f} s" for k in times)
+        lines.append(f"| {sessions} | {cells} | {1 - times['cil, reuse'][i] / times['cil, no reuse'][i]:.0%} |")
+    return "\n".join(lines), times
+
+
+def plot(sessions: list[int], times: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 3.4))
+    for label, values in times.items():
+        ax.plot(sessions, values, marker="o", label=label)
+    ax.set_xlabel("sessions (same 100 classes, same images)")
+    ax.set_ylabel("wall time, s")
+    ax.set_xticks(sessions)
+    ax.set_ylim(bottom=0)
+    ax.legend()
+    ax.set_title("Cost of the standard protocol vs stream length")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--train-per-class", type=int, default=300)
+    parser.add_argument("--test-per-class", type=int, default=100)
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--sessions", type=int, nargs="+", default=[5, 10])
+    parser.add_argument("--curve", action="store_true", help="also the stream-length curve (synthetic CIFAR-100)")
+    parser.add_argument("--curve-sessions", type=int, nargs="+", default=[5, 10, 20, 50])
+    parser.add_argument("--curve-train", type=int, default=30)
+    parser.add_argument("--curve-test", type=int, default=10)
+    parser.add_argument("--readme", action="store_true", help="rewrite the block in README.md")
+    args = parser.parse_args()
+    os.environ.setdefault("CIL_QUIET", "1")
+    from cil.cli import quiet_lightning
+
+    quiet_lightning()
+    torch.set_num_threads(torch.get_num_threads())
+    began = time.perf_counter()
+    with tempfile.TemporaryDirectory() as out:
+        text = table(args, out) if args.sessions else ""
+        text += (
+            f"\n\nFashion-MNIST, {args.train_per_class} train / {args.test_per_class} test images per class, "
+            f"tf_efficientnet_lite0 ImageNet weights at 64 px, batch {args.batch_size}, seed {args.seed}."
+        )
+        if args.curve:
+            lines, times = curve(args, out)
+            plot(args.curve_sessions, times, ROOT / "benchmarks" / "feature_reuse.png")
+            text += (
+                f"\n\nThe same 100 classes ({args.curve_train} train / {args.curve_test} test synthetic images per "
+                f"class, CIFAR-100 format, Lite0 at 64 px) cut into more and more sessions "
+                f"(`benchmarks/feature_reuse.png`):\n\n{lines}"
+            )
+    text += f"\n\n{machine()}; {time.perf_counter() - began:.0f} s in all."
+    print(text)
+    if args.readme:
+        write_block("peers-frozen", text)
+
+
+if __name__ == "__main__":
+    main()
