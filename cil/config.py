@@ -142,6 +142,11 @@ class StreamConfig:
     )
     eval_batch_size: int = param(256, ge=1)
     num_workers: int = param(0, ge=0)
+    skip_unreadable: bool = param(
+        False,
+        help="skip image files that cannot be decoded (corrupt, truncated, not images) instead of stopping; each is "
+        "named once in <run folder>/skipped_files.txt and counted after every session",
+    )
 
 
 @dataclass

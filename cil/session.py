@@ -302,10 +302,54 @@ def setup_distributed(cfg: DictConfig) -> torch.device:
     return trainer.strategy.root_device
 
 
+class SkipUnreadable(Dataset):
+    """``stream.skip_unreadable``: an item whose file cannot be read becomes None (``skipping_collate`` drops it from
+    its batch), and its path is appended once to ``log`` (shared by loader workers and processes: one short append
+    per file). Only the session loop's loaders skip; a strategy's own readers (ZSCL's reference images, DKVB's
+    feature extraction) stop on such a file with the same one-line error."""
+
+    def __init__(self, data: Dataset, log: Path | None):
+        self.data, self.log = data, log
+        self.seen: set[str] = set()
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, item):
+        from streams.common import UnreadableSample
+
+        try:
+            return self.data[item]
+        except UnreadableSample as e:
+            if str(e) not in self.seen:
+                self.seen.add(str(e))
+                if self.log is not None:
+                    with open(self.log, "a") as f:
+                        f.write(str(e).split(" (", 1)[0].removeprefix("cannot read ") + "\n")
+            return None
+
+
+def skipping_collate(batch: list):
+    """PyTorch's collation of the items that could be read."""
+    from torch.utils.data import default_collate
+
+    from streams.common import UnreadableSample
+
+    kept = [item for item in batch if item is not None]
+    if not kept:
+        raise UnreadableSample(f"every sample of a batch of {len(batch)} is unreadable; see the skipped files list")
+    return default_collate(kept)
+
+
+SKIPPED_LOG: Path | None = None  # the run's skipped_files.txt while a run with stream.skip_unreadable is going
+
+
 def _loader(data: Dataset, cfg: DictConfig, persistent: bool = False, **kwargs) -> DataLoader:
     """A loader with ``stream.num_workers`` workers, none for tensors already in memory; ``persistent`` keeps
     them for the whole fit (training) instead of starting them again every epoch."""
     workers = 0 if in_memory(data) else cfg.stream.num_workers
+    if cfg.stream.skip_unreadable and not in_memory(data):
+        data, kwargs["collate_fn"] = SkipUnreadable(data, SKIPPED_LOG), skipping_collate
     return DataLoader(data, num_workers=workers, persistent_workers=persistent and workers > 0, **kwargs)
 
 
@@ -439,6 +483,8 @@ def run_experiment(
             strategy.session_index = start - 1
         if distributed.is_rank_zero():
             folder.note_resume(cfg)
+    global SKIPPED_LOG
+    SKIPPED_LOG = folder.path / "skipped_files.txt" if cfg.stream.skip_unreadable else None
     # a frozen body's test features, computed once per run (in memory, or on disk under the run folder)
     store = FeatureStore(folder.path / "features", cfg.run.feature_memory_mb) if cfg.run.reuse_features else None
     info = {"strategy": cfg.strategy.name, "stream": cfg.stream.name, "run_dir": str(folder.path)}
@@ -507,10 +553,17 @@ def run_experiment(
                 records, stream.classes_per_session, stream.eval_counts(), info, cfg.trainer.eval_unseen
             )
             _print_session(summary, k)
+            _note_skipped(k)
         _barrier()
     if store is not None:
         store.clear()  # the run is complete: its stored features are no longer needed
     return folder.path
+
+
+def _note_skipped(k: int) -> None:
+    if SKIPPED_LOG is not None and SKIPPED_LOG.is_file():
+        skipped = set(SKIPPED_LOG.read_text().splitlines())
+        _note(f"session {k + 1}: {len(skipped)} unreadable file(s) skipped so far (listed in {SKIPPED_LOG})")
 
 
 def _mid_session(folder: RunFolder, session: int) -> Path | None:

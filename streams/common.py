@@ -77,6 +77,50 @@ class GreyImages(Dataset):
         return Image.fromarray(self.images[i], mode="L").convert("RGB"), self.targets[i]
 
 
+class UnreadableSample(ConfigError):
+    """A sample whose file cannot be read (a corrupt or truncated image, a non-image file with an image name): one
+    line naming the file and what to do. Raised in a loader worker, PyTorch re-raises it in the main process with the
+    worker's traceback in the message; only the last line, ours, is kept."""
+
+    def __init__(self, message: str):
+        marker = f"{type(self).__name__}: "
+        if "Original Traceback" in message and marker in message:
+            message = message.rsplit(marker, 1)[1].strip()
+        super().__init__(message)
+
+
+def sample_path(data: Any, i: int) -> str | None:
+    """The file behind sample ``i`` of ``data``, followed through index wrappers (``base``/``data`` + ``indices``);
+    None for samples that are not files."""
+    while True:
+        inner = next((getattr(data, n) for n in ("base", "data") if isinstance(getattr(data, n, None), Dataset)), None)
+        if inner is None:
+            break
+        indices = getattr(data, "indices", None)
+        i, data = (i if indices is None else indices[i]), inner
+    for name in ("samples", "imgs", "_samples", "files", "_image_files", "_images", "paths"):
+        items = getattr(data, name, None)
+        if isinstance(items, (list, tuple)) and len(items) > i:
+            item = items[i]
+            return str(item[0] if isinstance(item, (tuple, list)) else item)
+    return None
+
+
+def read_sample(data: Any, i: int) -> Any:
+    """``data[i]``, or an UnreadableSample naming the file when it cannot be decoded."""
+    try:
+        return data[i]
+    except (OSError, ValueError, SyntaxError) as e:  # PIL: UnidentifiedImageError, truncated files, bad headers
+        path = sample_path(data, i)
+        if path is None:
+            raise
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise UnreadableSample(
+            f"cannot read {path} ({reason}); replace or delete the file, or set stream.skip_unreadable=true to skip "
+            "unreadable files"
+        ) from None
+
+
 class Relabeled(Dataset):
     """The samples of ``base`` whose class is in ``remap``, with labels mapped to their new ids."""
 
@@ -91,7 +135,7 @@ class Relabeled(Dataset):
         return len(self.indices)
 
     def __getitem__(self, pos: int):
-        x = self.base[self.indices[pos]][0]
+        x = read_sample(self.base, self.indices[pos])[0]
         return x, self.targets[pos]
 
 

@@ -23,7 +23,7 @@ from torchvision import datasets as tv
 from cil.backbones import Transforms
 from cil.config import ConfigError
 from cil.registry import register_stream
-from streams.common import Stream, make_benchmark, per_class_subset
+from streams.common import Stream, make_benchmark, per_class_subset, read_sample
 from streams.vision import _root, _torchvision_pair, _UncheckedCIFAR100
 
 ORDER_I = [
@@ -53,7 +53,7 @@ class LabeledSubset(Dataset):
         return len(self.indices)
 
     def __getitem__(self, i: int):
-        image = self.data[self.indices[i]][0]
+        image = read_sample(self.data, self.indices[i])[0]
         return (image.convert("RGB") if hasattr(image, "convert") else image), self.targets[i]
 
 

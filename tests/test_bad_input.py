@@ -5,10 +5,11 @@ from __future__ import annotations
 import os
 import stat
 
+import numpy as np
 import pytest
 
 from cil.cli import main
-from cil.runs import RunFolder, atomic_write
+from cil.runs import RunFolder, atomic_write, load_run
 from tests.conftest import CONFIGS
 
 
@@ -171,3 +172,49 @@ def test_a_truncated_cifar_pickle_is_one_line_before_training(tmp_path, capsys):
     code, err = run_cli(args, capsys)
     assert code == 2 and "is not a readable CIFAR pickle (UnpicklingError" in err and len(err.splitlines()) == 1
     assert not (tmp_path / "runs").exists()
+
+
+def _folder_stream_with_bad_files(root, kind: str):
+    from tests.streams.test_vision import write_image_folders
+
+    write_image_folders(root, ["a", "b", "c", "d"], train=3, test=2)
+    bad = [root / "train" / "b" / "b_1.jpg", root / "test" / "c" / "c_t0.jpg"]
+    for path in bad:
+        if kind == "truncated":
+            path.write_bytes(path.read_bytes()[:200])  # a JPEG cut short (a crawl interrupted mid-file)
+        else:
+            path.write_text("<html>404 not found</html>")  # a web page saved under an image name
+    return bad
+
+
+FOLDER_RUN = ["stream.name=imagenet_r", "stream.split=B0-Inc2", "trainer.enable_progress_bar=false"]
+
+
+@pytest.mark.parametrize("kind", ["truncated", "not-an-image"])
+@pytest.mark.parametrize("workers", [0, 1])
+def test_an_unreadable_image_mid_run_stops_with_one_line_naming_it(tmp_path, capsys, kind, workers):
+    bad = _folder_stream_with_bad_files(tmp_path / "data", kind)
+    args = ["run", str(CONFIGS / "simplecil" / "digits.yaml"), f"stream.data_root={tmp_path / 'data'}", *FOLDER_RUN]
+    args += [f"run.output_dir={tmp_path / 'runs'}", f"stream.num_workers={workers}", "backbone.image_size=16"]
+    code, err = run_cli(args, capsys)
+    assert code == 2 and len(err.splitlines()) == 1, err
+    assert any(f"cannot read {path} (" in err for path in bad) and "stream.skip_unreadable=true" in err
+    # the half-made run folder is skipped by cil report, with a note, not an abort
+    runs = list((tmp_path / "runs").glob("*/*"))
+    assert len(runs) == 1
+    code, err = run_cli(["report", str(runs[0]), str(runs[0])], capsys)
+    assert code == 2 and "no run folder with results" in err
+
+
+def test_skip_unreadable_skips_and_counts_the_files(tmp_path, capsys):
+    bad = _folder_stream_with_bad_files(tmp_path / "data", "truncated")
+    args = ["run", str(CONFIGS / "simplecil" / "digits.yaml"), f"stream.data_root={tmp_path / 'data'}", *FOLDER_RUN]
+    args += [f"run.output_dir={tmp_path / 'runs'}", "stream.skip_unreadable=true", "backbone.image_size=16"]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    (run,) = list((tmp_path / "runs").glob("*/*"))
+    listed = (run / "skipped_files.txt").read_text().splitlines()
+    assert sorted(set(listed)) == sorted(map(str, bad))
+    assert "session 2: 2 unreadable file(s) skipped so far" in out
+    result = load_run(run)
+    assert result.summary["complete"] and np.isfinite(result.accuracy_matrix.to_numpy()).all()
