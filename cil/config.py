@@ -169,6 +169,22 @@ class StrategyConfig:
 
 
 @dataclass
+class TrainingConfig(StrategyConfig):
+    """Hyper-parameters shared by strategies trained with gradient descent."""
+
+    epochs: int = param(5, ge=0, help="epochs per session")
+    lr: float = param(0.01, gt=0.0)
+    optimizer: str = param("sgd", choices=["sgd", "adamw"])
+    momentum: float = param(0.9, ge=0.0, lt=1.0)
+    weight_decay: float = param(0.0, ge=0.0)
+    scheduler: str = param("cosine", choices=["cosine", "constant"], help="learning-rate schedule per session")
+
+
+# class statistics a strategy may keep for classifier alignment (cil.statistics.ClassGaussians)
+STORAGES = ("covariance", "variance", "multi-centroid")
+
+
+@dataclass
 class TrainerConfig:
     accelerator: str = param("auto", choices=["auto", "cpu", "gpu", "cuda", "mps", "tpu"])
     devices: Any = param("auto", help="'auto', a count >= 1, or a list of device ids")

@@ -113,4 +113,12 @@ def _refuse_from_config(cfg, make_transforms):
     )
 
 
+def _register() -> None:
+    from cil.registry import register_stream
+
+    register_stream(STREAM_NAME, _refuse_from_config)  # a benchmark object given from Python
+
+
+_register()
+
 __all__ = ["run_benchmark", "stream_from_benchmark"]

@@ -21,7 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 from torch.utils.data import Dataset
 
-from cil.config import StrategyConfig, param
+from cil.config import TrainingConfig  # noqa: F401  (re-exported: strategies' configs extend it)
 
 
 @dataclass
@@ -113,18 +113,6 @@ class GrowingClassifier(Growing):
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         return F.linear(features, self.weight, self.bias)
-
-
-@dataclass
-class TrainingConfig(StrategyConfig):
-    """Hyper-parameters shared by strategies trained with gradient descent."""
-
-    epochs: int = param(5, ge=0, help="epochs per session")
-    lr: float = param(0.01, gt=0.0)
-    optimizer: str = param("sgd", choices=["sgd", "adamw"])
-    momentum: float = param(0.9, ge=0.0, lt=1.0)
-    weight_decay: float = param(0.0, ge=0.0)
-    scheduler: str = param("cosine", choices=["cosine", "constant"], help="learning-rate schedule per session")
 
 
 class CILModule(pl.LightningModule):

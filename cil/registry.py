@@ -1,8 +1,11 @@
 """Registries of strategies and streams (timm-style: a name → a factory, one file per family).
 
 A strategy file ends with ``register_strategy("name", StrategyClass, StrategyConfig)``; a stream file ends with
-``register_stream("name", builder)``. The built-in ``strategies`` and ``streams`` packages are imported the first
-time a name is looked up, so user code can register its own before or after.
+``register_stream("name", builder)``. User code can register its own at any time.
+
+The built-in names are known without importing anything: listing them and checking a config (whose strategy
+hyper-parameters come from the torch-free ``strategies.configs``) never imports torch, timm or Lightning. A built-in
+strategy's or stream's module is imported the first time its class or builder is needed.
 """
 
 from __future__ import annotations
@@ -15,15 +18,21 @@ from cil.config import ConfigError, StrategyConfig
 
 _STRATEGIES: dict[str, tuple[type, type[StrategyConfig]]] = {}
 _STREAMS: dict[str, Callable[..., Any]] = {}
-_builtins_loaded = False
+# built-in name -> the module whose import registers it
+BUILTIN_STRATEGIES = {n: f"strategies.{n}" for n in ("dkvb", "finetune", "fsa", "joint", "mamba_fscil", "mos",
+                                                     "simplecil", "zscl")}  # fmt: skip
+BUILTIN_STREAMS = {
+    "digits": "streams.digits", "fashion_mnist": "streams.mnist", "mnist": "streams.mnist", "mtil": "streams.mtil",
+    "avalanche": "cil.interop",
+    **{n: "streams.vision" for n in ("cifar10", "cifar100", "cub200", "fgvc_aircraft", "imagenet_a", "imagenet_r",
+                                     "miniimagenet", "objectnet", "omnibenchmark", "stanford_cars", "svhn",
+                                     "tinyimagenet", "vtab")},
+}  # fmt: skip
 
 
-def _load_builtins() -> None:
-    global _builtins_loaded
-    if not _builtins_loaded:
-        _builtins_loaded = True
-        importlib.import_module("strategies")
-        importlib.import_module("streams")
+def _load_builtin(registry: dict, builtins: dict[str, str], name: str) -> None:
+    if name not in registry and name in builtins:
+        importlib.import_module(builtins[name])
 
 
 def register_strategy(name: str, cls: type, config: type[StrategyConfig]) -> type:
@@ -48,35 +57,36 @@ def _unknown(kind: str, name: str, names: list[str]) -> ConfigError:
 
 
 def strategy_names() -> list[str]:
-    _load_builtins()
-    return sorted(_STRATEGIES)
+    return sorted({*_STRATEGIES, *BUILTIN_STRATEGIES})
 
 
 def stream_names() -> list[str]:
-    _load_builtins()
-    return sorted(_STREAMS)
+    return sorted({*_STREAMS, *BUILTIN_STREAMS})
 
 
 def strategy_class(name: str) -> type:
-    _load_builtins()
+    _load_builtin(_STRATEGIES, BUILTIN_STRATEGIES, name)
     if name not in _STRATEGIES:
-        raise _unknown("strategy", name, list(_STRATEGIES))
+        raise _unknown("strategy", name, strategy_names())
     return _STRATEGIES[name][0]
 
 
 def strategy_config(name: str) -> type[StrategyConfig]:
-    _load_builtins()
-    if name not in _STRATEGIES:
-        raise _unknown("strategy", name, list(_STRATEGIES))
-    return _STRATEGIES[name][1]
+    if name in _STRATEGIES:
+        return _STRATEGIES[name][1]
+    if name in BUILTIN_STRATEGIES:
+        from strategies.configs import CONFIGS  # torch-free
+
+        return CONFIGS[name]
+    raise _unknown("strategy", name, strategy_names())
 
 
 def check_stream(name: str) -> None:
-    _load_builtins()
-    if name not in _STREAMS:
-        raise _unknown("stream", name, list(_STREAMS))
+    if name not in _STREAMS and name not in BUILTIN_STREAMS:
+        raise _unknown("stream", name, stream_names())
 
 
 def stream_builder(name: str) -> Callable[..., Any]:
     check_stream(name)
+    _load_builtin(_STREAMS, BUILTIN_STREAMS, name)
     return _STREAMS[name]

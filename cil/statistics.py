@@ -26,10 +26,9 @@ from typing import Optional
 
 import torch
 
+from cil.config import STORAGES
 from cil.distributed import all_reduce_sum, is_distributed
 from cil.module import Growing
-
-STORAGES = ("covariance", "variance", "multi-centroid")
 
 
 class ClassGaussians(Growing):

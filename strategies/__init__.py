@@ -1,13 +1,21 @@
-"""Strategies: one file per method; importing this package registers them all."""
+"""Strategies: one file per method, each registering itself (``register_strategy``) when imported.
 
-from strategies import dkvb, finetune, fsa, joint, mamba_fscil, mos, simplecil, zscl  # noqa: F401  (registration)
-from strategies.dkvb import DKVB
-from strategies.finetune import Finetune
-from strategies.fsa import FSA
-from strategies.joint import Joint
-from strategies.mamba_fscil import MambaFSCIL
-from strategies.mos import MOS
-from strategies.simplecil import SimpleCIL
-from strategies.zscl import ZSCL
+``from strategies import FSA`` works as before; the modules (torch, timm, Lightning) load on first use, so that
+``strategies.configs`` — every strategy's hyper-parameters — can be read without them.
+"""
 
-__all__ = ["DKVB", "FSA", "Finetune", "Joint", "MOS", "MambaFSCIL", "SimpleCIL", "ZSCL"]
+from __future__ import annotations
+
+import importlib
+
+_CLASSES = {"DKVB": "dkvb", "FSA": "fsa", "Finetune": "finetune", "Joint": "joint", "MOS": "mos",
+            "MambaFSCIL": "mamba_fscil", "SimpleCIL": "simplecil", "ZSCL": "zscl"}  # fmt: skip
+
+
+def __getattr__(name: str):
+    if name in _CLASSES:
+        return getattr(importlib.import_module(f"strategies.{_CLASSES[name]}"), name)
+    raise AttributeError(f"module 'strategies' has no attribute {name!r}")
+
+
+__all__ = sorted(_CLASSES)

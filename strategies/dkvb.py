@@ -35,7 +35,6 @@ unlabelled data as ``Session.unlabelled_data`` for the key initialisation, and a
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Optional
 
@@ -44,15 +43,14 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
-from cil.config import ConfigError, StrategyConfig, param
+from cil.config import ConfigError
 from cil.distributed import all_reduce_sum
 from cil.features import data_identity
 from cil.module import CILModule, Growing, Session, tensor_digest
 from cil.progress import progress
 from cil.registry import register_strategy
 from cil.runs import atomic_write
-
-SPLITTINGS = ("random_projection", "chunk", "learned_projection")
+from strategies.configs import SPLITTINGS, DKVBConfig
 
 
 class KeyValueBottleneck(Growing):
@@ -228,32 +226,6 @@ class FeatureCache:
             path.parent.mkdir(parents=True, exist_ok=True)
             atomic_write(path, lambda p: torch.save({"features": features, "labels": label_tensor}, p))
         return features, label_tensor
-
-
-@dataclass
-class DKVBConfig(StrategyConfig):
-    name: str = "dkvb"
-    epochs: int = param(2000, ge=0, help="epochs per task (paper: 2000 on CIFAR-10, 500 on CIFAR-100)")
-    num_codebooks: int = param(256, ge=1, help="C")
-    keys_per_codebook: int = param(4096, ge=1, help="P")
-    key_dim: int = param(14, ge=1, help="k")
-    num_classes: Optional[int] = param(None, ge=1, help="value size; default: the stream's class count")
-    splitting: str = param("random_projection", choices=list(SPLITTINGS))
-    init_epochs: int = param(10, ge=0, help="epochs of EMA k-means over the unlabelled data")
-    init_batch_size: int = param(256, ge=1)
-    decay: float = param(0.95, gt=0.0, lt=1.0, help="EMA decay of the key initialisation")
-    eps: float = param(1e-5, gt=0.0, help="Laplace smoothing of the key initialisation")
-    dead_key_factor: float = param(0.1, ge=0.0, help="keys with EMA size < factor·batch/P are re-seeded; 0: never")
-    lr: float = param(0.3, gt=0.0)
-    optimizer: str = param("sgd", choices=["sgd", "adam", "adamw"])
-    momentum: float = param(0.0, ge=0.0, lt=1.0)
-    weight_decay: float = param(0.0, ge=0.0)
-    allow_nonlocal_updates: bool = param(False, help="accept momentum, weight decay or Adam (they break locality)")
-    clip_grad_norm: Optional[float] = param(1.0, gt=0.0, help="global gradient-norm clip")
-    label_smoothing: float = param(0.1, ge=0.0, lt=1.0)
-    feature_cache: Optional[str] = param("~/.cache/cil/features", help="folder of cached encoder features; null: off")
-    feature_batch_size: int = param(256, ge=1, help="images per encoder call when features are extracted")
-    feature_num_workers: int = param(0, ge=0, help="loader workers when features are extracted")
 
 
 class DKVB(CILModule):

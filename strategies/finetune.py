@@ -9,19 +9,11 @@ loader passed to ``fit``.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 from torch import nn
 
-from cil.config import param
-from cil.module import CILModule, TrainingConfig
+from cil.module import CILModule
 from cil.registry import register_strategy
-
-
-@dataclass
-class FinetuneConfig(TrainingConfig):
-    name: str = "finetune"
-    epochs: int = param(5, ge=0, help="epochs per session")
+from strategies.configs import FinetuneConfig
 
 
 class Finetune(CILModule):

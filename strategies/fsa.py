@@ -20,38 +20,19 @@ heads are merged across processes (``StreamingLDA.all_reduce``) before joining t
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cil.config import ConfigError, StrategyConfig, param
+from cil.config import ConfigError
 from cil.film import FiLMAdapters
 from cil.heads import StreamingLDA
 from cil.module import CILModule, GrowingClassifier, Session
 from cil.progress import progress
 from cil.registry import register_strategy
-
-ADAPTATIONS = ("full", "film", "none")
-
-
-@dataclass
-class FSAConfig(StrategyConfig):
-    name: str = "fsa"
-    adaptation: str = param("full", choices=list(ADAPTATIONS), help="what session 1 trains: body, FiLM, nothing")
-    epochs: int = param(200, ge=0, help="session-1 adaptation epochs (later sessions train none)")
-    lr: float = param(5e-3, gt=0.0, help="Adam learning rate")
-    milestones: list[int] = param([50, 100, 150], help="MultiStepLR epochs (few-shot+ in the paper: [25, 50, 100])")
-    lr_gamma: float = param(0.7, gt=0.0, le=1.0, help="MultiStepLR factor (few-shot+ in the paper: 0.3)")
-    dropout: float = param(0.5, ge=0.0, lt=1.0, help="dropout before the temporary head")
-    weight_decay: float = param(0.0, ge=0.0, help="Adam weight decay (the official code passes none)")
-    lda_mode: str = param("fsa", choices=["fsa", "sklearn", "slda"], help="covariance of the LDA head")
-    shrinkage: Optional[float] = param(
-        None, ge=0.0, le=1.0, help="identity weight in the LDA covariance; default per lda_mode (fsa 1.0)"
-    )
-    priors: Optional[str] = param(None, choices=["frequency", "uniform", "none"], help="LDA log-prior term")
+from strategies.configs import ADAPTATIONS, FSAConfig
 
 
 class FSA(CILModule):

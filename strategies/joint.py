@@ -10,20 +10,12 @@ concatenates them; pass a loader over that to ``fit``.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 from torch.utils.data import ConcatDataset, Dataset
 
-from cil.config import param
-from cil.module import Session, TrainingConfig
+from cil.module import Session
 from cil.registry import register_strategy
+from strategies.configs import JointConfig
 from strategies.finetune import Finetune
-
-
-@dataclass
-class JointConfig(TrainingConfig):
-    name: str = "joint"
-    epochs: int = param(5, ge=0, help="epochs per session, over all data seen so far")
 
 
 class Joint(Finetune):

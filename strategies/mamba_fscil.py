@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from dataclasses import dataclass
 from typing import Any, Optional
 
 import numpy as np
@@ -49,13 +48,14 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Dataset, TensorDataset
 
-from cil.config import ConfigError, StrategyConfig, param
+from cil.config import ConfigError
 from cil.distributed import all_reduce_min, gather_cat
 from cil.heads import EtfClassifier, dot_regression_loss
 from cil.module import CILModule, Session
 from cil.progress import progress
 from cil.registry import register_strategy
 from cil.ssm import DualSelectiveProjector
+from strategies.configs import MambaFSCILConfig
 from strategies.simplecil import ClassMeans
 
 
@@ -178,60 +178,6 @@ def mix_images(x: torch.Tensor, mixup_alpha: float, cutmix_alpha: float, probs: 
 
 
 # ---- the strategy ------------------------------------------------------------------------------------------------
-@dataclass
-class MambaFSCILConfig(StrategyConfig):
-    name: str = "mamba_fscil"
-    num_classes: int = param(100, ge=2, help="ETF size: every class of the data set (100 CIFAR/mini, 200 CUB)")
-    num_base_classes: int = param(60, ge=1, help="classes of the base session (60 CIFAR/mini, 100 CUB)")
-    feat_size: int = param(2, ge=1, help="side of the backbone's last feature map (2 CIFAR, 5 mini, 7 CUB)")
-    version: str = param("ssm", choices=["ssm", "ss2d"], help="ssm: 4 directions, one block (CIFAR/mini); ss2d: CUB")
-    out_channels: int = param(640, ge=1, help="projector output width")
-    residual_proj: bool = param(False, help="bias-free linear map of the pooled map when widths differ")
-    d_state: int = param(256, ge=1)
-    dt_rank: Optional[int] = param(None, ge=1, help="rank of dt (default: d_state, as the code)")
-    layers: int = param(2, ge=2, le=3, help="MLP layers of the base branch")
-    layers_new: int = param(2, ge=2, le=3, help="MLP layers of the new branch")
-    faithful_quirks: bool = param(True, help="reproduce the code's gate flip and re-added unmixed loss")
-    dr_weight: float = param(10.0, gt=0.0)
-    momentum: float = param(0.9, ge=0.0, lt=1.0)
-    weight_decay: float = param(5e-4, ge=0.0)
-    etf_seed: int = param(0, ge=0)
-    # base session
-    base_epochs: int = param(200, ge=0, help="base-session epochs over the stream (code: epochs x RepeatDataset)")
-    base_lr: float = param(0.25, gt=0.0)
-    backbone_lr_scale: float = param(1.0, ge=0.0, help="backbone lr / base lr in the base session (CUB 0.1)")
-    frozen_modules: list[str] = param(
-        [], help="backbone submodules kept frozen and in eval mode in the base session (CUB: mmcls frozen_stages=1)"
-    )
-    base_schedule: str = param("cosine", choices=["cosine", "step"])
-    base_warmup: int = param(100, ge=0, help="warm-up iterations")
-    base_warmup_ratio: float = param(0.1, gt=0.0, le=1.0)
-    base_min_ratio: float = param(0.01, ge=0.0, le=1.0, help="cosine: final lr / lr")
-    base_cooldown: int = param(10, ge=0, help="cosine: iterations at min_ratio x 0.1 at the end")
-    base_milestones: list[int] = param([], help="step schedule: epochs where lr is multiplied by base_gamma")
-    base_gamma: float = param(0.25, gt=0.0, le=1.0)
-    base_with_length: bool = param(False, help="dot regression with length targets in the base session")
-    image_mix: bool = param(False, help="base session: mixup (0.8, p .4) / cutmix (1.0, p .4) / none (p .2)")
-    # incremental sessions
-    inc_lr: float = param(0.25, gt=0.0)
-    inc_steps: list[int] = param([200], help="iterations per incremental session (last value repeats)")
-    inc_batch_size: int = param(64, ge=1, help="maps per step (code: 8 per GPU x 8 GPUs)")
-    copies: list[int] = param([1], help="copies of each earlier novel class's mean map (last value repeats)")
-    base_copies: list[int] = param([1], help="copies of each base class's mean map (last value repeats)")
-    base_branch_lr_scale: float = param(0.0, ge=0.0, help="base branch lr / inc lr (0: frozen and detached)")
-    inc_with_length: bool = param(True)
-    feat_mixup_prob: float = param(0.75, ge=0.0, le=1.0)
-    feat_mixup: float = param(0.5, gt=0.0, lt=1.0, help="the fixed mixing weight")
-    w_supp: float = param(100.0, ge=0.0)
-    w_novel: float = param(1e-5, ge=0.0)
-    w_sep_new: float = param(1e-3, ge=0.0)
-    w_sep: float = param(0.0, ge=0.0)
-    loss_group_size: Optional[int] = param(
-        None,
-        ge=1,
-        help="incremental sessions: compute the class-sensitive losses and feature mixup on groups of this many "
-        "maps and average, as the code's GPUs do on 8 maps each (paper configs: 8); null: the whole batch",
-    )
 
 
 def _per_session(values: list[int], i: int) -> int:

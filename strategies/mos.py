@@ -44,7 +44,6 @@ for the statistics pass, and ``ca_samples_per_class`` = 5 x the training batch s
 from __future__ import annotations
 
 from contextlib import contextmanager
-from dataclasses import dataclass
 from typing import Any, Iterator, Optional
 
 import torch
@@ -52,47 +51,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from cil.adapters import AdapterBank, vit_blocks
-from cil.config import ConfigError, StrategyConfig, param
+from cil.config import ConfigError
 from cil.module import CILModule, GrowingClassifier, Session
 from cil.progress import progress
 from cil.registry import register_strategy
 from cil.retrieval import SelfRefinedRetrieval
-from cil.statistics import STORAGES, ClassGaussians
+from cil.statistics import ClassGaussians
+from strategies.configs import EVAL_ADAPTERS, MERGE_MODES, MOSConfig
 from strategies.simplecil import ClassMeans
-
-MERGE_MODES = ("official", "per_step")
-EVAL_ADAPTERS = ("merged", "stored")
-
-
-@dataclass
-class MOSConfig(StrategyConfig):
-    name: str = "mos"
-    epochs: int = param(20, ge=0, help="adapter-training epochs per session (tuned_epoch)")
-    lr: float = param(0.03, gt=0.0, help="adapter learning rate (init_lr); the head uses head_lr_scale x lr")
-    head_lr_scale: float = param(0.1, gt=0.0, help="head lr / adapter lr (0.1 in the code)")
-    momentum: float = param(0.9, ge=0.0, lt=1.0, help="SGD momentum (adapter training and alignment)")
-    weight_decay: float = param(5e-4, ge=0.0)
-    min_lr: float = param(0.0, ge=0.0, help="eta_min of the cosine schedule")
-    adapter_momentum: float = param(0.1, ge=0.0, le=1.0, help="m of the merge toward the earlier adapters' mean")
-    merge_mode: str = param("official", choices=list(MERGE_MODES), help="official: D+1 merges per step; per_step: 1")
-    eval_adapters: str = param(
-        "merged",
-        choices=list(EVAL_ADAPTERS),
-        help="merged: adapter j >= 1 is evaluated as mean(A_0..A_j-1), where the code's in-place merges during "
-        "testing converge; stored: A_j as trained",
-    )
-    bottleneck: int = param(16, ge=1, help="adapter width (ffn_num)")
-    adapter_dropout: float = param(0.1, ge=0.0, lt=1.0)
-    adapter_scale: float = param(0.1, gt=0.0, help="fixed adapter output scale")
-    reg: float = param(0.1, ge=0.0, help="weight of the orthogonality loss")
-    orth_temperature: float = param(0.8, gt=0.0, help="temperature of the orthogonality loss's similarities")
-    ca_storage: str = param("covariance", choices=list(STORAGES), help="class statistics for classifier alignment")
-    n_centroids: int = param(10, ge=1, help="k-means clusters per class (ca_storage=multi-centroid)")
-    ca_epochs: int = param(30, ge=0, help="classifier-alignment epochs (crct_epochs)")
-    ca_lr: float = param(0.005, gt=0.0)
-    ca_samples_per_class: int = param(240, ge=1, help="features sampled per class and epoch (code: 5 x batch size)")
-    max_iter: int = param(4, ge=1, help="head evaluations of the self-refined retrieval (MAX_ITER)")
-    ensemble: bool = param(True, help="add softmax(T * adapter-0 cosine logits) to the refined softmax")
 
 
 class MOS(CILModule):

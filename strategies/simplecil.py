@@ -12,23 +12,15 @@ counts are all-reduced, so prototypes are exactly those of one process.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cil.config import StrategyConfig, param
 from cil.distributed import all_reduce_sum
 from cil.module import CILModule, Growing, Session
 from cil.progress import progress
 from cil.registry import register_strategy
-
-
-@dataclass
-class SimpleCILConfig(StrategyConfig):
-    name: str = "simplecil"
-    metric: str = param("cosine", choices=["cosine", "euclidean"], help="cosine: SimpleCIL; euclidean: NCM")
+from strategies.configs import SimpleCILConfig
 
 
 class ClassMeans(Growing):

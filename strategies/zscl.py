@@ -54,7 +54,6 @@ import copy
 import csv
 import math
 import os
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Optional, Sequence
 
@@ -65,9 +64,10 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from cil import distributed
-from cil.config import ConfigError, StrategyConfig, param
+from cil.config import ConfigError
 from cil.module import CILModule, Growing, Session
 from cil.registry import register_strategy
+from strategies.configs import ZSCLConfig
 
 
 def distillation_loss(teacher_logits: torch.Tensor, student_logits: torch.Tensor, temperature: float = 2.0):
@@ -311,40 +311,6 @@ class TextHead(Growing):
         # zero-shot evaluation hard-codes 100 as CLIP's scale (the code's eval), on unit vectors
         logits = 100.0 * F.normalize(features, dim=-1) @ self.weight.T
         return logits.masked_fill(~self.visible, float("-inf"))
-
-
-@dataclass
-class ZSCLConfig(StrategyConfig):
-    name: str = "zscl"
-    iterations: Optional[int] = param(1000, ge=1, help="optimiser steps per task (runs iterations+1); null: epochs")
-    epochs: int = param(1, ge=0, help="epochs per task when iterations is null (CIL: 1)")
-    lr: float = param(1e-5, gt=0.0, help="AdamW base learning rate")
-    lr_per_session: Optional[list[float]] = param(None, help="a learning rate per session (MTIL: 5e-5 for some)")
-    weight_decay: float = param(0.0, ge=0.0, help="AdamW weight decay")
-    warmup: int = param(100, ge=0, help="linear warm-up steps before the cosine decay")
-    label_smoothing: float = param(0.2, ge=0.0, lt=1.0)
-    temperature: float = param(2.0, gt=0.0, help="T of both distillation terms")
-    image_loss_weight: float = param(1.0, ge=0.0, help="λ_img (MTIL 1, CIL 5)")
-    text_loss_weight: float = param(1.0, ge=0.0, help="λ_txt (MTIL 1, CIL 5)")
-    wc_weight: float = param(1.0, ge=0.0, help="weight of Σ‖θ - θ_start‖² (MTIL 1, CIL 0)")
-    we_interval: int = param(100, ge=0, help="weight-ensemble interval I in steps (MTIL 100, CIL 10); 0: off")
-    distill_text_features: str = param(
-        "teacher", choices=["teacher", "student"], help="caption embeddings of the student logits (code: teacher)"
-    )
-    student_caption_batch: Optional[int] = param(
-        256,
-        ge=1,
-        help="distill_text_features=student: captions per step, a seeded sample re-encoded by the student with "
-        "gradients (all ~15.8k every step would not fit in any GPU); null: all, refused above 4,096 captions",
-    )
-    reference_images: Optional[str] = param(None, help="image folder (recursive) or 'digits'; labels never read")
-    reference_captions: Optional[str] = param(None, help="captions: one per line, or the Conceptual Captions TSV")
-    reference_batch_size: Optional[int] = param(None, ge=1, help="per process; default: the task batch size")
-    reference_num_workers: int = param(0, ge=0, help="loader workers for reference images")
-    templates: Optional[list[str]] = param(
-        None, help="prompt templates ('a bad photo of a {}.'), first for training; default: the stream's"
-    )
-    task_incremental: bool = param(False, help="predict among the test sample's own task's classes (MTIL)")
 
 
 class ZSCL(CILModule):

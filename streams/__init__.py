@@ -1,21 +1,26 @@
-"""Streams: one file per family; importing this package registers them all.
+"""Streams: one file per family, each registering its streams (``register_stream``) when imported; ``cil.registry``
+imports a family's file the first time one of its streams is built, so listing names and checking configs need
+neither torch nor Avalanche.
 
 Builders have the signature ``builder(cfg: StreamConfig, make_transforms) -> streams.common.Stream`` where
 ``make_transforms(crop_pct=None)`` returns the backbone's :class:`cil.backbones.Transforms`.
 """
 
-from streams import digits, fewshot, mnist, mtil, vision  # noqa: F401  (registration)
-from streams.common import Stream, build_stream, make_benchmark
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from streams.common import Stream
 
 
-def _register_interop() -> None:
-    from cil.interop import STREAM_NAME, _refuse_from_config
-    from cil.registry import register_stream
+def __getattr__(name: str):
+    if name in ("Stream", "build_stream", "make_benchmark"):
+        from streams import common
 
-    register_stream(STREAM_NAME, _refuse_from_config)  # a benchmark object given from Python
+        return getattr(common, name)
+    raise AttributeError(f"module 'streams' has no attribute {name!r}")
 
-
-_register_interop()
 
 __all__ = ["Stream", "build_stream", "make_benchmark", "create_stream", "online_stream", "unlabelled_data"]
 
@@ -44,6 +49,8 @@ def online_stream(stream: Stream, seed: int) -> Stream:
     ]
     train, stats, test = chain(shuffled), chain(stream.stats_data), chain(stream.eval_data)
     from avalanche.benchmarks import benchmark_from_datasets, with_classes_timeline
+
+    from streams.common import Stream
 
     return Stream(
         name=stream.name,
