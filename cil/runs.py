@@ -193,8 +193,9 @@ class RunFolder:
         counts: Sequence[int],
         info: dict[str, Any],
         eval_unseen: bool = True,
+        plots: bool = True,
     ) -> dict[str, Any]:
-        """Tables, summary and plots from the sessions done so far; returns the summary."""
+        """Tables, summary and (``plots``) plots from the sessions done so far; returns the summary."""
         R = accuracy_matrix(records, classes_per_session, eval_unseen)
         T = R.shape[1]
         done = R.shape[0]
@@ -215,7 +216,8 @@ class RunFolder:
             "sessions": [{k: v for k, v in vars(r).items() if k != "confusion"} for r in records],
         }
         atomic_write(self.path / "summary.json", json.dumps(summary, indent=2))
-        plot_run(self.plots, square, counts[:done])
+        if plots:
+            plot_run(self.plots, square, counts[:done])
         return summary
 
 

@@ -491,6 +491,7 @@ def run_experiment(
     if stream.task_names:
         info["task_names"] = list(stream.task_names)
 
+    plotted = time.monotonic()
     for k in range(start, stream.n_sessions):
         seed_all(derived_seed(cfg.run.seed, k))
         session = Session(
@@ -549,9 +550,13 @@ def run_experiment(
                 if not keep and old != folder.session_checkpoint(k):
                     old.unlink()
             folder.last_checkpoint.unlink(missing_ok=True)
+            # plots cost about 0.6 s: at the end, and between sessions at most once a minute (a 50-session stream of
+            # cached features would otherwise spend more time drawing than learning)
+            plots = k == stream.n_sessions - 1 or time.monotonic() - plotted >= 60
             summary = folder.write_results(
-                records, stream.classes_per_session, stream.eval_counts(), info, cfg.trainer.eval_unseen
+                records, stream.classes_per_session, stream.eval_counts(), info, cfg.trainer.eval_unseen, plots
             )
+            plotted = time.monotonic() if plots else plotted
             _print_session(summary, k)
             _note_skipped(k)
         _barrier()
