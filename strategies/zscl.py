@@ -216,8 +216,16 @@ class ImageFiles(Dataset):
         return self.root / self.files[i].decode("utf-8", "surrogateescape")
 
     def __getitem__(self, i: int):
-        with self._open(self.path(i)) as image:
-            image = image.convert("RGB")
+        try:
+            with self._open(self.path(i)) as image:
+                image = image.convert("RGB")
+        except (OSError, ValueError, SyntaxError) as e:  # a corrupt or truncated image, a non-image file
+            from streams.common import UnreadableSample
+
+            raise UnreadableSample(
+                f"cannot read reference image {self.path(i)} ({str(e).splitlines()[0] if str(e) else type(e).__name__})"
+                "; replace or delete the file (strategy.reference_images)"
+            ) from None
         return self.transform(image) if self.transform else image
 
 

@@ -201,6 +201,19 @@ def test_reference_folder_lists_what_os_walk_lists_in_the_same_order(tmp_path):
     assert files.files.dtype.kind == "S" and files[0].size == (20, 20)
 
 
+def test_an_unreadable_reference_image_is_one_line_naming_it(tmp_path):
+    from strategies.zscl import ImageFiles
+    from streams.common import UnreadableSample
+    from tests.streams.test_vision import _image
+
+    _image(tmp_path / "ref" / "a.jpg", 7)
+    (tmp_path / "ref" / "b.jpg").write_text("<html>404</html>")
+    files = ImageFiles(tmp_path / "ref")
+    assert files[0].size == (20, 20)
+    with pytest.raises(UnreadableSample, match=r"cannot read reference image .*b\.jpg \(.*\); replace or delete"):
+        files[1]
+
+
 def test_captions_with_quotes_and_headers(tmp_path):
     """A caption opening with an unmatched quote stays one caption (no quote processing in TSV and plain files);
     the code's ``*_output.csv`` header (``title<TAB>filepath``) is skipped and names the column; a comma CSV with
