@@ -113,8 +113,11 @@ def create_backbone(
         raise ConfigError("set either backbone.pretrained=true or backbone.weights=FILE, not both")
     try:
         model = timm.create_model(name, pretrained=pretrained, num_classes=0, **timm_kwargs)
-    except TypeError as e:
-        raise ConfigError(f"backbone.kwargs {timm_kwargs} not accepted by timm model '{name}': {e}") from None
+    except (TypeError, ValueError, RuntimeError, AssertionError) as e:  # a value the model's layers refuse
+        if not timm_kwargs and not isinstance(e, TypeError):
+            raise
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise ConfigError(f"backbone.kwargs {timm_kwargs} not accepted by timm model '{name}': {first}") from None
     if weights is not None:
         load_weights(model, weights)
     return model

@@ -36,6 +36,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def quiet_lightning() -> None:
     """Keep Lightning's start-up chatter (device lines, tips, worker hints) out of experiment output."""
+    import pytorch_lightning  # noqa: F401  (first: importing it sets its loggers' level to INFO)
     for name in ("pytorch_lightning", "lightning", "lightning.pytorch", "lightning_fabric"):
         logging.getLogger(name).setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", message=".*(does not have many workers|LeafSpec|GPU available but not used).*")
@@ -85,8 +86,8 @@ def _run(args: argparse.Namespace) -> int:
             return _run_seeds(args)
         cfg = load_config(args.config, args.overrides)
         run_dir = None
+    quiet_lightning()  # before the checks: they build a Trainer, whose start-up chatter must not reach the user
     check_before_running(cfg)
-    quiet_lightning()
     from cil.session import RunInterrupted, run_experiment
 
     if run_dir is not None and _complete(run_dir):

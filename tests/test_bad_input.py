@@ -232,3 +232,19 @@ def test_skip_unreadable_skips_and_counts_the_files(tmp_path, capsys):
     assert "session 2: 2 unreadable file(s) skipped so far" in out
     result = load_run(run)
     assert result.summary["complete"] and np.isfinite(result.accuracy_matrix.to_numpy()).all()
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ("{drop_rate: 2.0}", "dropout probability has to be between 0 and 1, but got 2.0"),  # ValueError
+        ("{in_chans: -3}", "negative dimension -3"),  # RuntimeError
+        ("{depth: abc}", "unsupported operand"),  # TypeError
+    ],
+)
+def test_backbone_kwargs_a_layer_refuses_are_one_line(tmp_path, capsys, kwargs, message):
+    args = ["run", str(CONFIGS / "simplecil" / "digits.yaml"), "backbone.name=vit_tiny_patch16_224"]
+    args += [f"backbone.kwargs={kwargs}", "backbone.image_size=16", f"run.output_dir={tmp_path}"]
+    code, err = run_cli(args, capsys)
+    assert code == 2 and len(err.splitlines()) == 1, err
+    assert "backbone.kwargs" in err and "vit_tiny_patch16_224" in err and message in err
