@@ -37,6 +37,7 @@ def _parser() -> argparse.ArgumentParser:
 def quiet_lightning() -> None:
     """Keep Lightning's start-up chatter (device lines, tips, worker hints) out of experiment output."""
     import pytorch_lightning  # noqa: F401  (first: importing it sets its loggers' level to INFO)
+
     for name in ("pytorch_lightning", "lightning", "lightning.pytorch", "lightning_fabric"):
         logging.getLogger(name).setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", message=".*(does not have many workers|LeafSpec|GPU available but not used).*")
