@@ -5,8 +5,8 @@ classifiers are checked equal.
 
     python benchmarks/zscl_text_classifier.py [--classes 397] [--repeats 3] [--forward-only]
 
-The backward pass keeps every prompt's text-tower activations alive, batched or not (about 40 MB per class at
-ViT-B-16: 397 classes need ~16 GB); ``--forward-only`` times the forward calls alone, which fits any machine.
+The backward pass keeps every prompt's text-tower activations alive, batched or not (a 397-class run was killed for
+memory on a 24 GB machine); ``--forward-only`` times the forward calls alone, which fits any machine.
 """
 
 from __future__ import annotations
