@@ -321,11 +321,11 @@ class SkipUnreadable(Dataset):
         try:
             return self.data[item]
         except UnreadableSample as e:
-            if str(e) not in self.seen:
-                self.seen.add(str(e))
+            if e.path not in self.seen:
+                self.seen.add(e.path)
                 if self.log is not None:
                     with open(self.log, "a") as f:
-                        f.write(str(e).split(" (", 1)[0].removeprefix("cannot read ") + "\n")
+                        f.write(f"{e.path}\n")
             return None
 
 

@@ -222,10 +222,8 @@ class ImageFiles(Dataset):
         except (OSError, ValueError, SyntaxError) as e:  # a corrupt or truncated image, a non-image file
             from streams.common import UnreadableSample
 
-            raise UnreadableSample(
-                f"cannot read reference image {self.path(i)} ({str(e).splitlines()[0] if str(e) else type(e).__name__})"
-                "; replace or delete the file (strategy.reference_images)"
-            ) from None
+            advice = "replace or delete the file (strategy.reference_images)"
+            raise UnreadableSample.reading(self.path(i), e, advice, what="reference image ") from None
         return self.transform(image) if self.transform else image
 
 

@@ -82,11 +82,18 @@ class UnreadableSample(ConfigError):
     line naming the file and what to do. Raised in a loader worker, PyTorch re-raises it in the main process with the
     worker's traceback in the message; only the last line, ours, is kept."""
 
-    def __init__(self, message: str):
+    def __init__(self, message: str, path: str | None = None):
         marker = f"{type(self).__name__}: "
         if "Original Traceback" in message and marker in message:
             message = message.rsplit(marker, 1)[1].strip()
         super().__init__(message)
+        self.path = path
+
+    @classmethod
+    def reading(cls, path: Any, error: BaseException, advice: str, what: str = "") -> UnreadableSample:
+        """``cannot read <what><path> (<the error's first line>); <advice>``."""
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        return cls(f"cannot read {what}{path} ({reason}); {advice}", path=str(path))
 
 
 def sample_path(data: Any, i: int) -> str | None:
@@ -114,11 +121,8 @@ def read_sample(data: Any, i: int) -> Any:
         path = sample_path(data, i)
         if path is None:
             raise
-        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise UnreadableSample(
-            f"cannot read {path} ({reason}); replace or delete the file, or set stream.skip_unreadable=true to skip "
-            "unreadable files"
-        ) from None
+        advice = "replace or delete the file, or set stream.skip_unreadable=true to skip unreadable files"
+        raise UnreadableSample.reading(path, e, advice) from None
 
 
 class Relabeled(Dataset):

@@ -61,7 +61,8 @@ def test_simplecil_reuses_test_features_with_the_same_results(tmp_path, monkeypa
 
 
 def stored_and_direct_logits(strategy, cfg):
-    """Logits of every test set: ``classify`` on stored features vs ``forward`` on the images, same batches."""
+    """Logits of every test set: ``classify`` on stored features vs ``forward`` on the images, same batches; and
+    the labels of those batches."""
     from streams import create_stream
 
     stream = create_stream(cfg.stream, partial(stream_transforms, strategy.backbone, cfg))
@@ -71,10 +72,12 @@ def stored_and_direct_logits(strategy, cfg):
     again = stored_features(strategy, list(stream.eval_data), cfg, store)  # all from the store now
     assert store.misses == len(stream.eval_data) and store.hits == len(stream.eval_data)
     with torch.no_grad():
-        direct = [torch.cat([strategy(b[0]) for b in stats_loader(d, cfg)]) for d in stream.eval_data]
+        batches = [list(stats_loader(d, cfg)) for d in stream.eval_data]
+        direct = [torch.cat([strategy(b[0]) for b in bs]) for bs in batches]
         cached = [torch.cat([strategy.classify(b[0]) for b in loader]) for loader in stored]
         cached_again = [torch.cat([strategy.classify(b[0]) for b in loader]) for loader in again]
-    return direct, cached, cached_again
+    labels = [torch.cat([b[1] for b in bs]) for bs in batches]
+    return direct, cached, cached_again, labels
 
 
 FROZEN = {  # strategy: overrides that keep its run short (two sessions at least)
@@ -98,20 +101,13 @@ def test_stored_features_give_bit_identical_logits(name, tmp_path, monkeypatch):
     run = load_run(run_experiment(cfg))
     strategy = built[-1]
     assert strategy.features_frozen
-    direct, cached, cached_again = stored_and_direct_logits(strategy, cfg)
+    direct, cached, cached_again, labels = stored_and_direct_logits(strategy, cfg)
     for d, c, a in zip(direct, cached, cached_again):
         assert torch.equal(d, c) and torch.equal(d, a)
     counts = run.summary["test_samples_per_session"]
     last = run.accuracy_matrix.to_numpy()[-1]
-    labels = [torch.cat([b[1] for b in stats_loader(d, cfg)]) for d in _eval_data(strategy, cfg)]
     from_images = [int((logits.argmax(1) == y).sum()) / len(y) for logits, y in zip(direct, labels)]
     np.testing.assert_allclose(last[: len(counts)], from_images, rtol=0, atol=1e-12)
-
-
-def _eval_data(strategy, cfg):
-    from streams import create_stream
-
-    return create_stream(cfg.stream, partial(stream_transforms, strategy.backbone, cfg)).eval_data
 
 
 def test_fsa_body_is_not_reused_before_it_is_frozen(tmp_path):
