@@ -169,31 +169,98 @@ def footprint(strategy_name: str, config: str, work: Path) -> dict:
 
 
 # ---- rehearsals --------------------------------------------------------------------------------------------------
-REHEARSALS = {  # one config per strategy, cut to 2 sessions of 2 epochs; (config, data writer, overrides)
-    "fsa": ("cifar100_b10inc10", "cifar100",
-            ["stream.split=B50-Inc50", "strategy.epochs=2", "strategy.milestones=[1]",
-             "stream.batch_size=64"]),  # 256 needs ~22 GB on a CPU (activations): the largest that fits here
-    "mamba_fscil": ("cifar100_fscil", "cifar100", ["stream.split=B90-Inc10", "strategy.base_epochs=2",
-                                                   "strategy.inc_steps=[2]", "strategy.base_warmup=0"]),
-    "mos": ("cifar100_b0inc5_in21k", "cifar100",
-            ["stream.split=B0-Inc50", "strategy.epochs=2", "strategy.ca_epochs=1"]),
-    "zscl": ("cifar100_10steps", "cifar100", ["stream.split=B50-Inc50", "stream.class_order=null",
-                                              "strategy.epochs=2", "strategy.reference_batch_size=16",
-                                              "stream.train_per_class=1", "stream.batch_size=16",
-                                              "strategy.reference_num_workers=0"]),  # CPU time and memory
-    "dkvb": ("cifar10_clip_vitb32", "cifar10", ["stream.split=B0-Inc5", "strategy.epochs=2", "strategy.init_epochs=1"]),
+REHEARSAL_BATCH = {  # where the paper's per-device batch does not fit this 24 GB CPU machine: the batch rehearsed
+    "fsa": 64,  # EfficientNet-B0 at 224 px, batch 256: about 22 GB of activations
+    "zscl": 16,  # ViT-B/16 student and teacher plus 16 reference images: 14.5 GB at 16 (the paper: 64)
+    "mamba_fscil/miniimagenet_fscil": 256,  # ResNet-12 at 84 px trained in the base session
+    "mamba_fscil/cub200_fscil": 128,  # ResNet-18 at 224 px trained in the base session
 }  # fmt: skip
+REHEARSED_SESSIONS = 2
 
 
-def write_data(kind: str, root: Path) -> None:
-    sys.path.insert(0, str(ROOT))
-    from tests.streams.test_vision import write_cifar10, write_cifar100
+def rehearsal_batch(strategy_name: str, config: str, cfg) -> int:
+    name = f"{strategy_name}/{config}"
+    return REHEARSAL_BATCH.get(name, REHEARSAL_BATCH.get(strategy_name, int(cfg.stream.batch_size)))
 
-    if kind == "cifar100":
-        write_cifar100(root / "cifar100", per_class_train=6, per_class_test=1)
-    write_cifar10(root / "cifar10", per_class_train=6, per_class_test=1)
-    if kind == "cifar10":
-        write_cifar100(root / "cifar100", per_class_train=1, per_class_test=1)
+
+def rehearsal_sizes(strategy_name: str, config: str, cfg) -> tuple[int, int]:
+    """(batch, training images per class): enough that every rehearsed session that trains fills one batch."""
+    batch = rehearsal_batch(strategy_name, config, cfg)
+    shots = max(cfg.stream.shots or 0, cfg.stream.base_shots or 0)
+    return batch, max(-(-batch // trained_classes(strategy_name, cfg)), shots, 2)
+
+
+def trained_classes(strategy_name: str, cfg) -> int:
+    """The fewest classes of a rehearsed session that trains (FSA adapts in session 1 only)."""
+    if cfg.stream.name == "mtil":
+        return 100  # Aircraft (order I) and Food-101 (order II) are the smaller of each order's first two
+    classes = CLASSES[cfg.stream.name]
+    if cfg.stream.online:
+        return classes
+    base, inc = split_sizes(cfg.stream.split)
+    return (base or inc) if strategy_name == "fsa" else min(base or inc, inc)
+
+
+def epoch_overrides(strategy_name: str, cfg) -> list[str]:
+    """2 epochs in the first session (so an epoch end writes a resume point), cut from the config's."""
+    return {
+        "fsa": ["strategy.epochs=2", "strategy.milestones=[1]"],
+        "mamba_fscil": ["strategy.base_epochs=2", "strategy.inc_steps=[2]", "strategy.base_warmup=0"],
+        "mos": ["strategy.epochs=2", "strategy.ca_epochs=1"],
+        "zscl": ["strategy.iterations=1"] if cfg.strategy.get("iterations") else ["strategy.epochs=2"],
+        "dkvb": ["strategy.epochs=2", "strategy.init_epochs=1"],
+    }[strategy_name]
+
+
+def write_data(cfg, root: Path, per_class: int) -> None:
+    """The config's data set in its real on-disk format at the paper's number of classes: ``per_class`` training
+    and 1 test image per class (tiny images: the transforms resize them to the real input size)."""
+    from tests.streams import test_mtil as M
+    from tests.streams import test_vision as V
+
+    name, classes = cfg.stream.name, CLASSES.get(cfg.stream.name, 0)
+    wnids = [f"n{10000000 + k:08d}" for k in range(classes)]
+    if name == "cifar100":
+        V.write_cifar100(root, per_class, 1)
+    elif name == "cifar10":
+        V.write_cifar10(root, per_class, 1)
+    elif name == "svhn":
+        V.write_svhn(root, per_class)
+    elif name == "fgvc_aircraft":
+        V.write_aircraft(root, [f"variant-{k}" for k in range(classes)], per_class, 1)
+    elif name == "stanford_cars":
+        V.write_cars(root, [f"Car {k} 2012" for k in range(classes)], per_class, 1)
+    elif name == "miniimagenet":
+        V.write_miniimagenet(root, wnids, per_class, 1)
+    elif name == "tinyimagenet":
+        V.write_tinyimagenet(root, wnids, per_class, 1)
+    elif name == "mtil":  # the first two data sets of each order at their real class counts, the rest tiny
+        M.write_all(root)
+        import shutil
+
+        for folder in ("fgvc-aircraft-2013b", "stanford_cars", "food-101"):
+            shutil.rmtree(root / folder)
+        V.write_aircraft(root, [f"variant-{k}" for k in range(100)], per_class, 1)
+        train_list = root / "fgvc-aircraft-2013b" / "data" / "images_variant_trainval.txt"
+        (train_list.parent / "images_variant_train.txt").write_text(train_list.read_text())
+        V.write_cars(root, [f"Car {k} 2012" for k in range(196)], per_class, 1)
+        write_food(root, 101, per_class)
+    else:  # PILOT's train/ and test/ class folders (CUB, ImageNet-R/A, ObjectNet, OmniBenchmark, VTAB)
+        V.write_image_folders(root, [f"{k + 1:03d}.class_{k}" for k in range(classes)], per_class, 1)
+
+
+def write_food(root: Path, classes: int, per_class: int) -> None:
+    from tests.streams.test_mtil import _image
+
+    base = root / "food-101"
+    (base / "meta").mkdir(parents=True)
+    names = [f"dish_{k}" for k in range(classes)]
+    for split, n in (("train", per_class), ("test", 1)):
+        meta = {c: [f"{c}/{split}{i}" for i in range(n)] for c in names}
+        for k, c in enumerate(names):
+            for item in meta[c]:
+                _image(base / "images" / f"{item}.jpg", k)
+        (base / "meta" / f"{split}.json").write_text(json.dumps(meta))
 
 
 def wchar() -> int:
@@ -201,41 +268,91 @@ def wchar() -> int:
         return next(int(line.split()[1]) for line in f if line.startswith("wchar"))
 
 
-def rehearse(strategy_name: str, work: Path) -> dict:
+def cut_stream(stream, batch: int, seed: int = 0):
+    """The stream's first sessions, each training on one batch of its samples (one step per epoch)."""
+    import dataclasses
+
+    import numpy as np
+
+    from streams.common import ClassSubset
+
+    def one_batch(ds):
+        if len(ds) <= batch:
+            return ds
+        return ClassSubset(ds, sorted(np.random.RandomState(seed).choice(len(ds), batch, replace=False).tolist()))
+
+    n = REHEARSED_SESSIONS
+    return dataclasses.replace(
+        stream,
+        classes_per_session=stream.classes_per_session[:n],
+        train_data=[one_batch(ds) for ds in stream.train_data[:n]],
+        eval_data=stream.eval_data[:n],
+        stats_data=stream.stats_data[:n],
+        templates=stream.templates[:n] if stream.templates else stream.templates,
+        task_names=stream.task_names[:n] if stream.task_names else stream.task_names,
+    )
+
+
+def rehearse(config_name: str, work: Path) -> dict:
+    """One paper config, cut to its first 2 sessions (one batch per epoch; 2 epochs in the first, 1 after)."""
     from pytorch_lightning.callbacks import Callback
 
     import cil.session as S
+    import streams
     from cil.runs import RunFolder
 
-    config, kind, extra = REHEARSALS[strategy_name]
-    write_data(kind, work / "data")
+    strategy_name, config = config_name.split("/")
+    path = CONFIGS / strategy_name / f"{config}.yaml"
+    reference = reference_files(work / "reference") if strategy_name == "zscl" else []
+    cfg = load_config(path, ["backbone.pretrained=false", *reference])
+    batch, per_class = rehearsal_sizes(strategy_name, config, cfg)
+    data = work / "data"
+    write_data(cfg, data / "main", per_class)
     overrides = [
-        f"stream.data_root={work / 'data' / kind}",
-        f"stream.unlabelled_root={work / 'data' / ('cifar100' if kind == 'cifar10' else 'cifar10')}",
+        f"stream.data_root={data / 'main'}",
         "stream.verify_checksums=false",
         "stream.num_workers=0",
+        f"stream.batch_size={batch}",
         "backbone.pretrained=false",
         "trainer.accelerator=cpu",
         "trainer.enable_progress_bar=false",
         "run.checkpoint_every=0",
         f"run.output_dir={work / 'runs'}",
-        *extra,
+        *epoch_overrides(strategy_name, cfg),
     ]
+    if cfg.stream.unlabelled:  # DKVB's key initialisation: the other CIFAR's training images
+        unlabelled = cfg.stream.unlabelled
+        other = load_config(path, [f"stream.name={unlabelled}", "stream.unlabelled=null"])
+        write_data(other, data / "unlabelled", 6 if unlabelled == "cifar10" else 1)
+        overrides += [f"stream.unlabelled_root={data / 'unlabelled'}"]
     if strategy_name == "zscl":
-        overrides += reference_files(work / "reference")
+        overrides += ["strategy.reference_batch_size=16", "strategy.reference_num_workers=0", *reference]
     if strategy_name == "dkvb":
         overrides += [f"strategy.feature_cache={work / 'cache'}"]
-    cfg = load_config(CONFIGS / strategy_name / f"{config}.yaml", overrides)
+    cfg = load_config(path, overrides)
     writes: list[tuple[str, int]] = []
+    peak_folder = [0]
     save_resume, save_session = S.AtomicCheckpointIO.save_checkpoint, RunFolder.save_session
+    create_stream, create_strategy_ = streams.create_stream, S.create_strategy
+
+    def folder_size(folder: Path) -> int:
+        return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
 
     def resume_point(self, checkpoint, path, storage_options=None):
         save_resume(self, checkpoint, path, storage_options)
         writes.append(("resume", Path(path).stat().st_size))
+        peak_folder[0] = max(peak_folder[0], folder_size(Path(path).parent.parent))
 
     def session_checkpoint(self, k, state, records, digest=None):
         save_session(self, k, state, records, digest)
         writes.append(("session", self.session_checkpoint(k).stat().st_size))
+        peak_folder[0] = max(peak_folder[0], folder_size(self.path))
+
+    def strategy_cut(cfg_):  # 1 epoch after the first session: a session boundary costs the same either way
+        strategy = create_strategy_(cfg_)
+        epochs_for = strategy.epochs_for
+        strategy.epochs_for = lambda session: epochs_for(session) if session.index == 0 else min(epochs_for(session), 1)
+        return strategy
 
     class StepTimer(Callback):
         def __init__(self):
@@ -250,27 +367,31 @@ def rehearse(strategy_name: str, work: Path) -> dict:
 
     timer = StepTimer()
     S.AtomicCheckpointIO.save_checkpoint, RunFolder.save_session = resume_point, session_checkpoint
+    streams.create_stream = lambda *a, **k: cut_stream(create_stream(*a, **k), batch)
+    S.create_strategy = strategy_cut
     try:
         before, began = wchar(), time.perf_counter()
         run = S.run_experiment(cfg, callbacks=[timer])
         written, wall = wchar() - before, time.perf_counter() - began
     finally:
         S.AtomicCheckpointIO.save_checkpoint, RunFolder.save_session = save_resume, save_session
-    folder = sum(p.stat().st_size for p in run.rglob("*") if p.is_file())
+        streams.create_stream, S.create_strategy = create_stream, create_strategy_
     resumes = [size for kind_, size in writes if kind_ == "resume"]
     sessions = [size for kind_, size in writes if kind_ == "session"]
     steady = timer.times[1:] or timer.times
     return {
-        "config": f"{strategy_name}/{config}",
+        "config": config_name,
         "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
         "s_per_step": sum(steady) / max(len(steady), 1),
         "step_batch": max(timer.batches) if timer.batches else 0,
+        "paper_batch": int(load_config(path, reference).stream.batch_size),
         "steps": len(timer.times),
         "resume_points": len(resumes),
         "resume_mb": max(resumes, default=0) / 2**20,
         "session_ckpt_mb": max(sessions, default=0) / 2**20,
         "written_mb": written / 2**20,
-        "run_folder_mb": folder / 2**20,
+        "run_folder_mb": folder_size(run) / 2**20,
+        "peak_folder_mb": peak_folder[0] / 2**20,
         "wall_s": wall,
     }
 
@@ -294,28 +415,72 @@ def footprint_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def rehearsal_table(rows: list[dict]) -> str:
+def rehearsal_table(rows: list[dict], footprints: list[dict]) -> str:
+    """The rehearsals, with the full protocol projected from the config's sessions and its checkpoints' sizes at
+    the protocol's classes (the footprint rows)."""
+    full = {r["config"]: r for r in footprints}
     lines = [
-        "| config (2 sessions, 2 epochs) | peak RSS (GB) | s / step (batch) | resume points written (MB each) | "
-        "session ckpt (MB) | bytes written (MB) | run folder (MB) |",
-        "|---|---|---|---|---|---|---|",
+        "| config | s / step (batch; paper's) | peak RSS (GB) | resume points (MB each) | session ckpt (MB) | "
+        "written (MB) | run folder (MB), peak | protocol: checkpoint writes | protocol: on disk at most |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
+        f = full.get(r["config"])
+        if f is None:
+            projected = on_disk = "(no footprint row)"
+        else:
+            s, session, resume = f["sessions"], f["session_ckpt_mb"], f["resume_mb"]
+            projected = f"{s} × {session:,.0f} MB = {s * session / 1024:,.1f} GB + {resume:,.0f} MB per 30 min"
+            on_disk = f"{(2 * session + resume) / 1024:,.1f} GB"  # old + new session ckpt (atomic) + resume point
         lines.append(
-            f"| `{r['config']}` | {r['peak_rss_gb']:.1f} | {r['s_per_step']:.1f} ({r['step_batch']}) | "
-            f"{r['resume_points']} ({r['resume_mb']:,.0f}) | {r['session_ckpt_mb']:,.0f} | {r['written_mb']:,.0f} | "
-            f"{r['run_folder_mb']:,.0f} |"
+            f"| `{r['config']}` | {r['s_per_step']:.1f} ({r['step_batch']}; {r['paper_batch']}) | "
+            f"{r['peak_rss_gb']:.1f} | {r['resume_points']} ({r['resume_mb']:,.0f}) | {r['session_ckpt_mb']:,.0f} | "
+            f"{r['written_mb']:,.0f} | {r['run_folder_mb']:,.0f}, {r['peak_folder_mb']:,.0f} | {projected} | "
+            f"{on_disk} |"
         )
     return "\n".join(lines)
 
 
+def rehearsal_names(asked: list[str]) -> list[str]:
+    """strategy or strategy/config names -> strategy/config names, in the PAPER table's order."""
+    every = [f"{name}/{config}" for name, configs in PAPER.items() for config in configs]
+    unknown = [a for a in asked if a not in PAPER and a not in every]
+    if unknown:
+        raise SystemExit(f"--rehearse: unknown {unknown}; give strategies ({list(PAPER)}) or strategy/config names")
+    return [c for c in every if not asked or c in asked or c.split("/")[0] in asked]
+
+
+def rehearse_all(names: list[str], log: Path) -> list[dict]:
+    """Each config in a fresh process (its own peak RSS); rows go to ``log`` (JSON lines) as they finish, and
+    configs already there are not rehearsed again: an interrupted benchmark continues where it stopped."""
+    done = [json.loads(line) for line in log.read_text().splitlines()] if log.is_file() else []
+    seen = {r["config"] for r in done}
+    for name in names:
+        if name in seen:
+            continue
+        with tempfile.TemporaryDirectory() as tmp:
+            row = Path(tmp) / "row.json"
+            command = [sys.executable, __file__, "--rehearse-one", name, "--json", str(row)]
+            finished = subprocess.run(command, env={**os.environ, "CIL_QUIET": "1"})
+            if finished.returncode != 0:  # the others still run; this one is missing from the table
+                print(f"[paper_scale] {name}: rehearsal failed (exit {finished.returncode})", flush=True)
+                continue
+            result = json.loads(row.read_text())
+        with log.open("a") as f:
+            f.write(json.dumps(result) + "\n")
+        done.append(result)
+        print(json.dumps(result), flush=True)
+    order = {name: k for k, name in enumerate(names)}
+    return sorted((r for r in done if r["config"] in order), key=lambda r: order[r["config"]])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--rehearse", nargs="*", help="strategies to rehearse (none given: all five)")
+    parser.add_argument("--rehearse", nargs="*", help="strategies or strategy/config names to rehearse (none: all)")
+    parser.add_argument("--rehearsal-log", type=Path, help="JSON lines of finished rehearsals (resumable)")
     parser.add_argument("--only", nargs="*", help="footprint of these strategies only")
     parser.add_argument("--write-readme", action="store_true")
     parser.add_argument("--json", type=Path, help="also write the rows here")
-    parser.add_argument("--rehearsals-from", type=Path, help="reuse the rehearsal rows of an earlier --json file")
     parser.add_argument("--rehearse-one", help=argparse.SUPPRESS)
     parser.add_argument("--from-json", type=Path, help="only print (and --write-readme) an earlier --json file")
     args = parser.parse_args()
@@ -328,16 +493,9 @@ def main() -> None:
     if args.from_json:
         out = json.loads(args.from_json.read_text())
     with tempfile.TemporaryDirectory() as tmp:
-        if args.rehearsals_from:
-            out["rehearsal"] = json.loads(args.rehearsals_from.read_text())["rehearsal"]
         if args.rehearse is not None:  # first, while this process is still small
-            out["rehearsal"] = []
-            for name in args.rehearse or list(REHEARSALS):  # a fresh process each: its own peak RSS
-                row = Path(tmp) / f"{name}.json"
-                command = [sys.executable, __file__, "--rehearse-one", name, "--json", str(row)]
-                subprocess.run(command, check=True, env={**os.environ, "CIL_QUIET": "1"})
-                out["rehearsal"].append(json.loads(row.read_text()))
-                print(json.dumps(out["rehearsal"][-1]), flush=True)
+            log = args.rehearsal_log or Path(tmp) / "rehearsals.jsonl"
+            out["rehearsal"] = rehearse_all(rehearsal_names(args.rehearse), log)
         rows = out.get("footprint", [])
         for name, configs in [] if args.from_json else PAPER.items():
             if args.only and name not in args.only:
@@ -348,7 +506,7 @@ def main() -> None:
         out["footprint"] = rows
     text = f"Machine: {out['machine']}.\n\n" + footprint_table(out["footprint"])
     if out.get("rehearsal"):
-        text += "\n\nRehearsals:\n\n" + rehearsal_table(out["rehearsal"])
+        text += "\n\nRehearsals:\n\n" + rehearsal_table(out["rehearsal"], out["footprint"])
     print(text)
     if args.json:
         args.json.write_text(json.dumps(out, indent=1))

@@ -62,7 +62,7 @@ def test_cifar100_missing_files_show_layout(tmp_path):
 
 def _image(path: Path, value: int) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(np.full((20, 20, 3), value, dtype=np.uint8)).save(path)
+    Image.fromarray(np.full((20, 20, 3), value % 256, dtype=np.uint8)).save(path)
 
 
 def write_image_folders(root: Path, classes: list[str], train: int = 3, test: int = 2) -> None:
