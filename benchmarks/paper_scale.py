@@ -1,5 +1,5 @@
-"""What every shipped paper config costs in checkpoints, disk writes and bookkeeping memory, and a rehearsal of one
-config per strategy at the real architecture and input size.
+"""What every shipped paper config costs in checkpoints, disk writes and bookkeeping memory: its footprint at the
+protocol's scale, and a short rehearsal of it at the real architecture and input size.
 
 **Footprint** (every paper config, no training): the strategy is built from the config (random weights, the real
 architecture) and grown to the protocol's classes and sessions (heads, class statistics, DKVB's values, MOS's
@@ -13,17 +13,22 @@ adapter snapshots); then
   number of epochs; ``before``: the former ``last.ckpt`` of the whole state at every epoch end, over the protocol;
 - ``bookkeeping``: the strategy's buffers (statistics, prototypes, LDA, values, means) in host memory.
 
-**Rehearsal** (``--rehearse``; one config per strategy, each in a fresh process): the config itself, cut to 2
-sessions of 2 epochs (1 step budget for ZSCL's MTIL), on
-synthetic images written in the data set's real on-disk format, with the real backbone at its real input size
-(random weights), ``run.checkpoint_every=0`` so every epoch end writes a resume point. Recorded: peak RSS, seconds
-per training step (and the batch it ran at: the synthetic sessions hold fewer images than the paper's batch),
-every checkpoint written (count and bytes), bytes written by the process (``/proc/self/io`` wchar) and the run
-folder's size.
+**Rehearsal** (``--rehearse``; every paper config, each in a fresh process): the config itself, with its own split,
+on synthetic images written in the data set's real on-disk format at the paper's number of classes (a few images
+per class: enough that each rehearsed session that trains fills one batch), with the real backbone at its real
+input size (random weights). The stream is cut to its first 2 sessions, each training on one batch per epoch:
+2 epochs in the first session (1,001 steps become 2 for ZSCL's MTIL), 1 after; ``run.checkpoint_every=0``, so
+every epoch end but a fit's last writes a resume point. Recorded: peak RSS, seconds per training step at the
+paper's per-device batch or, where that does not fit this machine, at the batch of ``REHEARSAL_BATCH`` (the table
+gives both), every checkpoint written (count and bytes), bytes written by the process (``/proc/self/io`` wchar), the
+run folder's size at the end and at its peak; then the full protocol is projected from the config's sessions and
+the footprint's checkpoint sizes.
 
     python benchmarks/paper_scale.py                    # footprint table (README)
-    python benchmarks/paper_scale.py --rehearse         # + the rehearsals (slow: minutes per config on a CPU)
-    python benchmarks/paper_scale.py --write-readme
+    python benchmarks/paper_scale.py --rehearse --rehearsal-log rehearsals.jsonl --write-readme
+                                                        # + every rehearsal (about an hour and a half on 2 cores;
+                                                        #   an interrupted run continues from the log)
+    python benchmarks/paper_scale.py --rehearse mos fsa/svhn_b2inc2   # some strategies or configs
 """
 
 from __future__ import annotations
@@ -170,10 +175,9 @@ def footprint(strategy_name: str, config: str, work: Path) -> dict:
 
 # ---- rehearsals --------------------------------------------------------------------------------------------------
 REHEARSAL_BATCH = {  # where the paper's per-device batch does not fit this 24 GB CPU machine: the batch rehearsed
-    "fsa": 64,  # EfficientNet-B0 at 224 px, batch 256: about 22 GB of activations
-    "zscl": 16,  # ViT-B/16 student and teacher plus 16 reference images: 14.5 GB at 16 (the paper: 64)
-    "mamba_fscil/miniimagenet_fscil": 256,  # ResNet-12 at 84 px trained in the base session
-    "mamba_fscil/cub200_fscil": 128,  # ResNet-18 at 224 px trained in the base session
+    "fsa": 64,  # EfficientNet-B0 at 224 px trained at batch 256: about 22 GB of activations (7 GB at 64)
+    "zscl": 16,  # ViT-B/16 student and teacher plus 16 reference images: 10 GB at 16 (the paper: 64)
+    "mamba_fscil/miniimagenet_fscil": 256,  # ResNet-12 at 84 px trained in the base session: 11.7 GB at 256
 }  # fmt: skip
 REHEARSED_SESSIONS = 2
 
@@ -327,6 +331,9 @@ def rehearse(config_name: str, work: Path) -> dict:
         overrides += [f"stream.unlabelled_root={data / 'unlabelled'}"]
     if strategy_name == "zscl":
         overrides += ["strategy.reference_batch_size=16", "strategy.reference_num_workers=0", *reference]
+        if cfg.strategy.get("lr_per_session"):  # one rate per rehearsed session
+            rates = list(cfg.strategy.lr_per_session)[:REHEARSED_SESSIONS]
+            overrides += [f"strategy.lr_per_session=[{','.join(map(str, rates))}]"]
     if strategy_name == "dkvb":
         overrides += [f"strategy.feature_cache={work / 'cache'}"]
     cfg = load_config(path, overrides)
@@ -356,13 +363,17 @@ def rehearse(config_name: str, work: Path) -> dict:
 
     class StepTimer(Callback):
         def __init__(self):
-            self.times, self.batches, self.began = [], [], 0.0
+            self.times, self.batches, self.fit, self.began = [], [], -1, 0.0
+
+        def on_fit_start(self, trainer, pl_module):
+            self.fit += 1  # one fit per session that trains
+            self.times.append([])
 
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
             self.began = time.perf_counter()
 
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-            self.times.append(time.perf_counter() - self.began)
+            self.times[self.fit].append(time.perf_counter() - self.began)
             self.batches.append(len(batch[1]))
 
     timer = StepTimer()
@@ -378,14 +389,18 @@ def rehearse(config_name: str, work: Path) -> dict:
         streams.create_stream, S.create_strategy = create_stream, create_strategy_
     resumes = [size for kind_, size in writes if kind_ == "resume"]
     sessions = [size for kind_, size in writes if kind_ == "session"]
-    steady = timer.times[1:] or timer.times
+    # the first session's steps at the rehearsed batch, after the first (warm-up); later sessions apart (Mamba-FSCIL
+    # trains its projector alone on cached maps there)
+    first = timer.times[0] if timer.times else []
+    steady, later = first[1:] or first, [t for fit in timer.times[1:] for t in fit]
     return {
         "config": config_name,
         "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
         "s_per_step": sum(steady) / max(len(steady), 1),
         "step_batch": max(timer.batches) if timer.batches else 0,
         "paper_batch": int(load_config(path, reference).stream.batch_size),
-        "steps": len(timer.times),
+        "s_per_step_later": sum(later) / len(later) if later else None,
+        "steps": len(timer.batches),
         "resume_points": len(resumes),
         "resume_mb": max(resumes, default=0) / 2**20,
         "session_ckpt_mb": max(sessions, default=0) / 2**20,
@@ -420,9 +435,10 @@ def rehearsal_table(rows: list[dict], footprints: list[dict]) -> str:
     the protocol's classes (the footprint rows)."""
     full = {r["config"]: r for r in footprints}
     lines = [
-        "| config | s / step (batch; paper's) | peak RSS (GB) | resume points (MB each) | session ckpt (MB) | "
+        "| config | s / step (batch; paper's) | later sessions' s / step | peak RSS (GB) | resume points (MB each) | "
+        "session ckpt (MB) | "
         "written (MB) | run folder (MB), peak | protocol: checkpoint writes | protocol: on disk at most |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         f = full.get(r["config"])
@@ -432,8 +448,9 @@ def rehearsal_table(rows: list[dict], footprints: list[dict]) -> str:
             s, session, resume = f["sessions"], f["session_ckpt_mb"], f["resume_mb"]
             projected = f"{s} × {session:,.0f} MB = {s * session / 1024:,.1f} GB + {resume:,.0f} MB per 30 min"
             on_disk = f"{(2 * session + resume) / 1024:,.1f} GB"  # old + new session ckpt (atomic) + resume point
+        later = "–" if r.get("s_per_step_later") is None else f"{r['s_per_step_later']:.1f}"
         lines.append(
-            f"| `{r['config']}` | {r['s_per_step']:.1f} ({r['step_batch']}; {r['paper_batch']}) | "
+            f"| `{r['config']}` | {r['s_per_step']:.1f} ({r['step_batch']}; {r['paper_batch']}) | {later} | "
             f"{r['peak_rss_gb']:.1f} | {r['resume_points']} ({r['resume_mb']:,.0f}) | {r['session_ckpt_mb']:,.0f} | "
             f"{r['written_mb']:,.0f} | {r['run_folder_mb']:,.0f}, {r['peak_folder_mb']:,.0f} | {projected} | "
             f"{on_disk} |"
