@@ -433,6 +433,7 @@ def _counter_worker(rank: int, world: int, port: int, out: str) -> None:
         dist.destroy_process_group()
 
 
+@pytest.mark.slow  # 9 s of gloo processes; DDP itself stays covered by test_session
 def test_selection_counters_are_summed_across_processes(tmp_path):
     import torch.multiprocessing as mp
 

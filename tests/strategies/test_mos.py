@@ -484,6 +484,7 @@ def test_16_the_first_guess_uses_adapter_0_not_the_plain_model(three_sessions):
 FAST = ["backbone.image_size=32", "strategy.epochs=2", "strategy.ca_epochs=2", "stream.batch_size=64"]
 
 
+@pytest.mark.slow  # 37 s: the default suite keeps MOS's resume, paper-scale and unit tests
 def test_digits_config_beats_the_finetune_lower_bound(tmp_path):
     run = load_run(run_experiment(tiny_config("mos", tmp_path, "backbone.image_size=32")))
     assert run.summary["complete"]

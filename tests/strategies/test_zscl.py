@@ -775,6 +775,7 @@ def _ddp_worker(rank: int, world: int, port: int, captions: str, out: str) -> No
         dist.destroy_process_group()
 
 
+@pytest.mark.slow  # 10 s of gloo processes; DDP itself stays covered by test_session
 def test_distillation_under_ddp_equals_one_process_on_the_global_batch(captions_file, tmp_path):
     import torch.multiprocessing as mp
 
