@@ -310,6 +310,7 @@ def rehearse(config_name: str, work: Path) -> dict:
     reference = reference_files(work / "reference") if strategy_name == "zscl" else []
     cfg = load_config(path, ["backbone.pretrained=false", *reference])
     batch, per_class = rehearsal_sizes(strategy_name, config, cfg)
+    paper_batch = int(cfg.stream.batch_size)
     data = work / "data"
     write_data(cfg, data / "main", per_class)
     overrides = [
@@ -398,7 +399,7 @@ def rehearse(config_name: str, work: Path) -> dict:
         "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
         "s_per_step": sum(steady) / max(len(steady), 1),
         "step_batch": max(timer.batches) if timer.batches else 0,
-        "paper_batch": int(load_config(path, reference).stream.batch_size),
+        "paper_batch": paper_batch,
         "s_per_step_later": sum(later) / len(later) if later else None,
         "steps": len(timer.batches),
         "resume_points": len(resumes),

@@ -19,11 +19,6 @@ def paper_scale():
     return module
 
 
-def wchar() -> int:
-    with open("/proc/self/io") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith("wchar"))
-
-
 EPOCHS = {
     "fsa": ["strategy.epochs=3", "strategy.milestones=[2]"],
     "mamba_fscil": [
@@ -50,6 +45,7 @@ def test_writes_per_session_do_not_grow_with_epochs(name, tmp_path, monkeypatch)
     monkeypatch.setattr(AtomicCheckpointIO, "save_checkpoint", record)
     overrides = ["stream.split=B6-Inc4", "run.checkpoint_every=30", "run.keep_session_checkpoints=true", *EPOCHS[name]]
     cfg = tiny_config(name, tmp_path, *overrides)
+    wchar = paper_scale().wchar
     before = wchar()
     run = run_experiment(cfg)
     written = wchar() - before
