@@ -323,10 +323,15 @@ def accuracy_row(
             batches = ((batch[0], batch[1], False) for batch in loader)
         right, total, kept = 0, 0, []
         for x, y, is_features in batches:
-            features = x.to(device) if is_features else strategy.features(x.to(device))
-            if reuse and not is_features:
+            if is_features:
+                logits = strategy.classify(x.to(device))
+            elif reuse:
+                features = strategy.features(x.to(device))
                 kept.append((features.cpu(), torch.as_tensor(y).cpu()))
-            predicted = strategy.classify(features).argmax(1).cpu()
+                logits = strategy.classify(features)
+            else:  # forward: a strategy that does not opt in to reuse may predict otherwise (MOS's retrieval)
+                logits = strategy(x.to(device))
+            predicted = logits.argmax(1).cpu()
             right += int((predicted == y).sum())
             total += len(y)
         if kept:

@@ -73,3 +73,20 @@ def test_growing_classifier_trunc_normal_init_keeps_trained_rows():
     assert plain.bias.abs().max() > 0  # nn.Linear's init: uniform biases
     with pytest.raises(ValueError, match="init='xavier' is not valid"):
         GrowingClassifier(8, init="xavier")
+
+
+def test_accuracy_row_predicts_with_forward_when_features_are_not_reused():
+    """A strategy whose ``forward`` is not ``classify(features(x))`` (MOS's retrieval) is scored by its forward, as
+    the session loop's evaluator scores it: accuracy_row once used features/classify and gave MOS other numbers."""
+    from cil.module import CILModule, accuracy_row
+
+    class Flipped(CILModule):
+        def forward(self, x):
+            return -super().forward(x)  # the opposite prediction of classify(features(x)) for two classes
+
+    torch.manual_seed(0)
+    strategy = Flipped(nn.Linear(4, 3), num_features=3)
+    strategy.classifier.grow(2)
+    x = torch.randn(64, 4)
+    y = strategy(x).argmax(1)  # labels the forward gets right
+    assert accuracy_row(strategy, [TensorDataset(x, y)], batch_size=16) == [1.0]
