@@ -22,7 +22,7 @@ import time
 import torch
 from _machine import machine
 
-from strategies.dkvb import KeyValueBottleneck
+from cil.strategies.dkvb import KeyValueBottleneck
 
 
 def timed(fn, repeats: int, device: str) -> float:

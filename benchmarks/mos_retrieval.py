@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from _machine import machine
 
 from cil.backbones import create_backbone
-from strategies.mos import MOS, ensemble
+from cil.strategies.mos import MOS, ensemble
 
 
 def build(args) -> MOS:

@@ -278,7 +278,7 @@ def cut_stream(stream, batch: int, seed: int = 0):
 
     import numpy as np
 
-    from streams.common import ClassSubset
+    from cil.streams.common import ClassSubset
 
     def one_batch(ds):
         if len(ds) <= batch:
@@ -302,7 +302,7 @@ def rehearse(config_name: str, work: Path) -> dict:
     from pytorch_lightning.callbacks import Callback
 
     import cil.session as S
-    import streams
+    import cil.streams
     from cil.runs import RunFolder
 
     strategy_name, config = config_name.split("/")
@@ -341,7 +341,7 @@ def rehearse(config_name: str, work: Path) -> dict:
     writes: list[tuple[str, int]] = []
     peak_folder = [0]
     save_resume, save_session = S.AtomicCheckpointIO.save_checkpoint, RunFolder.save_session
-    create_stream, create_strategy_ = streams.create_stream, S.create_strategy
+    create_stream, create_strategy_ = cil.streams.create_stream, S.create_strategy
 
     def folder_size(folder: Path) -> int:
         return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
@@ -379,7 +379,7 @@ def rehearse(config_name: str, work: Path) -> dict:
 
     timer = StepTimer()
     S.AtomicCheckpointIO.save_checkpoint, RunFolder.save_session = resume_point, session_checkpoint
-    streams.create_stream = lambda *a, **k: cut_stream(create_stream(*a, **k), batch)
+    cil.streams.create_stream = lambda *a, **k: cut_stream(create_stream(*a, **k), batch)
     S.create_strategy = strategy_cut
     try:
         before, began = wchar(), time.perf_counter()
@@ -387,7 +387,7 @@ def rehearse(config_name: str, work: Path) -> dict:
         written, wall = wchar() - before, time.perf_counter() - began
     finally:
         S.AtomicCheckpointIO.save_checkpoint, RunFolder.save_session = save_resume, save_session
-        streams.create_stream, S.create_strategy = create_stream, create_strategy_
+        cil.streams.create_stream, S.create_strategy = create_stream, create_strategy_
     resumes = [size for kind_, size in writes if kind_ == "resume"]
     sessions = [size for kind_, size in writes if kind_ == "session"]
     # the first session's steps at the rehearsed batch, after the first (warm-up); later sessions apart (Mamba-FSCIL

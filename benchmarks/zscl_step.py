@@ -25,7 +25,7 @@ from torch.utils.data import TensorDataset
 
 from cil.clip import create_clip
 from cil.module import Session
-from strategies.zscl import ZSCL
+from cil.strategies.zscl import ZSCL
 
 
 def build(args, distill: bool, captions: str) -> ZSCL:

@@ -1,5 +1,5 @@
 """ZSCL's training classifier at SUN397's 397 classes: one text-tower call per class (former) against batched
-calls (``strategies.zscl.text_classifier``), forward and backward as in a training step, on open_clip's ViT-B-16
+calls (``cil.strategies.zscl.text_classifier``), forward and backward as in a training step, on open_clip's ViT-B-16
 text tower (random weights: the cost does not depend on them). Both run here, same process, same prompts; the
 classifiers are checked equal.
 
@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks._machine import machine  # noqa: E402
 from cil.clip import create_clip  # noqa: E402
-from strategies.zscl import text_classifier  # noqa: E402
+from cil.strategies.zscl import text_classifier  # noqa: E402
 
 
 def per_class(encode_text, tokenize, names, template):

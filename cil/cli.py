@@ -1,4 +1,5 @@
-"""Command line: ``cil run CONFIG [key=value ...]``, ``cil run --resume RUN_DIR``, ``cil report RUN_DIR ...``.
+"""Command line: ``cil run CONFIG [key=value ...]``, ``cil run --resume RUN_DIR``, ``cil report RUN_DIR ...``,
+``cil list``. CONFIG is a YAML path or a packaged config's name (``simplecil/digits``).
 
 Configuration problems print one line on stderr and exit with status 2, before any data is loaded.
 """
@@ -19,7 +20,9 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cil", description="Class-incremental learning experiments.")
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="run an experiment from a YAML config (or resume one)")
-    run.add_argument("config", nargs="?", help="YAML config, e.g. configs/simplecil/digits.yaml")
+    run.add_argument(
+        "config", nargs="?", help="YAML file or packaged config name, e.g. simplecil/digits or my/run.yaml"
+    )
     run.add_argument("overrides", nargs="*", help="key=value overrides, e.g. run.seed=1 trainer.devices=2")
     run.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run from its folder")
     run.add_argument(
@@ -30,7 +33,7 @@ def _parser() -> argparse.ArgumentParser:
     report.add_argument(
         "--plot", default=None, help="where to write the comparison plot (default: cil_report.png beside the first run)"
     )
-    sub.add_parser("list", help="registered strategies and streams")
+    sub.add_parser("list", help="registered strategies and streams, and the packaged configs")
     return parser
 
 
@@ -62,6 +65,11 @@ def _dispatch(args: argparse.Namespace) -> int:
 
         print("strategies:", ", ".join(registry.strategy_names()))
         print("streams:   ", ", ".join(registry.stream_names()))
+        from cil.config import config_names
+
+        print("configs (cil run NAME):")
+        for name in config_names():
+            print(f"  {name}")
         return 0
     if args.command == "report":
         return _report(args)

@@ -4,8 +4,10 @@ A config has five groups — ``run``, ``stream``, ``backbone``, ``strategy``, ``
 structured config (a dataclass). The ``strategy`` group's schema is the dataclass its strategy registered
 (``register_strategy(name, cls, config)``), so every strategy validates its own hyper-parameters.
 
-A YAML file may start with ``extends: other.yaml`` (a path relative to the file, or a list of them): the file is
-merged on top of what it extends, which is how a paper config builds on its base config.
+A config is a YAML path or the name of a packaged config (``simplecil/digits``: ``configs/simplecil/digits.yaml``,
+installed as ``cil.configs``). A YAML file may start with ``extends: other.yaml`` (a path relative to the file, else
+a packaged config's name, or a list of them): the file is merged on top of what it extends, which is how a paper
+config builds on its base config.
 
 Every problem raises :class:`ConfigError` with one line naming the key, the bad value and what would be valid.
 """
@@ -217,8 +219,38 @@ class ExperimentConfig:
 # ---------------------------------------------------------------------------------------------- loading
 
 
+def packaged_configs() -> Path:
+    """The folder of the packaged configs (the repository's ``configs/``, installed as ``cil.configs``)."""
+    import cil.configs
+
+    return Path(cil.configs.__file__).resolve().parent
+
+
+def config_names() -> list[str]:
+    """The packaged configs by name (``strategy/name``), bases (``base/...``) left out."""
+    root = packaged_configs()
+    return sorted(str(p.relative_to(root).with_suffix("")) for p in root.glob("*/*.yaml") if p.parent.name != "base")
+
+
+def find_config(name: str | Path, relative_to: Path | None = None) -> Path:
+    """The YAML file a config argument names: a path (relative to ``relative_to`` for ``extends``, else to the
+    working folder) if it exists, else a packaged config (``fsa/digits`` or ``fsa/digits.yaml``)."""
+    path = Path(name) if relative_to is None else relative_to / name
+    if path.exists():
+        return path
+    packaged = packaged_configs() / Path(name)
+    packaged = packaged if packaged.suffix in (".yaml", ".yml") else packaged.with_suffix(".yaml")
+    if not Path(name).is_absolute() and packaged.is_file():
+        return packaged
+    close = difflib.get_close_matches(str(Path(name).with_suffix("")), config_names(), n=3, cutoff=0.6)
+    hint = f" (did you mean {', '.join(close)}?)" if close else ""
+    raise ConfigError(
+        f"config file '{path}' not found, and no packaged config is named '{name}'{hint}; cil list names them"
+    )
+
+
 def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> DictConfig:
-    path = path.resolve()
+    path = find_config(path).resolve()
     if path in seen:
         raise ConfigError(f"config file '{path}' extends itself (cycle: {' -> '.join(map(str, seen))})")
     if path.is_dir():
@@ -239,7 +271,7 @@ def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> DictConfig:
         parents = [parents]
     merged = OmegaConf.create()
     for parent in parents:
-        merged = OmegaConf.merge(merged, _read_yaml(path.parent / str(parent), (*seen, path)))
+        merged = OmegaConf.merge(merged, _read_yaml(find_config(str(parent), path.parent), (*seen, path)))
     return OmegaConf.merge(merged, cfg)
 
 

@@ -9,12 +9,10 @@ from __future__ import annotations
 
 import sys
 import time
-from pathlib import Path
 
 from cil.cli import quiet_lightning
 from cil.config import ConfigError, load_config
 
-CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 STRATEGIES = ["finetune", "joint", "simplecil", "fsa", "mos", "mamba_fscil", "zscl", "dkvb"]
 
 
@@ -24,7 +22,7 @@ def main(overrides: list[str]) -> int:
 
     quiet_lightning()
     try:
-        configs = [load_config(CONFIGS / name / "digits.yaml", overrides) for name in STRATEGIES]
+        configs = [load_config(f"{name}/digits", overrides) for name in STRATEGIES]
     except ConfigError as e:
         print(f"cil demo: error: {e}", file=sys.stderr)
         return 2

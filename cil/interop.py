@@ -45,10 +45,10 @@ class _Renumbered(Dataset):
 
 
 def stream_from_benchmark(benchmark: Any, name: str = STREAM_NAME):
-    """A cil :class:`streams.common.Stream` over an Avalanche class-incremental benchmark."""
+    """A cil :class:`cil.streams.common.Stream` over an Avalanche class-incremental benchmark."""
     from avalanche.benchmarks.utils import as_classification_dataset
 
-    from streams.common import Stream, _indices_by_class
+    from cil.streams.common import Stream, _indices_by_class
 
     if not hasattr(benchmark, "train_stream") or not hasattr(benchmark, "test_stream"):
         raise ConfigError(f"{type(benchmark).__name__} is not an Avalanche benchmark (no train_stream/test_stream)")

@@ -4,7 +4,7 @@ A strategy file ends with ``register_strategy("name", StrategyClass, StrategyCon
 ``register_stream("name", builder)``. User code can register its own at any time.
 
 The built-in names are known without importing anything: listing them and checking a config (whose strategy
-hyper-parameters come from the torch-free ``strategies.configs``) never imports torch, timm or Lightning. A built-in
+hyper-parameters come from the torch-free ``cil.strategies.configs``) never imports torch, timm or Lightning. A built-in
 strategy's or stream's module is imported the first time its class or builder is needed.
 """
 
@@ -19,12 +19,13 @@ from cil.config import ConfigError, StrategyConfig
 _STRATEGIES: dict[str, tuple[type, type[StrategyConfig]]] = {}
 _STREAMS: dict[str, Callable[..., Any]] = {}
 # built-in name -> the module whose import registers it
-BUILTIN_STRATEGIES = {n: f"strategies.{n}" for n in ("dkvb", "finetune", "fsa", "joint", "mamba_fscil", "mos",
+BUILTIN_STRATEGIES = {n: f"cil.strategies.{n}" for n in ("dkvb", "finetune", "fsa", "joint", "mamba_fscil", "mos",
                                                      "simplecil", "zscl")}  # fmt: skip
 BUILTIN_STREAMS = {
-    "digits": "streams.digits", "fashion_mnist": "streams.mnist", "mnist": "streams.mnist", "mtil": "streams.mtil",
+    "digits": "cil.streams.digits", "fashion_mnist": "cil.streams.mnist", "mnist": "cil.streams.mnist",
+    "mtil": "cil.streams.mtil",
     "avalanche": "cil.interop",
-    **{n: "streams.vision" for n in ("cifar10", "cifar100", "cub200", "fgvc_aircraft", "imagenet_a", "imagenet_r",
+    **{n: "cil.streams.vision" for n in ("cifar10", "cifar100", "cub200", "fgvc_aircraft", "imagenet_a", "imagenet_r",
                                      "miniimagenet", "objectnet", "omnibenchmark", "stanford_cars", "svhn",
                                      "tinyimagenet", "vtab")},
 }  # fmt: skip
@@ -75,7 +76,7 @@ def strategy_config(name: str) -> type[StrategyConfig]:
     if name in _STRATEGIES:
         return _STRATEGIES[name][1]
     if name in BUILTIN_STRATEGIES:
-        from strategies.configs import CONFIGS  # torch-free
+        from cil.strategies.configs import CONFIGS  # torch-free
 
         return CONFIGS[name]
     raise _unknown("strategy", name, strategy_names())

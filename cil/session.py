@@ -316,7 +316,7 @@ class SkipUnreadable(Dataset):
         return len(self.data)
 
     def __getitem__(self, item):
-        from streams.common import UnreadableSample
+        from cil.streams.common import UnreadableSample
 
         try:
             return self.data[item]
@@ -333,7 +333,7 @@ def skipping_collate(batch: list):
     """PyTorch's collation of the items that could be read."""
     from torch.utils.data import default_collate
 
-    from streams.common import UnreadableSample
+    from cil.streams.common import UnreadableSample
 
     kept = [item for item in batch if item is not None]
     if not kept:
@@ -460,7 +460,7 @@ def run_experiment(
     pl.seed_everything(cfg.run.seed, workers=True, verbose=False)
     strategy = create_strategy(cfg)
     transforms = partial(stream_transforms, strategy.backbone, cfg)
-    from streams import create_stream, unlabelled_data
+    from cil.streams import create_stream, unlabelled_data
 
     # the stream is built (and Avalanche imported) before the process group exists: Avalanche refuses to
     # create its default loggers in a non-main process of an initialised process group

@@ -1,7 +1,7 @@
 """Strategies: one file per method, each registering itself (``register_strategy``) when imported.
 
 ``from strategies import FSA`` works as before; the modules (torch, timm, Lightning) load on first use, so that
-``strategies.configs`` — every strategy's hyper-parameters — can be read without them.
+``cil.strategies.configs`` — every strategy's hyper-parameters — can be read without them.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ _CLASSES = {"DKVB": "dkvb", "FSA": "fsa", "Finetune": "finetune", "Joint": "join
 
 def __getattr__(name: str):
     if name in _CLASSES:
-        return getattr(importlib.import_module(f"strategies.{_CLASSES[name]}"), name)
+        return getattr(importlib.import_module(f"cil.strategies.{_CLASSES[name]}"), name)
     raise AttributeError(f"module 'strategies' has no attribute {name!r}")
 
 

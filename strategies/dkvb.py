@@ -50,7 +50,7 @@ from cil.module import CILModule, Growing, Session, tensor_digest
 from cil.progress import progress
 from cil.registry import register_strategy
 from cil.runs import atomic_write
-from strategies.configs import SPLITTINGS, DKVBConfig
+from cil.strategies.configs import SPLITTINGS, DKVBConfig
 
 
 class KeyValueBottleneck(Growing):

@@ -13,7 +13,7 @@ from torch import nn
 
 from cil.module import CILModule
 from cil.registry import register_strategy
-from strategies.configs import FinetuneConfig
+from cil.strategies.configs import FinetuneConfig
 
 
 class Finetune(CILModule):

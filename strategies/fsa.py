@@ -32,7 +32,7 @@ from cil.heads import StreamingLDA
 from cil.module import CILModule, GrowingClassifier, Session
 from cil.progress import progress
 from cil.registry import register_strategy
-from strategies.configs import ADAPTATIONS, FSAConfig
+from cil.strategies.configs import ADAPTATIONS, FSAConfig
 
 
 class FSA(CILModule):

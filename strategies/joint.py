@@ -14,8 +14,8 @@ from torch.utils.data import ConcatDataset, Dataset
 
 from cil.module import Session
 from cil.registry import register_strategy
-from strategies.configs import JointConfig
-from strategies.finetune import Finetune
+from cil.strategies.configs import JointConfig
+from cil.strategies.finetune import Finetune
 
 
 class Joint(Finetune):

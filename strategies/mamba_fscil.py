@@ -55,8 +55,8 @@ from cil.module import CILModule, Session
 from cil.progress import progress
 from cil.registry import register_strategy
 from cil.ssm import DualSelectiveProjector
-from strategies.configs import MambaFSCILConfig
-from strategies.simplecil import ClassMeans
+from cil.strategies.configs import MambaFSCILConfig
+from cil.strategies.simplecil import ClassMeans
 
 
 def suppression_loss(gate: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:

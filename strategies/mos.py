@@ -57,8 +57,8 @@ from cil.progress import progress
 from cil.registry import register_strategy
 from cil.retrieval import SelfRefinedRetrieval
 from cil.statistics import ClassGaussians
-from strategies.configs import EVAL_ADAPTERS, MERGE_MODES, MOSConfig
-from strategies.simplecil import ClassMeans
+from cil.strategies.configs import EVAL_ADAPTERS, MERGE_MODES, MOSConfig
+from cil.strategies.simplecil import ClassMeans
 
 
 class MOS(CILModule):

@@ -20,7 +20,7 @@ from cil.distributed import all_reduce_sum
 from cil.module import CILModule, Growing, Session
 from cil.progress import progress
 from cil.registry import register_strategy
-from strategies.configs import SimpleCILConfig
+from cil.strategies.configs import SimpleCILConfig
 
 
 class ClassMeans(Growing):

@@ -67,7 +67,7 @@ from cil import distributed
 from cil.config import ConfigError
 from cil.module import CILModule, Growing, Session
 from cil.registry import register_strategy
-from strategies.configs import ZSCLConfig
+from cil.strategies.configs import ZSCLConfig
 
 
 def distillation_loss(teacher_logits: torch.Tensor, student_logits: torch.Tensor, temperature: float = 2.0):
@@ -220,7 +220,7 @@ class ImageFiles(Dataset):
             with self._open(self.path(i)) as image:
                 image = image.convert("RGB")
         except (OSError, ValueError, SyntaxError) as e:  # a corrupt or truncated image, a non-image file
-            from streams.common import UnreadableSample
+            from cil.streams.common import UnreadableSample
 
             advice = "replace or delete the file (strategy.reference_images)"
             raise UnreadableSample.reading(self.path(i), e, advice, what="reference image ") from None
@@ -264,7 +264,7 @@ def reference_image_set(source: str | Path | Dataset, transform: Callable | None
     if str(source) == "digits":
         from sklearn.datasets import load_digits
 
-        from streams.digits import DigitsImages
+        from cil.streams.digits import DigitsImages
 
         digits = load_digits()
         return ImagesOnly(DigitsImages(digits.images, digits.target), transform)

@@ -2,7 +2,7 @@
 imports a family's file the first time one of its streams is built, so listing names and checking configs need
 neither torch nor Avalanche.
 
-Builders have the signature ``builder(cfg: StreamConfig, make_transforms) -> streams.common.Stream`` where
+Builders have the signature ``builder(cfg: StreamConfig, make_transforms) -> cil.streams.common.Stream`` where
 ``make_transforms(crop_pct=None)`` returns the backbone's :class:`cil.backbones.Transforms`.
 """
 
@@ -11,12 +11,12 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from streams.common import Stream
+    from cil.streams.common import Stream
 
 
 def __getattr__(name: str):
     if name in ("Stream", "build_stream", "make_benchmark"):
-        from streams import common
+        from cil.streams import common
 
         return getattr(common, name)
     raise AttributeError(f"module 'streams' has no attribute {name!r}")
@@ -50,7 +50,7 @@ def online_stream(stream: Stream, seed: int) -> Stream:
     train, stats, test = chain(shuffled), chain(stream.stats_data), chain(stream.eval_data)
     from avalanche.benchmarks import benchmark_from_datasets, with_classes_timeline
 
-    from streams.common import Stream
+    from cil.streams.common import Stream
 
     return Stream(
         name=stream.name,

@@ -228,7 +228,7 @@ def build_stream(
     sample_names: Callable[[int], str] | None = None,
 ) -> Stream:
     """The full pipeline of the module docstring, for raw ``train_set``/``test_set`` with ``.targets``."""
-    from streams.fewshot import index_list_sessions, sample_shots
+    from cil.streams.fewshot import index_list_sessions, sample_shots
 
     if cfg.train_per_class is not None or cfg.test_per_class is not None:
         if cfg.index_dir is not None:

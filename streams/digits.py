@@ -15,7 +15,7 @@ from sklearn.model_selection import train_test_split
 
 from cil.backbones import Transforms
 from cil.registry import register_stream
-from streams.common import GreyImages, Stream, build_stream
+from cil.streams.common import GreyImages, Stream, build_stream
 
 
 class DigitsImages(GreyImages):

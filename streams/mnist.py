@@ -33,7 +33,7 @@ from torchvision.datasets.mnist import read_image_file, read_label_file
 from cil.backbones import Transforms
 from cil.config import ConfigError
 from cil.registry import register_stream
-from streams.common import GreyImages, Stream, build_stream
+from cil.streams.common import GreyImages, Stream, build_stream
 
 FILES = {
     "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),

@@ -23,8 +23,8 @@ from torchvision import datasets as tv
 from cil.backbones import Transforms
 from cil.config import ConfigError
 from cil.registry import register_stream
-from streams.common import Stream, make_benchmark, per_class_subset, read_sample
-from streams.vision import _root, _torchvision_pair, _UncheckedCIFAR100
+from cil.streams.common import Stream, make_benchmark, per_class_subset, read_sample
+from cil.streams.vision import _root, _torchvision_pair, _UncheckedCIFAR100
 
 ORDER_I = [
     "aircraft", "caltech101", "cifar100", "dtd", "eurosat", "flowers", "food", "mnist", "oxford_pet",

@@ -33,7 +33,7 @@ from torchvision.datasets.folder import default_loader
 from cil.backbones import Transforms
 from cil.config import ConfigError
 from cil.registry import register_stream
-from streams.common import Stream, build_stream
+from cil.streams.common import Stream, build_stream
 
 CIFAR_LAYOUT = "<root>/cifar-100-python/{meta,train,test} (torchvision's CIFAR-100 python format)"
 FOLDER_LAYOUT = "<root>/train/<class>/<image> and <root>/test/<class>/<image> (LAMDA-PILOT layout)"

@@ -171,3 +171,31 @@ def test_every_shipped_config_validates():
     assert paths
     for path in paths:
         assert load_config(path).strategy.name == path.parent.name
+
+
+def test_packaged_config_by_name_from_any_folder(tmp_path, monkeypatch):
+    """``simplecil/digits`` is the packaged configs/simplecil/digits.yaml, whatever the working folder; a user's
+    own file extends a packaged base by name; cil list names the packaged configs."""
+    monkeypatch.chdir(tmp_path)
+    by_name = load_config("simplecil/digits")
+    by_path = load_config(CONFIGS / "simplecil" / "digits.yaml")
+    assert OmegaConf.to_container(by_name) == OmegaConf.to_container(by_path)
+    mine = tmp_path / "mine.yaml"
+    mine.write_text("extends: fsa/digits.yaml\nstrategy:\n  epochs: 3\n")
+    cfg = load_config(mine)
+    assert cfg.strategy.name == "fsa" and cfg.strategy.epochs == 3
+    assert cfg.stream.name == load_config("fsa/digits").stream.name == "digits"
+
+
+def test_unknown_packaged_config_names_the_closest(capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    msg = fails(capsys, "run", "simplecil/digit")
+    assert "no packaged config is named 'simplecil/digit'" in msg and "simplecil/digits" in msg
+
+
+def test_cil_list_names_every_packaged_config(capsys):
+    assert main(["list"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    listed = {line.strip() for line in out if line.startswith("  ")}
+    on_disk = {f"{p.parent.name}/{p.stem}" for p in CONFIGS.glob("*/*.yaml") if p.parent.name != "base"}
+    assert listed == on_disk and "fsa/digits" in listed

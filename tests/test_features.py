@@ -42,7 +42,7 @@ def count_body_images(monkeypatch, cls) -> list[int]:
 def test_simplecil_reuses_test_features_with_the_same_results(tmp_path, monkeypatch):
     """Cached and uncached runs write the same metrics; with reuse the body sees each test image once per run
     (5 evaluations of every test set without it), plus each training image once (its prototype pass)."""
-    from strategies.simplecil import SimpleCIL
+    from cil.strategies.simplecil import SimpleCIL
 
     seen = count_body_images(monkeypatch, SimpleCIL)
     runs = {}
@@ -63,7 +63,7 @@ def test_simplecil_reuses_test_features_with_the_same_results(tmp_path, monkeypa
 def stored_and_direct_logits(strategy, cfg):
     """Logits of every test set: ``classify`` on stored features vs ``forward`` on the images, same batches; and
     the labels of those batches."""
-    from streams import create_stream
+    from cil.streams import create_stream
 
     stream = create_stream(cfg.stream, partial(stream_transforms, strategy.backbone, cfg))
     strategy.eval()
@@ -113,7 +113,7 @@ def test_stored_features_give_bit_identical_logits(name, tmp_path, monkeypatch):
 def test_fsa_body_is_not_reused_before_it_is_frozen(tmp_path):
     """FSA adapts its body in session 1: nothing is cached before ``freeze_body``, everything after."""
     from cil.module import create_strategy
-    from strategies.fsa import FSA
+    from cil.strategies.fsa import FSA
 
     cfg = tiny_config("fsa", tmp_path, *FROZEN["fsa"])
 
@@ -160,8 +160,8 @@ def test_disk_store_and_resume_give_the_same_run(tmp_path):
 def test_accuracy_row_reuses_features_in_a_foreign_loop(tmp_path, monkeypatch):
     """``accuracy_row(..., store=FeatureStore())``: the second call runs no body pass and gives the same row."""
     from cil.module import Session, create_strategy
-    from strategies.simplecil import SimpleCIL
-    from streams import create_stream
+    from cil.strategies.simplecil import SimpleCIL
+    from cil.streams import create_stream
 
     cfg = tiny_config("simplecil", tmp_path)
     strategy = create_strategy(cfg)

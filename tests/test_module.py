@@ -8,8 +8,8 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 from cil.module import GrowingClassifier, Session, create_strategy
-from strategies.finetune import Finetune
-from strategies.joint import Joint
+from cil.strategies.finetune import Finetune
+from cil.strategies.joint import Joint
 from tests.conftest import tiny_config
 
 

@@ -111,7 +111,7 @@ def test_rehearsal_data_is_read_by_the_real_loader_at_the_paper_class_count(conf
     epoch in each rehearsed session that trains."""
     from cil.backbones import create_backbone, data_transforms
     from cil.config import load_config
-    from streams import create_stream
+    from cil.streams import create_stream
 
     ps = paper_scale()
     strategy, name = config.split("/")

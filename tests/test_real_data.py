@@ -32,7 +32,7 @@ def test_config_builds_lite0_and_its_own_preprocessing(tmp_path, path):
 
     from cil.module import create_strategy
     from cil.session import stream_transforms
-    from streams import create_stream
+    from cil.streams import create_stream
 
     arrays = write_idx(tmp_path / "data", per_class=(6, 2))  # classes interleaved: image k is of class k
     cfg = load_config(path, [f"stream.data_root={tmp_path / 'data'}", f"run.output_dir={tmp_path}", *WEIGHTS])

@@ -30,9 +30,9 @@ from torch.utils.data import DataLoader, Subset, TensorDataset
 
 from cil.module import Session, accuracy_row, run_session
 from cil.session import EpochSeed, EpochSeededSampler, derived_seed, seed_all
-from strategies.fsa import FSA
-from strategies.mos import MOS
-from strategies.simplecil import SimpleCIL
+from cil.strategies.fsa import FSA
+from cil.strategies.mos import MOS
+from cil.strategies.simplecil import SimpleCIL
 
 SESSIONS = [[0, 1], [2, 3], [4, 5], [6, 7], [8, 9]]  # digit classes per session, in order
 

@@ -15,7 +15,7 @@ from cil.config import ConfigError, load_config
 from cil.module import Session, create_strategy
 from cil.runs import load_run
 from cil.session import run_experiment
-from strategies.dkvb import DKVB, FeatureCache, KeyValueBottleneck
+from cil.strategies.dkvb import DKVB, FeatureCache, KeyValueBottleneck
 from tests.conftest import CONFIGS, tiny_config
 
 D, C, P, K, V = 16, 4, 8, 3, 3  # the spec's tiny sizes
@@ -263,7 +263,7 @@ def test_feature_cache_key_of_a_stream_never_transforms_its_images(tmp_path, mon
     from functools import partial
 
     from cil.session import stream_transforms
-    from streams import create_stream
+    from cil.streams import create_stream
 
     def session_data(*overrides):
         cfg = tiny_config("dkvb", tmp_path, *overrides)
@@ -335,7 +335,7 @@ def test_online_stream_is_one_ordered_session(tmp_path):
     run = load_run(run_experiment(tiny_config("dkvb", tmp_path, *FAST, "stream.online=true", "strategy.epochs=1")))
     assert run.summary["n_sessions"] == 1 and run.summary["complete"]
     from cil.backbones import create_backbone, data_transforms
-    from streams import create_stream
+    from cil.streams import create_stream
 
     cfg = tiny_config("dkvb", tmp_path, "stream.online=true")
     backbone = create_backbone(cfg.backbone.name)
@@ -490,7 +490,7 @@ def test_cifar10_paper_config_orders_classes_as_the_official_sweep(tmp_path, see
     import random as python_random
 
     from cil.backbones import create_backbone, data_transforms
-    from streams import create_stream
+    from cil.streams import create_stream
     from tests.streams.test_vision import write_cifar10
 
     python_random.seed(seed)

@@ -73,7 +73,7 @@ def test_the_head_equals_lda_on_all_data_seen_without_replay(full_run):
     strategy = initial_strategy(cfg)
     strategy.load_state_dict(session_state(run, 4))
     strategy.begin_session(Session(index=5, new_classes=[], seen_classes=list(range(10))))  # freezes as on resume
-    from streams import create_stream
+    from cil.streams import create_stream
 
     stream = create_stream(cfg.stream, partial(data_transforms, strategy.backbone, cfg.backbone.image_size, False))
     xs, ys = zip(*[(x, y) for data in stream.stats_data for x, y, *_ in torch.utils.data.DataLoader(data, 256)])
@@ -166,7 +166,7 @@ def test_film_on_an_unsupported_backbone_is_a_config_error(tmp_path, capsys):
 def paper_stream(config: str, root, *overrides: str):
     from cil.config import load_config
     from cil.session import stream_transforms
-    from streams import create_stream
+    from cil.streams import create_stream
 
     cfg = load_config(
         CONFIGS / "fsa" / config,
@@ -251,7 +251,7 @@ def test_paper_configs_build_the_codes_training(name, tmp_path):
     and none after it, the dropout before the temporary head, the LDA head's mode, and the batch sizes."""
     from cil.config import load_config
     from cil.session import train_loader
-    from streams.common import split_sessions
+    from cil.streams.common import split_sessions
 
     split, shots, base_shots, adaptation, milestones, gamma = PAPER[name]
     cfg = load_config(CONFIGS / "fsa" / f"{name}.yaml", ["backbone.pretrained=false", "stream.num_workers=0"])

@@ -10,7 +10,7 @@ import torch
 
 from cil.backbones import create_backbone
 from cil.heads import EtfClassifier, dot_regression_loss
-from strategies.mamba_fscil import class_sensitive_losses, separation_loss, suppression_loss
+from cil.strategies.mamba_fscil import class_sensitive_losses, separation_loss, suppression_loss
 
 
 def test_3_etf_geometry_is_fixed_and_untrainable():
@@ -134,7 +134,7 @@ def test_a_group_without_novel_maps_switches_the_novel_losses_off_for_all():
 
 
 def test_grouped_feature_mixup_pairs_maps_within_their_group():
-    from strategies.mamba_fscil import grouped_permutation
+    from cil.strategies.mamba_fscil import grouped_permutation
 
     torch.manual_seed(0)
     index = grouped_permutation(64, 8)
@@ -186,7 +186,7 @@ def test_resnet12_is_a_timm_model_returning_the_last_feature_map():
 
 # ---- the strategy ---------------------------------------------------------------------------------------------
 def tiny_strategy(**settings):
-    from strategies.mamba_fscil import MambaFSCIL
+    from cil.strategies.mamba_fscil import MambaFSCIL
 
     torch.manual_seed(0)
     backbone = create_backbone("resnet12", channels=(8, 8, 16, 16))  # 32 px -> a 16 x 2 x 2 map
@@ -396,7 +396,7 @@ def test_cifar_config_builds_its_few_shot_stream_and_model(tmp_path):
     from cil.config import load_config
     from cil.module import create_strategy
     from cil.session import stream_transforms
-    from streams import create_stream
+    from cil.streams import create_stream
     from tests.conftest import CONFIGS
     from tests.streams.test_vision import write_cifar100
 
@@ -485,7 +485,7 @@ def test_resume_after_a_fault_gives_the_same_matrix(tmp_path):
 def test_image_mixing_loss_on_a_hand_batch_counts_the_identity_branch_once(monkeypatch, branch, quirks):
     """The code's IdentityTwoLabel returns no second label: L(y) once. Mixup/cutmix: λL(y) + (1-λ)L(y[π]), plus
     L(y) again with the code's quirk."""
-    import strategies.mamba_fscil as mf
+    import cil.strategies.mamba_fscil as mf
     from cil.module import Session
 
     strategy = tiny_strategy(image_mix=True, faithful_quirks=quirks)

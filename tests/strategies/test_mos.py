@@ -18,7 +18,7 @@ from cil.module import Session
 from cil.retrieval import SelfRefinedRetrieval
 from cil.runs import load_run
 from cil.session import run_experiment
-from strategies.mos import MOS, ensemble
+from cil.strategies.mos import MOS, ensemble
 from tests.conftest import CONFIGS, tiny_config
 from tests.test_session import Fault
 
@@ -538,7 +538,7 @@ def test_paper_configs_build_the_official_model(name, tag):
     in-place-merge semantics of the code, the session layout and the optimiser groups of a session."""
     from cil.config import load_config
     from cil.module import create_strategy
-    from streams.common import split_sessions
+    from cil.streams.common import split_sessions
 
     stream, split, epochs, lr, batch, weight_decay, storage, shuffle = PAPER[name]
     cfg = load_config(CONFIGS / "mos" / f"{name}_{tag}.yaml", ["backbone.pretrained=false"])
@@ -574,7 +574,7 @@ def test_paper_configs_build_pilot_streams_and_transforms(tmp_path):
     from cil.config import load_config
     from cil.module import create_strategy
     from cil.session import stream_transforms
-    from streams import create_stream
+    from cil.streams import create_stream
     from tests.streams.test_vision import write_cifar100, write_image_folders
 
     small_vit = ["backbone.pretrained=false", "backbone.kwargs={depth: 1}", "stream.verify_checksums=false"]

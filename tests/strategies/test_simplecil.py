@@ -10,7 +10,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from cil.module import Session
-from strategies.simplecil import SimpleCIL
+from cil.strategies.simplecil import SimpleCIL
 
 
 class Features(nn.Module):

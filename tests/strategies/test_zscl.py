@@ -21,7 +21,7 @@ from cil.config import ConfigError, load_config
 from cil.module import Session
 from cil.runs import compare, load_run
 from cil.session import run_experiment
-from strategies.zscl import (
+from cil.strategies.zscl import (
     ZSCL,
     ReferenceBatches,
     WeightEnsemble,
@@ -185,7 +185,7 @@ def test_reference_folder_lists_what_os_walk_lists_in_the_same_order(tmp_path):
     import os
     from pathlib import Path
 
-    from strategies.zscl import IMAGE_SUFFIXES, ImageFiles
+    from cil.strategies.zscl import IMAGE_SUFFIXES, ImageFiles
     from tests.streams.test_vision import _image
 
     for rel in ["a/b.png", "a-b/c.jpg", "a/x/y/z.JPEG", "é/ü.png", "top.png", "a b/c.png"]:
@@ -202,8 +202,8 @@ def test_reference_folder_lists_what_os_walk_lists_in_the_same_order(tmp_path):
 
 
 def test_an_unreadable_reference_image_is_one_line_naming_it(tmp_path):
-    from strategies.zscl import ImageFiles
-    from streams.common import UnreadableSample
+    from cil.strategies.zscl import ImageFiles
+    from cil.streams.common import UnreadableSample
     from tests.streams.test_vision import _image
 
     _image(tmp_path / "ref" / "a.jpg", 7)
@@ -346,7 +346,7 @@ def test_3_directions_shapes_and_invariance_to_the_order_of_the_reference_batch(
         seen.append(tuple(z.shape))
         return distillation_loss(t, z, T)
 
-    monkeypatch.setattr("strategies.zscl.distillation_loss", spy)
+    monkeypatch.setattr("cil.strategies.zscl.distillation_loss", spy)
     images = reference_images_batch(4)
     image_side, text_side = strategy.distillation(images)
     assert seen == [(4, 7), (7, 4)]  # image side: rows over the 7 captions; text side: rows over the 4 images
@@ -382,7 +382,7 @@ def test_student_caption_variant_samples_captions_per_step(captions_file, tmp_pa
     over the same sample), the same sample for the same step, another at the next; all captions with null, which
     is refused on a caption file the size of Conceptual Captions' validation set."""
     from cil.config import ConfigError
-    from strategies.zscl import distillation_loss
+    from cil.strategies.zscl import distillation_loss
 
     paper = make_zscl(captions_file, distill_text_features="student", student_caption_batch=3)
     paper.begin_session(session(0))

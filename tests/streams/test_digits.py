@@ -12,7 +12,7 @@ from tests.conftest import CONFIGS
 
 def stream_of(*overrides: str):
     from cil.backbones import create_backbone, data_transforms
-    from streams import create_stream
+    from cil.streams import create_stream
 
     cfg = load_config(CONFIGS / "simplecil" / "digits.yaml", ["backbone.image_size=16", *overrides])
     backbone = create_backbone(cfg.backbone.name)
@@ -47,7 +47,7 @@ def test_fixed_class_order_and_no_shuffle():
 def test_labels_are_remapped_consistently_in_train_and_test():
     order = [3, 1, 4, 0, 5, 9, 2, 6, 8, 7]
     stream = stream_of(f"stream.class_order={order}")
-    from streams.digits import digits_sets
+    from cil.streams.digits import digits_sets
 
     train, _ = digits_sets(0.2, 0)
     raw = Counter(train.targets)
@@ -61,7 +61,7 @@ def test_base_split():
 
 
 def test_stratified_seeded_test_split():
-    from streams.digits import digits_sets
+    from cil.streams.digits import digits_sets
 
     train, test = digits_sets(0.2, 0)
     assert len(test) == pytest.approx(0.2 * 1797, abs=1)

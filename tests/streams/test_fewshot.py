@@ -48,7 +48,7 @@ def test_too_many_shots():
 
 
 def _raw_train():
-    from streams.digits import digits_sets
+    from cil.streams.digits import digits_sets
 
     return digits_sets(0.2, 0)[0]
 

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from cil.config import ConfigError, load_config
-from streams.mnist import DEBIAN_FASHION_MNIST, FILES
+from cil.streams.mnist import DEBIAN_FASHION_MNIST, FILES
 from tests.conftest import CONFIGS
 
 
@@ -38,7 +38,7 @@ def write_idx(folder: Path, per_class=(3, 2), gz: bool = True, seed: int = 0) ->
 
 def stream_of(name: str, root: Path, *overrides: str, size: int = 16):
     from cil.backbones import create_backbone, data_transforms
-    from streams import create_stream
+    from cil.streams import create_stream
 
     cfg = load_config(
         CONFIGS / "simplecil" / "digits.yaml",
@@ -95,7 +95,7 @@ def test_split_shots_order_and_subsets(tmp_path):
 
 
 def test_per_class_subset_is_seeded_stratified_and_in_file_order():
-    from streams.common import GreyImages, per_class_subset
+    from cil.streams.common import GreyImages, per_class_subset
 
     labels = np.array([c for _ in range(8) for c in range(10)])
     images = np.arange(len(labels), dtype=np.uint8)[:, None, None].repeat(2, 1).repeat(2, 2)
@@ -146,7 +146,7 @@ def test_absent_folder_says_how_to_install_it(tmp_path):
 
 def test_no_data_root_names_debian_path():
     with pytest.raises(ConfigError, match="needs stream.data_root.*/usr/share/datasets/fashion-mnist"):
-        from streams import create_stream
+        from cil.streams import create_stream
 
         create_stream(load_config(CONFIGS / "simplecil" / "digits.yaml", ["stream.name=fashion_mnist"]).stream, None)
 
@@ -159,7 +159,7 @@ needs_debian = pytest.mark.skipif(
 
 @needs_debian
 def test_real_fashion_mnist_from_debian_package():
-    from streams.mnist import find_idx_files, read_split
+    from cil.streams.mnist import find_idx_files, read_split
 
     files = find_idx_files(Path(DEBIAN_FASHION_MNIST), "FashionMNIST")
     train, test = read_split(files, "train", 10), read_split(files, "test", 10)

@@ -13,7 +13,7 @@ from PIL import Image
 from torch.utils.data import random_split
 
 from cil.config import ConfigError
-from streams.mtil import ORDER_I, ORDER_II, PROMPTS, read_dataset
+from cil.streams.mtil import ORDER_I, ORDER_II, PROMPTS, read_dataset
 from tests.streams.test_vision import stream_of, write_aircraft, write_cars, write_cifar100
 
 

@@ -15,7 +15,7 @@ from tests.conftest import CONFIGS
 
 def stream_of(name: str, root: Path, *overrides: str):
     from cil.backbones import create_backbone, data_transforms
-    from streams import create_stream
+    from cil.streams import create_stream
 
     cfg = load_config(
         CONFIGS / "simplecil" / "digits.yaml",
