@@ -13,7 +13,7 @@ import sys
 import warnings
 from pathlib import Path
 
-from cil.config import ConfigError
+from cil.errors import ConfigError, DataError
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -57,6 +57,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"cil: error: {e}", file=sys.stderr)
         return 2
+    except DataError as e:  # bad data found mid-run: the run folder keeps every finished session
+        print(f"cil: error: {e}", file=sys.stderr)
+        return 1
 
 
 def _dispatch(args: argparse.Namespace) -> int:
@@ -97,6 +100,7 @@ def _run(args: argparse.Namespace) -> int:
         run_dir = None
     quiet_lightning()  # before the checks: they build a Trainer, whose start-up chatter must not reach the user
     check_before_running(cfg)
+    from cil.distributed import is_rank_zero
     from cil.session import RunInterrupted, run_experiment
 
     if run_dir is not None and _complete(run_dir):
@@ -105,13 +109,13 @@ def _run(args: argparse.Namespace) -> int:
     try:
         path = run_experiment(cfg, run_dir=run_dir)
     except RunInterrupted as e:
-        if os.environ.get("LOCAL_RANK", "0") == "0":
+        if is_rank_zero():
             print(
                 f"cil: interrupted in session {e.session + 1}; resume with: cil run --resume {e.folder}",
                 file=sys.stderr,
             )
         return 130
-    if os.environ.get("LOCAL_RANK", "0") == "0":
+    if is_rank_zero():
         print(f"[cil] run folder: {path}")
     return 0
 

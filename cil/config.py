@@ -26,9 +26,7 @@ from typing import Any, Optional
 from omegaconf import II, MISSING, DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-
-class ConfigError(ValueError):
-    """A configuration the framework cannot run: the message names the key, the value and what is valid."""
+from cil.errors import ConfigError
 
 
 def param(default: Any, *, ge=None, gt=None, le=None, lt=None, choices=None, pattern=None, help: str = ""):

@@ -11,7 +11,22 @@ def is_distributed() -> bool:
 
 
 def rank() -> int:
+    """This process's rank in the process group (0 without one): what shards and samplers split data by."""
     return dist.get_rank() if is_distributed() else 0
+
+
+def _launcher_rank() -> int:
+    """The global rank torchrun (``RANK``), SLURM (``SLURM_PROCID``) or Lightning's launcher (``NODE_RANK`` and
+    ``LOCAL_RANK``: ``LOCAL_RANK`` alone is 0 once per node) gave this process; 0 for a single process."""
+    import os
+
+    for name in ("RANK", "SLURM_PROCID"):
+        if os.environ.get(name, "").isdigit():
+            return int(os.environ[name])
+    local, node = os.environ.get("LOCAL_RANK", "0"), os.environ.get("NODE_RANK", os.environ.get("GROUP_RANK", "0"))
+    if local.isdigit() and node.isdigit() and (int(local) or int(node)):
+        return 1  # not rank zero (the exact number needs the per-node process count)
+    return 0
 
 
 def world_size() -> int:
@@ -19,7 +34,9 @@ def world_size() -> int:
 
 
 def is_rank_zero() -> bool:
-    return rank() == 0
+    """The one test for rank-zero-only work (printing, writing the run folder): the process group's rank, or before
+    it exists and after it is gone the rank the launcher put in the environment, correct on several nodes."""
+    return rank() == 0 if is_distributed() else _launcher_rank() == 0
 
 
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:

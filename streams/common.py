@@ -23,6 +23,7 @@ from torch.utils.data import Dataset
 
 from cil.backbones import Transforms
 from cil.config import ConfigError, split_sizes
+from cil.errors import DataError
 
 
 @dataclass
@@ -77,7 +78,7 @@ class GreyImages(Dataset):
         return Image.fromarray(self.images[i], mode="L").convert("RGB"), self.targets[i]
 
 
-class UnreadableSample(ConfigError):
+class UnreadableSample(DataError):
     """A sample whose file cannot be read (a corrupt or truncated image, a non-image file with an image name): one
     line naming the file and what to do. Raised in a loader worker, PyTorch re-raises it in the main process with the
     worker's traceback in the message; only the last line, ours, is kept."""
