@@ -58,7 +58,7 @@ def test_wheel_installs_one_package_that_runs_a_packaged_config(tmp_path):
     listed = subprocess.run(
         [python, "-m", "cil.cli", "list"], cwd=elsewhere, capture_output=True, text=True, env=environ
     )
-    assert "  simplecil/digits" in listed.stdout and "  mos/cifar100_b0inc10" in listed.stdout
+    assert "  simplecil/digits" in listed.stdout and "  mos/cifar100_b0inc5_in1k" in listed.stdout
 
     run = subprocess.run(
         [python, "-m", "cil.cli", "run", "simplecil/digits", "run.output_dir=out", "backbone.image_size=16",
