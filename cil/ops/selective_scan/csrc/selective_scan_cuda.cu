@@ -1,8 +1,8 @@
 // Selective scan (Mamba-1, real A) on CUDA: forward and backward, float32 state and accumulation, float32 /
 // float16 / bfloat16 inputs. The math is the docstring of cil/ops/selective_scan/__init__.py; the backward
-// quantities are those of ../../../../shared/scan.md §2 (the adjoint lambda runs backwards in time).
+// quantities (the adjoint lambda, run backwards in time) are those of the PyTorch reference, reference.py.
 //
-// Mapping (scan.md §5: Mamba-FSCIL's L is tiny and its dstate large): one thread per state n, one block per
+// Mapping (Mamba-FSCIL's L is tiny and its dstate large): one thread per state n, one block per
 // (batch, channel) row, time in chunks of kChunk steps. Each step is an FMA per thread; y[t] = sum_n C h is a
 // warp-shuffle reduction per step whose warp partials meet in shared memory once per chunk. Long sequences are
 // fine: the state is carried from chunk to chunk in registers.
