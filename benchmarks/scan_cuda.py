@@ -4,7 +4,7 @@ Shapes: Mamba-FSCIL's scans (float32, dstate 256, varying B/C, D, delta bias, so
 it) and a standard Mamba block (batch 8, dim 1536, dstate 16, L 2048). For each: forward and forward+backward time
 (CUDA events, median of ``--repeats`` after warm-up) for ours, the chunked PyTorch path and the sequential
 reference (skipped where it would not fit), and mamba-ssm's kernel when it is installed. Bytes come from the
-traffic model of ``scan.md`` §6 (compulsory bytes only, no chunk-state write for ours); the fraction is against a
+traffic model (compulsory bytes only, no chunk-state write for ours); the fraction is against a
 device-to-device copy measured in the same run.
 
     python benchmarks/scan_cuda.py [--repeats 50]
@@ -28,7 +28,7 @@ SHAPES = {
 
 
 def traffic(batch, dim, length, dstate, groups, z, s=4) -> tuple[float, float]:
-    """Compulsory bytes of forward and backward (scan.md §6, c = 1, no chunk-state write)."""
+    """Compulsory bytes of forward and backward (c = 1, no chunk-state write)."""
     m, p = batch * dim * length, batch * groups * dstate * length
     fwd = s * m * (2 + 2 * z + 1) + 2 * s * p + 4 * dim * dstate + 8 * dim
     bwd = s * m * (3 + 2 * z) + 2 * s * p + s * m * (2 + z) + 2 * 4 * p
