@@ -1,6 +1,7 @@
 """Selective scan on the CPU: the chunked path and the fused kernel against the reference at Mamba-FSCIL's shapes.
 
-Shapes (Mamba-FSCIL's paper configs; float32, d_state 256, varying B/C, D, delta bias and softplus as the model calls it):
+Shapes (Mamba-FSCIL's paper configs; float32, d_state 256, varying B/C, D, delta bias and softplus as the model
+calls it):
 CIFAR-100 base (64, 640, 4) with z, CIFAR-100 incremental (8, 640, 4) with z, miniImageNet base (64, 512, 25) with z,
 and CUB-200 base (·, 4096, 49) with 4 groups and no z, at a reduced batch: the reference materialises
 (batch, dim, L, d_state) tensors, about 13 GB each at batch 64.
