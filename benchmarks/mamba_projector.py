@@ -1,6 +1,6 @@
 """Mamba-FSCIL's projector: one forward + backward with our scan against the PyTorch reference scan.
 
-Two shapes of the official settings (``methods/mamba_fscil.md`` §2), with d_state = dt_rank = 256:
+Two shapes of the official settings (``docs/methods/mamba_fscil.md`` §2), with d_state = dt_rank = 256:
 
 - CIFAR-100 incremental: 64 cached 640 x 2 x 2 maps, base branch frozen, new branch trained (4 directions);
 - miniImageNet base: 64 images' 640 x 5 x 5 maps into a 512-wide base branch (with the residual projection).

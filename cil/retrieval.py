@@ -1,4 +1,4 @@
-"""Self-refined adapter retrieval (MOS, §1.7 of ``methods/mos.md``): training-free, batched.
+"""Self-refined adapter retrieval (MOS, §1.7 of ``docs/methods/mos.md``): training-free, batched.
 
 Each test sample starts from a first guess of its session ``j0`` (MOS: the session of the class predicted with
 adapter 0's prototypes). Then, as in the official code: score the sample with adapter ``j``'s features through the

@@ -1,6 +1,6 @@
 """DKVB: the discrete key-value bottleneck (Träuble et al., ICML 2023), from the official code.
 
-``methods/dkvb.md`` section numbers are cited below (official: ftraeuble/discrete_key_value_bottleneck and
+``docs/methods/dkvb.md`` section numbers are cited below (official: ftraeuble/discrete_key_value_bottleneck and
 ftraeuble/experiments_discrete_key_value_bottleneck). A frozen pre-trained encoder feeds a bottleneck of C codebooks:
 
 1. **split** (§1): fixed random projections ``x_c = zᵀ P_c`` (P ∈ R^{C×d×k}, each column unit-norm), or contiguous

@@ -1,7 +1,7 @@
 """Mamba-FSCIL (Li et al., 2024): a dual selective-SSM projector on a backbone's last feature map, a fixed ETF
 classifier trained by dot regression, and class-sensitive losses on the new branch's selective-scan inputs.
 
-Follows the official code (``xiaojieli0903/Mamba-FSCIL``, an mmcls fork); ``methods/mamba_fscil.md`` sections are
+Follows the official code (``xiaojieli0903/Mamba-FSCIL``, an mmcls fork); ``docs/methods/mamba_fscil.md`` sections are
 cited below. Sessions:
 
 - **Base session** (session 0): backbone + base branch of :class:`cil.ssm.DualSelectiveProjector` train with the

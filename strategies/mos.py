@@ -1,6 +1,6 @@
 """MOS: Model Surgery for pre-trained-model-based class-incremental learning (Sun et al., AAAI 2025).
 
-Follows the official code (``sun-hailong/AAAI25-MOS``, byte-identical in LAMDA-PILOT); ``methods/mos.md``
+Follows the official code (``sun-hailong/AAAI25-MOS``, byte-identical in LAMDA-PILOT); ``docs/methods/mos.md``
 section numbers are cited below. A frozen timm ViT carries one set of AdaptFormer adapters per session
 (:class:`cil.adapters.AdapterBank`). Per session t:
 

@@ -1,6 +1,6 @@
 """ZSCL: zero-shot continual learning of CLIP (Zheng et al., ICCV 2023), from the official code (Thunderbeee/ZSCL).
 
-``methods/zscl.md`` section numbers are cited below. A CLIP student (both towers train; ``logit_scale`` is frozen)
+``docs/methods/zscl.md`` section numbers are cited below. A CLIP student (both towers train; ``logit_scale`` is frozen)
 learns one task after another while a frozen **teacher — the initial CLIP, for the whole stream, never the previous
 task's model** — anchors its feature space. Every iteration (§1):
 

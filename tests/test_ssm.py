@@ -1,4 +1,4 @@
-"""Mamba-FSCIL's selective-SSM projector (methods/mamba_fscil.md §4: 1, 2, 7, 8, 9) on tiny shapes."""
+"""Mamba-FSCIL's selective-SSM projector (docs/methods/mamba_fscil.md §4: 1, 2, 7, 8, 9) on tiny shapes."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""DKVB (methods/dkvb.md §6): locality, frozen keys, key initialisation, lookup, masking, task-free, decoder."""
+"""DKVB (docs/methods/dkvb.md §6): locality, frozen keys, key initialisation, lookup, masking, task-free, decoder."""
 
 from __future__ import annotations
 

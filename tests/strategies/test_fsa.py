@@ -229,7 +229,7 @@ def test_fscil_config_runs_end_to_end_on_index_lists(tmp_path):
     assert any(not torch.equal(v, torch.ones_like(v)) for k, v in state.items() if k.endswith("gamma"))
 
 
-# methods/fsa.md §7 and the code's schedules: (split, shots, base_shots, adaptation, milestones, gamma)
+# docs/methods/fsa.md §7 and the code's schedules: (split, shots, base_shots, adaptation, milestones, gamma)
 PAPER = {
     "cifar100_b10inc10": ("B10-Inc10", None, None, "full", [50, 100, 150], 0.7),
     "svhn_b2inc2": ("B2-Inc2", None, None, "full", [50, 100, 150], 0.7),
@@ -245,7 +245,7 @@ PAPER = {
 
 @pytest.mark.parametrize("name", sorted(PAPER))
 def test_paper_configs_build_the_codes_training(name, tmp_path):
-    """What each paper config builds, against the code's settings (methods/fsa.md §7): the session layout the stream
+    """What each paper config builds, against the code's settings (docs/methods/fsa.md §7): the session layout the stream
     cuts from its natural class order, the shots of the built loaders' data, the trained parameters (the whole body
     or only FiLM's gamma/beta), the optimiser and schedule ``configure_optimizers`` returns, the epochs of session 1
     and none after it, the dropout before the temporary head, the LDA head's mode, and the batch sizes."""

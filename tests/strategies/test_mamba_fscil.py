@@ -1,4 +1,4 @@
-"""Mamba-FSCIL's classifier and losses (methods/mamba_fscil.md §4: 3, 4, 5, 6) against hand computations."""
+"""Mamba-FSCIL's classifier and losses (docs/methods/mamba_fscil.md §4: 3, 4, 5, 6) against hand computations."""
 
 from __future__ import annotations
 

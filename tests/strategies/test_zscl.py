@@ -1,4 +1,4 @@
-"""ZSCL's building blocks (methods/zscl.md §5) against hand computations and the official stored result matrix."""
+"""ZSCL's building blocks (docs/methods/zscl.md §5) against hand computations and the official stored result matrix."""
 
 from __future__ import annotations
 
@@ -239,7 +239,7 @@ def test_captions_with_quotes_and_headers(tmp_path):
     assert read_captions(comma) == ["a dog, a cat", "plain"]
 
 
-# ---- the strategy on a tiny open_clip CLIP (methods/zscl.md §5) --------------------------------------------------
+# ---- the strategy on a tiny open_clip CLIP (docs/methods/zscl.md §5) --------------------------------------------------
 
 
 NAMES = ["cat", "dog", "car", "tree", "boat", "house"]
@@ -461,7 +461,7 @@ def test_6_stronger_distillation_keeps_the_student_nearer_the_teacher(captions_f
 
 
 class FillStep(ZSCL):
-    """The optimiser step of iteration k sets every trainable weight to k + 1 (methods/zscl.md §5.7)."""
+    """The optimiser step of iteration k sets every trainable weight to k + 1 (docs/methods/zscl.md §5.7)."""
 
     def optimizer_step(self, epoch, batch_idx, optimizer, optimizer_closure=None):
         optimizer.step(closure=optimizer_closure)  # lr 0: counts the step, moves nothing
@@ -652,7 +652,7 @@ def test_mtil_config_runs_on_real_format_files_and_reports_transfer_avg_last(tmp
         assert compare([run])[name].item() == pytest.approx(100 * fn(R))  # `cil report` shows them for MTIL runs
 
 
-PAPER = {  # methods/zscl.md §3
+PAPER = {  # docs/methods/zscl.md §3
     "mtil": dict(iterations=1000, lr=1e-5, warmup=100, we_interval=100, wc_weight=1.0, image_loss_weight=1.0),
     "cil": dict(iterations=None, epochs=1, lr=7.1e-6, warmup=30, we_interval=10, wc_weight=0.0, image_loss_weight=5.0),
 }
@@ -674,7 +674,7 @@ PAPER = {  # methods/zscl.md §3
     ],
 )
 def test_paper_configs_build_the_official_training(name, tmp_path):
-    """What each paper config builds, against the official scripts (methods/zscl.md §3): a frozen teacher copy of
+    """What each paper config builds, against the official scripts (docs/methods/zscl.md §3): a frozen teacher copy of
     the student CLIP, every CLIP weight but logit_scale trained, AdamW (betas 0.9/0.999, no weight decay) at the
     session's rate with the warm-up + cosine factor of the code, the loss weights and smoothing, the training
     transform's crop scale, the task-incremental masking (MTIL) and the session layout."""
