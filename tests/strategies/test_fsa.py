@@ -245,10 +245,10 @@ PAPER = {
 
 @pytest.mark.parametrize("name", sorted(PAPER))
 def test_paper_configs_build_the_codes_training(name, tmp_path):
-    """What each paper config builds, against the code's settings (docs/methods/fsa.md §7): the session layout the stream
-    cuts from its natural class order, the shots of the built loaders' data, the trained parameters (the whole body
-    or only FiLM's gamma/beta), the optimiser and schedule ``configure_optimizers`` returns, the epochs of session 1
-    and none after it, the dropout before the temporary head, the LDA head's mode, and the batch sizes."""
+    """What each paper config builds, against the code's settings (docs/methods/fsa.md §7): the session layout
+    the stream cuts from its natural class order, the shots of the built loaders' data, the trained parameters (the
+    whole body or only FiLM's gamma/beta), the optimiser and schedule ``configure_optimizers`` returns, the epochs of
+    session 1 and none after it, the dropout before the temporary head, the LDA head's mode, and the batch sizes."""
     from cil.config import load_config
     from cil.session import train_loader
     from cil.streams.common import split_sessions

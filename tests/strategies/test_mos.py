@@ -516,7 +516,7 @@ def test_non_vit_backbone_and_bad_merge_mode_are_config_errors(tmp_path, capsys)
     assert "strategy.merge_mode='paper' is not valid" in capsys.readouterr().err
 
 
-# ---- the paper configs (docs/methods/mos.md §2) -----------------------------------------------------------------------
+# ---- the paper configs (docs/methods/mos.md §2) ------------------------------------------------------------------
 # config: (stream, split, epochs, lr, batch size, weight decay, class statistics, shuffled class order)
 PAPER = {
     "cifar100_b0inc5": ("cifar100", "B0-Inc5", 20, 0.03, 48, 5e-4, "covariance", True),

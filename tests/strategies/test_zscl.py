@@ -239,7 +239,7 @@ def test_captions_with_quotes_and_headers(tmp_path):
     assert read_captions(comma) == ["a dog, a cat", "plain"]
 
 
-# ---- the strategy on a tiny open_clip CLIP (docs/methods/zscl.md §5) --------------------------------------------------
+# ---- the strategy on a tiny open_clip CLIP (docs/methods/zscl.md §5) ---------------------------------------------
 
 
 NAMES = ["cat", "dog", "car", "tree", "boat", "house"]
