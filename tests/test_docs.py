@@ -44,7 +44,7 @@ def test_no_shipped_file_cites_notes_users_do_not_have():
     offenders = [
         str(p.relative_to(ROOT))
         for p in _tracked("*.py", "*.md", "*.yaml", "*.ipynb", "*.cu", "*.cpp", "*.cfg", "*.toml")
-        if bare.search(p.read_text(errors="replace"))
+        if p != Path(__file__).resolve() and bare.search(p.read_text(errors="replace"))  # this file holds the pattern
     ]
     assert offenders == []
 
