@@ -29,7 +29,8 @@ def count_writes(monkeypatch) -> list[str]:
     return written
 
 
-@pytest.mark.parametrize("minutes, per_session", [(0, 2), pytest.param(60, 0, marks=pytest.mark.slow)])
+@pytest.mark.slow  # over 30 s on 2 cores
+@pytest.mark.parametrize("minutes, per_session", [(0, 2), (60, 0)])
 def test_the_resume_point_is_written_by_interval_never_at_the_last_epoch(monkeypatch, tmp_path, minutes, per_session):
     """Every epoch end but the last with 0 minutes (3 epochs: 2 writes per session); none within an hour: the
     number of writes is bounded by wall time, not by the number of epochs."""

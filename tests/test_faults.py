@@ -46,6 +46,7 @@ def same(a, b) -> None:
     np.testing.assert_array_equal(load_run(a).accuracy_matrix.to_numpy(), load_run(b).accuracy_matrix.to_numpy())
 
 
+@pytest.mark.slow  # over 20 s on 2 cores: the default suite stays under 10 minutes
 def test_ctrl_c_names_the_session_and_the_resume_command(tmp_path, capsys, monkeypatch, full):
     folder = interrupted(tmp_path)
     import cil.session

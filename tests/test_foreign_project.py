@@ -21,7 +21,10 @@ def foreign_project():
     return module
 
 
-@pytest.mark.parametrize("name", ["simplecil", "fsa", pytest.param("mos", marks=pytest.mark.slow)])
+SLOW = pytest.mark.slow  # over 30 s each on 2 cores
+
+
+@pytest.mark.parametrize("name", ["simplecil", pytest.param("fsa", marks=SLOW), pytest.param("mos", marks=SLOW)])
 def test_foreign_loop_equals_cil_run(name, tmp_path):
     ours = foreign_project().run(name, seed=0)
     overrides = ["stream.shuffle_classes=false", "backbone.image_size=32", "stream.eval_batch_size=256"]

@@ -6,6 +6,7 @@ import glob
 import tempfile
 
 import nbformat
+import pytest
 from nbclient import NotebookClient
 
 from tests.conftest import ROOT
@@ -19,6 +20,7 @@ def test_committed_notebook_has_no_outputs():
     assert code and all(not c.outputs and c.execution_count is None for c in code)
 
 
+@pytest.mark.slow  # over 20 s on 2 cores: the default suite stays under 10 minutes
 def test_notebook_executes_and_draws_every_figure(tmp_path):
     before = set(glob.glob(f"{tempfile.gettempdir()}/cil-notebook-*"))
     nb = nbformat.read(NOTEBOOK, as_version=4)

@@ -34,6 +34,7 @@ EPOCHS = {
 }
 
 
+@pytest.mark.slow  # over 20 s on 2 cores: the default suite stays under 10 minutes
 @pytest.mark.parametrize("name", sorted(EPOCHS))
 def test_writes_per_session_do_not_grow_with_epochs(name, tmp_path, monkeypatch):
     """Each strategy's digits config over 2 sessions with many epochs and the default 30-minute resume interval:

@@ -102,6 +102,7 @@ class Fault(Callback):
             raise RuntimeError("injected fault")
 
 
+@pytest.mark.slow  # over 20 s on 2 cores: the default suite stays under 10 minutes
 def test_resume_after_a_fault_mid_session_gives_the_same_matrix(tmp_path):
     overrides = [*FAST_FINETUNE, "strategy.epochs=3", "trainer.deterministic=true"]
     full = run_experiment(tiny_config("finetune", tmp_path / "a", *overrides))
@@ -132,6 +133,7 @@ def test_resume_between_sessions(tmp_path):
     )
 
 
+@pytest.mark.slow  # over 20 s on 2 cores: the default suite stays under 10 minutes
 def test_two_process_ddp_matches_one_process(simplecil_run, tmp_path):
     """A 2-process CPU DDP run (gloo) of simplecil gives the accuracy matrix of the 1-process run."""
     cmd = cil_command()

@@ -319,6 +319,7 @@ def test_optimiser_settings_that_break_locality_are_refused_unless_forced():
 FAST = ["backbone.image_size=32", "strategy.epochs=3", "strategy.init_epochs=2"]
 
 
+@pytest.mark.slow  # over 20 s on 2 cores: the default suite stays under 10 minutes
 def test_digits_config_beats_finetune_and_reuses_cached_features(tmp_path):
     run = load_run(run_experiment(tiny_config("dkvb", tmp_path, *FAST)))
     finetune = load_run(run_experiment(tiny_config("finetune", tmp_path, "strategy.epochs=2")))

@@ -118,6 +118,7 @@ def test_fsa_beats_finetune_on_digits(full_run, tmp_path):
     assert ours > theirs + 0.2, (ours, theirs)
 
 
+@pytest.mark.slow  # over 20 s on 2 cores: the default suite stays under 10 minutes
 def test_resume_mid_adaptation_gives_the_same_matrix(tmp_path):
     # dropout and augmentation draw random numbers: the resumed epoch must draw the same ones
     overrides = [

@@ -450,6 +450,7 @@ def test_losses_under_two_gloo_processes_use_the_gathered_labels_and_the_minimum
         assert result["keys"] == ["supp_base"]  # no novel term anywhere: rank 1's batch has no novel sample
 
 
+@pytest.mark.slow  # over 20 s on 2 cores: the default suite stays under 10 minutes
 def test_resume_after_a_fault_gives_the_same_matrix(tmp_path):
     import numpy as np
 

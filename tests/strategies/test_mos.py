@@ -495,6 +495,7 @@ def test_digits_config_beats_the_finetune_lower_bound(tmp_path):
     )
 
 
+@pytest.mark.slow  # over 20 s on 2 cores: the default suite stays under 10 minutes
 def test_resume_mid_session_gives_the_same_matrix(tmp_path):
     overrides = [*FAST, "stream.split=B4-Inc3", "trainer.deterministic=true"]
     full = run_experiment(tiny_config("mos", tmp_path / "a", *overrides))

@@ -564,6 +564,7 @@ def test_digits_run_reports_the_mtil_metrics_and_task_incremental_zero_shot(tmp_
     assert run.metric("mtil_avg") == pytest.approx(M.mtil_avg(R))
 
 
+@pytest.mark.slow  # over 20 s on 2 cores: the default suite stays under 10 minutes
 def test_resume_mid_session_gives_the_same_matrix(tmp_path):
     # 3 epochs per task; the fault stops task 2 after its first epoch (weight ensemble and reference batches mid-way)
     overrides = [*FAST, "stream.split=B4-Inc3", "stream.batch_size=64", "run.keep_session_checkpoints=true"]
