@@ -23,7 +23,7 @@ import torch
 from _machine import machine
 from sklearn.discriminant_analysis import LinearDiscriminantAnalysis
 
-from cil.heads import StreamingLDA
+from cil.layers.lda import StreamingLDA
 
 
 def session_features(rng, projection, centres, classes, per_class):

@@ -19,7 +19,7 @@ import time
 import torch
 from _machine import machine
 
-from cil.ssm import DualSelectiveProjector
+from cil.layers.ssm import DualSelectiveProjector
 
 SHAPES = {
     # name: (batch, C_in, C_out, side, residual projection, new branch)

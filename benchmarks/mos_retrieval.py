@@ -5,7 +5,7 @@ depend on what was learnt, only on how many adapters a batch needs), on a timm V
 
 - plain: one backbone forward + linear head (what a single-adapter or frozen model costs);
 - ours: ``MOS.forward`` — the adapter-0 first guess, then only the adapters the batch's samples move to, each run
-  once per batch (:class:`cil.retrieval.SelfRefinedRetrieval`), then the ensemble;
+  once per batch (:class:`cil.layers.retrieval.SelfRefinedRetrieval`), then the ensemble;
 - official: the code's evaluation — features of *every* stored adapter for every batch, then a per-sample loop of
   head evaluations (no in-place merging here, so all three give the same predictions; the script checks that).
 

@@ -181,7 +181,7 @@ def slda_agreement(stream, cfg) -> dict[str, float]:
         warnings.simplefilter("ignore")
         from avalanche.training import StreamingLDA as AvalancheSLDA
 
-    from cil.heads import StreamingLDA
+    from cil.layers.lda import StreamingLDA
 
     backbone = lite0(cfg).eval()
 

@@ -23,7 +23,7 @@ import torch
 from _machine import machine
 from torch.utils.data import TensorDataset
 
-from cil.clip import create_clip
+from cil.backbones.clip import create_clip
 from cil.module import Session
 from cil.strategies.zscl import ZSCL
 

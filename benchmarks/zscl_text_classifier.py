@@ -22,7 +22,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks._machine import machine  # noqa: E402
-from cil.clip import create_clip  # noqa: E402
+from cil.backbones.clip import create_clip  # noqa: E402
 from cil.strategies.zscl import text_classifier  # noqa: E402
 
 

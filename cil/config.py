@@ -180,7 +180,7 @@ class TrainingConfig(StrategyConfig):
     scheduler: str = param("cosine", choices=["cosine", "constant"], help="learning-rate schedule per session")
 
 
-# class statistics a strategy may keep for classifier alignment (cil.statistics.ClassGaussians)
+# class statistics a strategy may keep for classifier alignment (cil.layers.statistics.ClassGaussians)
 STORAGES = ("covariance", "variance", "multi-centroid")
 
 

@@ -165,7 +165,7 @@ class FeatureStore:
             self.memory[key] = (features, labels)
             self.held += size
             return
-        from cil.runs import atomic_write
+        from cil.io import atomic_write
 
         self.folder.mkdir(parents=True, exist_ok=True)
         atomic_write(self._path(key), lambda p: torch.save({"features": features, "labels": labels}, p))

@@ -21,12 +21,11 @@ import platform
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import pandas as pd
@@ -35,35 +34,10 @@ from omegaconf import DictConfig, OmegaConf
 
 from cil import metrics as M
 from cil.config import to_yaml
+from cil.io import atomic_write
 
 PACKAGES = ["torch", "torchvision", "pytorch-lightning", "timm", "avalanche-lib", "omegaconf", "scikit-learn"]
 PACKAGES += ["numpy", "pandas", "open-clip-torch"]
-
-
-def atomic_write(path: str | Path, data: str | bytes | Callable[[Path], None]) -> Path:
-    """Write ``data`` (text, bytes, or a function that writes a given path) to a temporary file in the same
-    folder, then rename it over ``path``: readers see the old file or the new one, never half of one."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}-", suffix=path.suffix)
-    os.close(fd)
-    try:
-        if callable(data):
-            data(Path(tmp))
-        else:
-            Path(tmp).write_bytes(data.encode() if isinstance(data, str) else data)
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp's 0600 would make results private: follow the umask
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
-
-
-def _umask() -> int:
-    mask = os.umask(0)  # reading the umask means setting it: put it straight back
-    os.umask(mask)
-    return mask
 
 
 def environment(cfg: DictConfig) -> dict[str, Any]:

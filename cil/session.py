@@ -42,8 +42,9 @@ from cil import distributed
 from cil.backbones import Transforms, data_transforms
 from cil.config import ConfigError
 from cil.features import ClassifyFeatures, FeaturesOf, FeatureStore, shard_key
+from cil.io import atomic_write
 from cil.module import CILModule, Session, create_strategy
-from cil.runs import RunFolder, SessionRecord, atomic_write
+from cil.runs import RunFolder, SessionRecord
 
 
 class RunInterrupted(KeyboardInterrupt):

@@ -46,10 +46,11 @@ from torch.utils.data import DataLoader, Dataset, TensorDataset
 from cil.config import ConfigError
 from cil.distributed import all_reduce_sum
 from cil.features import data_identity
-from cil.module import CILModule, Growing, Session, tensor_digest
+from cil.io import atomic_write
+from cil.layers.growing import Growing
+from cil.module import CILModule, Session, tensor_digest
 from cil.progress import progress
 from cil.registry import register_strategy
-from cil.runs import atomic_write
 from cil.strategies.configs import SPLITTINGS, DKVBConfig
 
 

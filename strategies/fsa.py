@@ -9,7 +9,7 @@ The algorithm, as in the official code (github.com/aresPanos/fsa):
    FSCIL; [25, 50, 100], gamma 0.3 few-shot+), 200 epochs.
 2. Discard the temporary head; freeze the body for good and keep it in eval mode for every later feature pass.
 3. Every session, the first included: one pass over the session's training data adds its frozen features to a
-   :class:`~cil.heads.StreamingLDA` head. No replay: the head keeps counts, class means and one scatter matrix,
+   :class:`~cil.layers.lda.StreamingLDA` head. No replay: the head keeps counts, class means and one scatter matrix,
    and equals the LDA fitted on all data seen so far. ``lda_mode=fsa`` (default) is the code's head: total
    covariance of the seen features + 1.0 * I, no prior.
 
@@ -27,9 +27,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from cil.config import ConfigError
-from cil.film import FiLMAdapters
-from cil.heads import StreamingLDA
-from cil.module import CILModule, GrowingClassifier, Session
+from cil.layers.film import FiLMAdapters
+from cil.layers.growing import GrowingClassifier
+from cil.layers.lda import StreamingLDA
+from cil.module import CILModule, Session
 from cil.progress import progress
 from cil.registry import register_strategy
 from cil.strategies.configs import ADAPTATIONS, FSAConfig

@@ -4,8 +4,8 @@ classifier trained by dot regression, and class-sensitive losses on the new bran
 Follows the official code (``xiaojieli0903/Mamba-FSCIL``, an mmcls fork); ``docs/methods/mamba_fscil.md`` sections are
 cited below. Sessions:
 
-- **Base session** (session 0): backbone + base branch of :class:`cil.ssm.DualSelectiveProjector` train with the
-  dot-regression loss toward the fixed :class:`cil.heads.EtfClassifier` (SGD 0.9, warm-up + cosine-with-cooldown or
+- **Base session** (session 0): backbone + base branch of :class:`cil.layers.ssm.DualSelectiveProjector` train with the
+  dot-regression loss toward the fixed :class:`cil.layers.etf.EtfClassifier` (SGD 0.9, warm-up + cosine-with-cooldown or
   step schedule, per iteration), optionally with image-level mixup / cutmix (CIFAR). At its end the backbone is
   frozen (kept in eval mode for good), the per-class mean feature map of every base class is stored, and the new
   branch is attached with its gate projection at zero (it adds exactly nothing until trained).
@@ -18,7 +18,7 @@ cited below. Sessions:
   base/novel means of its dt, B, C.
 
 ``faithful_quirks`` (default on) reproduces two things the code does that look unintended: the gate map flips the
-reversed directions along the channel axis (see :class:`cil.ssm.FourDirectionSSM`), and with image-level mixing
+reversed directions along the channel axis (see :class:`cil.layers.ssm.FourDirectionSSM`), and with image-level mixing
 the unmixed loss of the first labels is added again on mixup/cutmix batches (``λ L(y_a) + (1 - λ) L(y_b) + L(y_a)``;
 the identity branch, which mmcls' ``IdentityTwoLabel`` gives no second label, is ``L(y)`` once).
 
@@ -50,13 +50,13 @@ from torch.utils.data import Dataset, TensorDataset
 
 from cil.config import ConfigError
 from cil.distributed import all_reduce_min, gather_cat
-from cil.heads import EtfClassifier, dot_regression_loss
+from cil.layers.etf import EtfClassifier, dot_regression_loss
+from cil.layers.prototypes import ClassMeans
+from cil.layers.ssm import DualSelectiveProjector
 from cil.module import CILModule, Session
 from cil.progress import progress
 from cil.registry import register_strategy
-from cil.ssm import DualSelectiveProjector
 from cil.strategies.configs import MambaFSCILConfig
-from cil.strategies.simplecil import ClassMeans
 
 
 def suppression_loss(gate: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:

@@ -2,7 +2,7 @@
 
 Follows the official code (``sun-hailong/AAAI25-MOS``, byte-identical in LAMDA-PILOT); ``docs/methods/mos.md``
 section numbers are cited below. A frozen timm ViT carries one set of AdaptFormer adapters per session
-(:class:`cil.adapters.AdapterBank`). Per session t:
+(:class:`cil.layers.adapters.AdapterBank`). Per session t:
 
 1. the current adapter set carries over from session t-1 (only session 0 starts from the zero-output init);
 2. adapter + linear head train with cross-entropy over the new classes (old-class logits masked to -inf) plus
@@ -14,7 +14,7 @@ section numbers are cited below. A frozen timm ViT carries one set of AdaptForme
 6. the new classes' prototypes are the mean features of adapter A_0 (§1.3 step 7).
 
 Inference (§1.7) is training-free: a first guess from adapter 0 and the cosine prototypes picks a session, the
-self-refined retrieval (:class:`cil.retrieval.SelfRefinedRetrieval`) moves to the session the head predicts with
+self-refined retrieval (:class:`cil.layers.retrieval.SelfRefinedRetrieval`) moves to the session the head predicts with
 that session's adapter, at most ``max_iter`` head evaluations, and the output is
 ``softmax(z) + softmax(T * z_orig)`` with T the number of sessions seen.
 
@@ -50,15 +50,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cil.adapters import AdapterBank, vit_blocks
 from cil.config import ConfigError
-from cil.module import CILModule, GrowingClassifier, Session
+from cil.layers.adapters import AdapterBank, vit_blocks
+from cil.layers.growing import GrowingClassifier
+from cil.layers.prototypes import ClassMeans
+from cil.layers.retrieval import SelfRefinedRetrieval
+from cil.layers.statistics import ClassGaussians
+from cil.module import CILModule, Session
 from cil.progress import progress
 from cil.registry import register_strategy
-from cil.retrieval import SelfRefinedRetrieval
-from cil.statistics import ClassGaussians
 from cil.strategies.configs import EVAL_ADAPTERS, MERGE_MODES, MOSConfig
-from cil.strategies.simplecil import ClassMeans
 
 
 class MOS(CILModule):

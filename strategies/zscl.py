@@ -28,9 +28,10 @@ the code, all choices: the caption embeddings are computed once rather than ever
 drawn by a seeded sampler indexed by the step (so a resumed run draws the same ones); a task with a step budget
 (``iterations``) runs ``iterations + 1`` steps with the schedule's K = ``iterations``, as the code's loop does.
 
-Needs from the user: an :class:`cil.clip.ClipBackbone` (``backbone.name: open_clip:...``); ``Session.class_names``,
-``session_classes`` (and ``templates``, or ``strategy.templates``); a Trainer with ``max_steps = steps_for(session)``
-when ``iterations`` is set; reference images and captions unless both distillation weights are 0.
+Needs from the user: an :class:`cil.backbones.clip.ClipBackbone` (``backbone.name: open_clip:...``);
+``Session.class_names``, ``session_classes`` (and ``templates``, or ``strategy.templates``); a Trainer with
+``max_steps = steps_for(session)`` when ``iterations`` is set; reference images and captions unless both
+distillation weights are 0.
 
 The building blocks are plain functions of tensors:
 
@@ -65,7 +66,8 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from cil import distributed
 from cil.config import ConfigError
-from cil.module import CILModule, Growing, Session
+from cil.layers.growing import Growing
+from cil.module import CILModule, Session
 from cil.registry import register_strategy
 from cil.strategies.configs import ZSCLConfig
 

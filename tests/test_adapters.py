@@ -7,8 +7,8 @@ import copy
 import pytest
 import torch
 
-from cil.adapters import Adapter, AdapterBank
 from cil.backbones import create_backbone
+from cil.layers.adapters import Adapter, AdapterBank
 
 
 def vit():

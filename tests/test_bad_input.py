@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from cil.cli import main
-from cil.runs import RunFolder, atomic_write, load_run
+from cil.io import atomic_write
+from cil.runs import RunFolder, load_run
 from tests.conftest import CONFIGS
 
 

@@ -12,7 +12,7 @@ from cil.module import create_strategy
 from cil.runs import RunFolder, load_run
 from cil.session import AtomicCheckpointIO, run_experiment
 from tests.conftest import tiny_config
-from tests.test_session import Fault
+from tests.helpers import Fault
 
 FINETUNE = ["strategy.epochs=3", "stream.batch_size=64", "stream.split=B6-Inc2"]
 

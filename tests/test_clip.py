@@ -7,7 +7,7 @@ import pytest
 from torch import nn
 
 from cil.backbones import backbone_from_config
-from cil.clip import create_clip
+from cil.backbones.clip import create_clip
 from cil.config import ConfigError, load_config
 from tests.conftest import CONFIGS
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from cil.backbones import create_backbone
-from cil.film import FiLMAdapters, film_sites
+from cil.layers.film import FiLMAdapters, film_sites
 
 # EfficientNet-B0's FiLM channels in the official code: stem BN, the depthwise BN of its 16 MBConv blocks
 # (expanded width), head BN

@@ -7,7 +7,8 @@ import torch
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from cil.module import GrowingClassifier, Session, create_strategy
+from cil.layers.growing import GrowingClassifier
+from cil.module import Session, create_strategy
 from cil.strategies.finetune import Finetune
 from cil.strategies.joint import Joint
 from tests.conftest import tiny_config
@@ -59,7 +60,6 @@ def test_create_strategy_from_config(tmp_path):
 
 
 def test_growing_classifier_trunc_normal_init_keeps_trained_rows():
-    from cil.module import GrowingClassifier
 
     torch.manual_seed(0)
     head = GrowingClassifier(768, init="trunc_normal")

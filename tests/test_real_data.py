@@ -12,8 +12,8 @@ from PIL import Image
 
 from cil.config import load_config
 from tests.conftest import CONFIGS
+from tests.helpers import HAVE_LITE0, needs_lite0
 from tests.streams.test_mnist import needs_debian, write_idx
-from tests.test_backbones import HAVE_LITE0, needs_lite0
 
 FASHION_CONFIGS = sorted(p for p in CONFIGS.glob("*/fashion_mnist*.yaml") if p.parent.name != "base")
 WEIGHTS = [] if HAVE_LITE0 else ["backbone.weights=null"]  # without the package, the same network, random

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from cil.retrieval import self_refined_retrieval
+from cil.layers.retrieval import self_refined_retrieval
 
 
 def per_sample(first, table, class_to_task, max_iter=4):

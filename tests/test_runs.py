@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from cil.runs import atomic_write
+from cil.io import atomic_write
 
 
 def test_atomic_write_replaces_whole_file(tmp_path):

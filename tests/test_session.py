@@ -10,13 +10,13 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from pytorch_lightning.callbacks import Callback
 
 from cil.cli import main
 from cil.metrics import seen_accuracy
 from cil.runs import load_run
 from cil.session import run_experiment
 from tests.conftest import CONFIGS, ROOT, cil_command, tiny_config
+from tests.helpers import Fault
 
 FAST_FINETUNE = ["strategy.epochs=2", "stream.batch_size=64"]
 
@@ -89,17 +89,6 @@ def test_report_prints_a_table_and_writes_a_plot(simplecil_run, tmp_path, capsys
     assert main(["report", str(simplecil_run), str(simplecil_run), "--plot", str(plot)]) == 0
     out = capsys.readouterr().out
     assert "avg_incremental_acc" in out and "simplecil" in out and plot.stat().st_size > 1000
-
-
-class Fault(Callback):
-    """Raise at the start of a given epoch of a given session (the session loop's k-th fit)."""
-
-    def __init__(self, session: int, epoch: int):
-        self.session, self.epoch = session, epoch
-
-    def on_train_epoch_start(self, trainer, pl_module):
-        if pl_module.session_index == self.session and trainer.current_epoch == self.epoch:
-            raise RuntimeError("injected fault")
 
 
 @pytest.mark.slow  # over 20 s on 2 cores: the default suite stays under 10 minutes

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from cil.ssm import DualSelectiveProjector, FourDirectionSSM, SelectiveSSM
+from cil.layers.ssm import DualSelectiveProjector, FourDirectionSSM, SelectiveSSM
 
 B, C_IN, C_OUT, N, R = 6, 16, 8, 4, 4
 
@@ -105,8 +105,8 @@ def test_ss2d_grouped_scan_equals_four_separate_directions(h, w):
     """One grouped scan call (4 groups, no z) equals a per-direction loop of reference scans, put back in row order."""
     import torch.nn.functional as F
 
+    from cil.layers.ssm import SS2D
     from cil.ops.selective_scan import selective_scan
-    from cil.ssm import SS2D
 
     torch.manual_seed(0)
     block = SS2D(C_OUT, N, R)

@@ -7,7 +7,7 @@ import pytest
 import torch
 from sklearn.cluster import KMeans
 
-from cil.statistics import ClassGaussians
+from cil.layers.statistics import ClassGaussians
 
 
 def features(seed=0, classes=3, per_class=40, d=6):
@@ -150,9 +150,9 @@ def _reduce_worker(rank, world, port, storage, out):
 def test_all_reduce_in_two_gloo_processes_equals_one_process(storage, tmp_path):
     import torch.multiprocessing as mp
 
-    from tests.test_heads import _free_port
+    from tests.helpers import free_port
 
-    mp.spawn(_reduce_worker, args=(2, _free_port(), storage, str(tmp_path)), nprocs=2)
+    mp.spawn(_reduce_worker, args=(2, free_port(), storage, str(tmp_path)), nprocs=2)
     x, y = features(per_class=60)
     single = ClassGaussians(6, storage, n_centroids=3)
     single.update(x, y)

@@ -376,7 +376,7 @@ def test_paper_configs_build_the_official_bottleneck(name):
     4,096 keys of dim 14 behind a frozen random projection, zero values, plain SGD at
     0.3 on the values alone, label smoothing 0.1; epochs per task and the key initialisation data set as the
     sweep's."""
-    from cil.clip import ClipBackbone
+    from cil.backbones.clip import ClipBackbone
     from cil.module import create_strategy
 
     cfg = load_config(CONFIGS / "dkvb" / f"{name}.yaml", ["backbone.pretrained=false"])
@@ -438,9 +438,9 @@ def _counter_worker(rank: int, world: int, port: int, out: str) -> None:
 def test_selection_counters_are_summed_across_processes(tmp_path):
     import torch.multiprocessing as mp
 
-    from tests.test_heads import _free_port
+    from tests.helpers import free_port
 
-    mp.spawn(_counter_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2)
+    mp.spawn(_counter_worker, args=(2, free_port(), str(tmp_path)), nprocs=2)
     single = bottleneck().train()
     single(torch.randn(12, D, generator=torch.Generator().manual_seed(5)))
     for r in range(2):  # every process holds the counts of the whole batch: the same masking everywhere
@@ -448,7 +448,7 @@ def test_selection_counters_are_summed_across_processes(tmp_path):
 
 
 def test_resume_mid_session_gives_the_same_values(tmp_path):
-    from tests.test_session import Fault
+    from tests.helpers import Fault
 
     overrides = [*FAST, "stream.split=B4-Inc3", "run.keep_session_checkpoints=true"]
     full = run_experiment(tiny_config("dkvb", tmp_path / "a", *overrides))

@@ -16,8 +16,7 @@ from cil.module import Session, create_strategy
 from cil.runs import RunFolder, load_run
 from cil.session import run_experiment
 from tests.conftest import CONFIGS, tiny_config
-from tests.test_heads import official_fsa_head
-from tests.test_session import Fault
+from tests.helpers import Fault, official_fsa_head
 
 FAST = ["strategy.epochs=2", "strategy.milestones=[1]", "stream.batch_size=64", "run.keep_session_checkpoints=true"]
 

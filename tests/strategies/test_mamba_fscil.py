@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from cil.backbones import create_backbone
-from cil.heads import EtfClassifier, dot_regression_loss
+from cil.layers.etf import EtfClassifier, dot_regression_loss
 from cil.strategies.mamba_fscil import class_sensitive_losses, separation_loss, suppression_loss
 
 
@@ -335,8 +335,8 @@ def test_paper_configs_build_the_official_model(name):
     (its size is the projector's), the projector's width, state size, residual projection and scan version, the
     ETF over every class, the loss groups of the code's GPUs, and the settings the sessions are driven with."""
     from cil.config import load_config
+    from cil.layers.ssm import SS2D
     from cil.module import create_strategy
-    from cil.ssm import SS2D
     from tests.conftest import CONFIGS
 
     (split, size, feat, width, residual, base_lr, inc_lr, steps, copies, base_copies,
@@ -435,12 +435,12 @@ def _ddp_loss_worker(rank, world, port, features, labels, gate, out):
 def test_losses_under_two_gloo_processes_use_the_gathered_labels_and_the_minimum_presence(tmp_path):
     import torch.multiprocessing as mp
 
-    from tests.test_heads import _free_port
+    from tests.helpers import free_port
 
     g = torch.Generator().manual_seed(0)
     features, gate = torch.randn(8, 16, generator=g), torch.randn(8, 3, 2, generator=g)
     labels = torch.tensor([0, 0, 5, 6, 1, 1, 1, 2])  # rank 1 holds no novel sample
-    mp.spawn(_ddp_loss_worker, args=(2, _free_port(), features, labels, gate, str(tmp_path)), nprocs=2)
+    mp.spawn(_ddp_loss_worker, args=(2, free_port(), features, labels, gate, str(tmp_path)), nprocs=2)
     results = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
     etf = EtfClassifier(16, 8, seed=0)
     for r, result in enumerate(results):  # class counts of the whole 8-sample batch, not of the 4 local ones
@@ -458,7 +458,7 @@ def test_resume_after_a_fault_gives_the_same_matrix(tmp_path):
     from cil.runs import load_run
     from cil.session import run_experiment
     from tests.conftest import tiny_config
-    from tests.test_session import Fault
+    from tests.helpers import Fault
 
     fast = [
         "backbone.image_size=32",

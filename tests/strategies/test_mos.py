@@ -14,13 +14,13 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from cil.backbones import create_backbone
 from cil.cli import main
+from cil.layers.retrieval import SelfRefinedRetrieval
 from cil.module import Session
-from cil.retrieval import SelfRefinedRetrieval
 from cil.runs import load_run
 from cil.session import run_experiment
 from cil.strategies.mos import MOS, ensemble
 from tests.conftest import CONFIGS, tiny_config
-from tests.test_session import Fault
+from tests.helpers import Fault
 
 DEPTH, DIM, CLASSES_PER_SESSION, PER_CLASS, BATCH = 2, 32, 2, 12, 8
 

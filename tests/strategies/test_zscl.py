@@ -15,8 +15,8 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from cil import metrics as M
+from cil.backbones.clip import create_clip
 from cil.cli import main
-from cil.clip import create_clip
 from cil.config import ConfigError, load_config
 from cil.module import Session
 from cil.runs import compare, load_run
@@ -33,7 +33,7 @@ from cil.strategies.zscl import (
     weight_constraint,
 )
 from tests.conftest import CONFIGS, tiny_config
-from tests.test_session import Fault
+from tests.helpers import Fault
 
 DATA = Path(__file__).resolve().parent.parent / "data" / "zscl"
 
@@ -140,7 +140,7 @@ def test_text_classifier_averages_normalised_template_embeddings():
 def test_text_classifier_encodes_in_batched_calls_with_the_per_class_values():
     """SUN397's 397 classes: few text-tower calls (chunks of prompts), the same rows as one call per class on a
     real (tiny) CLIP text tower, gradients included."""
-    from cil.clip import create_clip
+    from cil.backbones.clip import create_clip
 
     clip = create_clip("open_clip:cil-tiny-clip")
     calls = []
@@ -681,7 +681,7 @@ def test_paper_configs_build_the_official_training(name, tmp_path):
     transform's crop scale, the task-incremental masking (MTIL) and the session layout."""
     from torchvision import transforms as T
 
-    from cil.clip import ClipBackbone
+    from cil.backbones.clip import ClipBackbone
     from cil.module import create_strategy
     from cil.session import stream_transforms
     from tests.streams.test_vision import _image
@@ -780,9 +780,9 @@ def _ddp_worker(rank: int, world: int, port: int, captions: str, out: str) -> No
 def test_distillation_under_ddp_equals_one_process_on_the_global_batch(captions_file, tmp_path):
     import torch.multiprocessing as mp
 
-    from tests.test_heads import _free_port
+    from tests.helpers import free_port
 
-    mp.spawn(_ddp_worker, args=(2, _free_port(), str(captions_file), str(tmp_path)), nprocs=2)
+    mp.spawn(_ddp_worker, args=(2, free_port(), str(captions_file), str(tmp_path)), nprocs=2)
     strategy = make_zscl(captions_file)
     strategy.begin_session(session(0))
     perturb(strategy.backbone)

@@ -17,7 +17,7 @@ from typing import Callable
 
 import torch
 
-from cil.module import Growing
+from cil.layers.growing import Growing
 
 
 def self_refined_retrieval(

@@ -1,5 +1,5 @@
 """Backbones: any timm model as a feature extractor, with weights from timm (online) or a local file;
-CLIP models from open_clip with ``open_clip:<model>`` names (:mod:`cil.clip`).
+CLIP models from open_clip with ``open_clip:<model>`` names (:mod:`cil.backbones.clip`).
 
 ``create_backbone(name)`` returns the model with ``num_classes=0`` (pooled features, ``model.num_features`` wide);
 :func:`data_transforms` builds the matching train/eval transforms from timm's data config.
@@ -18,13 +18,13 @@ import torch
 from timm.data import create_transform, resolve_data_config
 from torch import nn
 
-from cil import resnet12 as _resnet12  # noqa: F401  (registers "resnet12" with timm)
+from cil.backbones import resnet12 as _resnet12  # noqa: F401  (registers "resnet12" with timm)
 from cil.config import ConfigError
 
 
 def check_backbone_name(name: str) -> None:
     """Unknown name → error listing the closest timm model names (``open_clip:`` names: open_clip's)."""
-    from cil.clip import check_clip_name, is_clip_name
+    from cil.backbones.clip import check_clip_name, is_clip_name
 
     if is_clip_name(name):
         return check_clip_name(name)
@@ -42,10 +42,10 @@ def load_weights(model: nn.Module, path: str | Path) -> None:
     """Load a local state dict into ``model``; the classifier head of the file is ignored.
 
     ``path`` may be ``package:<name>``, a file an installed package ships (``package:efficientnet_lite0``, see
-    :mod:`cil.weight_formats`). A file in lukemelas/EfficientNet-PyTorch naming is converted to timm's keys by name.
+    :mod:`cil.backbones.weights`). A file in lukemelas/EfficientNet-PyTorch naming is converted to timm's keys by name.
     Raises :class:`ConfigError` naming the file and the missing, unexpected or mis-shaped keys.
     """
-    from cil.weight_formats import is_lukemelas_efficientnet, lukemelas_to_timm, resolve_weights
+    from cil.backbones.weights import is_lukemelas_efficientnet, lukemelas_to_timm, resolve_weights
 
     path = resolve_weights(path)
     if path.is_dir():
@@ -192,7 +192,7 @@ def data_transforms(
 
 def backbone_from_config(cfg: Any) -> nn.Module:
     """``create_backbone`` with the ``backbone`` group of an experiment config."""
-    from cil.clip import create_clip, is_clip_name
+    from cil.backbones.clip import create_clip, is_clip_name
 
     kwargs = dict(cfg.kwargs) if cfg.kwargs else {}
     if is_clip_name(cfg.name):

@@ -28,7 +28,7 @@ import torch
 
 from cil.config import STORAGES
 from cil.distributed import all_reduce_sum, is_distributed
-from cil.module import Growing
+from cil.layers.growing import Growing
 
 
 class ClassGaussians(Growing):

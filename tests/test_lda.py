@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import itertools
 import os
-import socket
 
 import numpy as np
 import pytest
@@ -15,8 +14,9 @@ from sklearn.datasets import load_digits, make_classification
 from sklearn.decomposition import PCA
 from sklearn.discriminant_analysis import LinearDiscriminantAnalysis
 
-import cil.heads
-from cil.heads import StreamingLDA
+import cil.layers.lda
+from cil.layers.lda import StreamingLDA
+from tests.helpers import free_port, official_fsa_head
 
 
 def blobs(n_per_class, d, seed=0, offset=0.0):
@@ -108,17 +108,6 @@ def test_one_sample_per_class_never_gives_nan(mode):
         np.testing.assert_allclose(logits, np.log(0.25))
 
 
-def official_fsa_head(features: torch.Tensor, labels: torch.Tensor, num_classes: int):
-    """compute_lda_head of github.com/aresPanos/fsa (src/utils.py), written out: total covariance + I."""
-    correction = 1 if features.shape[0] > 1 else 0
-    cov = torch.cov(features.T, correction=correction) + torch.eye(features.shape[1], dtype=features.dtype)
-    chol = torch.linalg.cholesky(cov)
-    means = torch.stack([features[labels == c].mean(0) for c in range(num_classes)]).T
-    coeff = torch.cholesky_solve(means, chol)
-    bias = (coeff * means).sum(0)
-    return lambda f: f @ coeff - 0.5 * bias
-
-
 @pytest.mark.parametrize("sizes", [[5, 9, 14], [3, 3, 3, 3, 3], [1]])
 def test_fsa_mode_equals_the_official_head(sizes):
     x, y = blobs(sizes, 10, seed=6)
@@ -204,8 +193,8 @@ def test_unseen_class_ids_score_minus_infinity():
 
 def test_solve_is_cached_until_the_statistics_change(monkeypatch):
     calls = []
-    real = cil.heads._solve_symmetric
-    monkeypatch.setattr(cil.heads, "_solve_symmetric", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = cil.layers.lda._solve_symmetric
+    monkeypatch.setattr(cil.layers.lda, "_solve_symmetric", lambda *a, **k: calls.append(1) or real(*a, **k))
     x, y = blobs([5, 5, 5], 6, seed=12)
     xt, yt = torch.from_numpy(x), torch.from_numpy(y)
     head = StreamingLDA(6, shrinkage=0.1)
@@ -257,12 +246,6 @@ def test_bad_batches_name_the_problem():
         head.logits(torch.zeros(1, 4))
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _reduce_worker(rank, world, port, x, y, out):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
@@ -278,7 +261,7 @@ def _reduce_worker(rank, world, port, x, y, out):
 
 def test_all_reduce_in_two_gloo_processes_equals_one_process(tmp_path):
     x, y = (torch.from_numpy(a) for a in blobs([9, 12, 7, 10], 8, seed=14))
-    mp.spawn(_reduce_worker, args=(2, _free_port(), x, y, str(tmp_path)), nprocs=2)
+    mp.spawn(_reduce_worker, args=(2, free_port(), x, y, str(tmp_path)), nprocs=2)
     rank0, rank1 = (torch.load(tmp_path / f"rank{r}.pt") for r in range(2))
     drop = torch.zeros_like(y, dtype=torch.bool)
     drop[0::2] = y[0::2] == 3
