@@ -137,14 +137,18 @@ def _run_seeds(args: argparse.Namespace) -> int:
 
 
 def check_before_running(cfg) -> None:
-    """What only the file system and Lightning can say about a config, asked before any data is loaded: the output
-    folder must be a writable folder, and Lightning must accept the trainer settings on this machine."""
+    """What only the file system, timm and Lightning can say about a config, asked before any data is loaded: the
+    output folder must be a writable folder, the backbone a model timm or open_clip knows, and Lightning must accept
+    the trainer settings on this machine."""
     out = Path(cfg.run.output_dir)
     existing = next((p for p in [out, *out.parents] if p.exists()), None)
     if out.exists() and not out.is_dir():
         raise ConfigError(f"run.output_dir='{out}' is a file, not a folder")
     if existing is not None and not os.access(existing, os.W_OK | os.X_OK):
         raise ConfigError(f"run.output_dir='{out}' cannot be created or written ('{existing}' is not writable)")
+    from cil.backbones import check_backbone_name
+
+    check_backbone_name(cfg.backbone.name)
     quiet_lightning()
     from cil.session import check_loggers, make_trainer
 

@@ -1,8 +1,8 @@
 """Typed experiment configuration: YAML files + ``key=value`` overrides, validated before any data is loaded.
 
 A config has five groups — ``run``, ``stream``, ``backbone``, ``strategy``, ``trainer`` — each an omegaconf
-structured config (a dataclass). The ``strategy`` group's schema is the dataclass its strategy registered
-(``register_strategy(name, cls, config)``), so every strategy validates its own hyper-parameters.
+structured config (a dataclass). The ``strategy`` group's schema is the dataclass the registry pairs with the
+strategy's name (``cil.registry``), so every strategy validates its own hyper-parameters.
 
 A config is a YAML path or the name of a packaged config (``simplecil/digits``: ``configs/simplecil/digits.yaml``,
 installed as ``cil.configs``). A YAML file may start with ``extends: other.yaml`` (a path relative to the file, else
@@ -26,6 +26,7 @@ from typing import Any, Optional
 from omegaconf import II, MISSING, DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from cil import registry
 from cil.errors import ConfigError
 
 
@@ -295,9 +296,10 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
 
 
 def validate(user: DictConfig | dict) -> DictConfig:
-    """Check a user config against the schema and the registries; return the merged, typed config."""
-    from cil import registry
+    """Check a user config against the schema and the registries; return the merged, typed config.
 
+    The backbone name is checked against timm's and open_clip's models by ``cil run`` before any data is loaded
+    (``cil.backbones.check_backbone_name``): that needs timm, which checking a config does not import."""
     if not isinstance(user, DictConfig):
         user = OmegaConf.create(user)
     groups = [f.name for f in dataclasses.fields(ExperimentConfig)]
@@ -311,6 +313,8 @@ def validate(user: DictConfig | dict) -> DictConfig:
     if strategy_name is None:
         raise ConfigError(f"strategy.name is required; registered strategies: {registry.strategy_names()}")
     strategy_cls = registry.strategy_config(str(strategy_name))  # raises with the registered names
+    if not issubclass(strategy_cls, StrategyConfig):
+        raise ConfigError(f"the hyper-parameters of strategy '{strategy_name}' must subclass cil.config.StrategyConfig")
 
     schema = OmegaConf.structured(ExperimentConfig(strategy=strategy_cls()))
     _check_keys(user, ExperimentConfig(strategy=strategy_cls()), prefix="")
@@ -327,9 +331,6 @@ def validate(user: DictConfig | dict) -> DictConfig:
     registry.check_stream(cfg.stream.name)
     if cfg.stream.unlabelled not in (None, "self"):
         registry.check_stream(cfg.stream.unlabelled)
-    from cil.backbones import check_backbone_name
-
-    check_backbone_name(cfg.backbone.name)
     OmegaConf.set_readonly(cfg, True)
     return cfg
 

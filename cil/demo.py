@@ -12,8 +12,9 @@ import time
 
 from cil.cli import quiet_lightning
 from cil.config import ConfigError, load_config
+from cil.registry import BUILTIN_STRATEGIES
 
-STRATEGIES = ["finetune", "joint", "simplecil", "fsa", "mos", "mamba_fscil", "zscl", "dkvb"]
+STRATEGIES = list(BUILTIN_STRATEGIES)  # bounds first, then the methods
 
 
 def main(overrides: list[str]) -> int:

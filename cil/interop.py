@@ -48,7 +48,7 @@ def stream_from_benchmark(benchmark: Any, name: str = STREAM_NAME):
     """A cil :class:`cil.streams.common.Stream` over an Avalanche class-incremental benchmark."""
     from avalanche.benchmarks.utils import as_classification_dataset
 
-    from cil.streams.common import Stream, _indices_by_class
+    from cil.streams.common import Stream, indices_by_class
 
     if not hasattr(benchmark, "train_stream") or not hasattr(benchmark, "test_stream"):
         raise ConfigError(f"{type(benchmark).__name__} is not an Avalanche benchmark (no train_stream/test_stream)")
@@ -68,7 +68,7 @@ def stream_from_benchmark(benchmark: Any, name: str = STREAM_NAME):
     if unknown:
         raise ConfigError(f"the benchmark's test stream has classes {unknown[:5]} that no training experience has")
     test_all = as_classification_dataset(_Renumbered(test, remap))
-    by_class = _indices_by_class(test_all.targets)
+    by_class = indices_by_class(test_all.targets)
     new_ids = [[remap[c] for c in s] for s in sessions]
     eval_data = [test_all.subset([i for c in ids for i in by_class.get(c, [])]) for ids in new_ids]
     names = getattr(getattr(benchmark, "original_train_dataset", None), "classes", None)

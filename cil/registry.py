@@ -1,26 +1,39 @@
-"""Registries of strategies and streams (timm-style: a name → a factory, one file per family).
+"""Registries of strategies and streams (timm-style: a name → a factory).
 
-A strategy file ends with ``register_strategy("name", StrategyClass, StrategyConfig)``; a stream file ends with
-``register_stream("name", builder)``. User code can register its own at any time.
+``BUILTIN_STRATEGIES`` below is the one list of the built-in strategies: each name with the import paths of its
+class and of its hyper-parameter dataclass. Everything else that needs the names (``cil list``, the demo,
+``from cil.strategies import FSA``, config validation) reads it. A stream file ends with
+``register_stream("name", builder)``. User code adds its own with :func:`register_strategy` and
+:func:`register_stream` at any time.
 
-The built-in names are known without importing anything: listing them and checking a config (whose strategy
-hyper-parameters come from the torch-free ``cil.strategies.configs``) never imports torch, timm or Lightning. A built-in
-strategy's or stream's module is imported the first time its class or builder is needed.
+Nothing is imported to know a name: listing them and checking a config (whose strategy hyper-parameters come from
+the torch-free ``cil.strategies.configs``) never imports torch, timm or Lightning, and this module imports nothing
+of cil but its errors. A built-in strategy's or stream's module is imported the first time it is needed.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import importlib
 from typing import Any, Callable
 
-from cil.config import ConfigError, StrategyConfig
+from cil.errors import ConfigError
 
-_STRATEGIES: dict[str, tuple[type, type[StrategyConfig]]] = {}
+_STRATEGIES: dict[str, tuple[type, type]] = {}
 _STREAMS: dict[str, Callable[..., Any]] = {}
-# built-in name -> the module whose import registers it
-BUILTIN_STRATEGIES = {n: f"cil.strategies.{n}" for n in ("dkvb", "finetune", "fsa", "joint", "mamba_fscil", "mos",
-                                                     "simplecil", "zscl")}  # fmt: skip
+# name -> ("module:Class" of the strategy, "module:Class" of its hyper-parameters); the demo runs them in this order
+BUILTIN_STRATEGIES = {
+    "finetune": ("cil.strategies.finetune:Finetune", "cil.strategies.configs:FinetuneConfig"),
+    "joint": ("cil.strategies.joint:Joint", "cil.strategies.configs:JointConfig"),
+    "simplecil": ("cil.strategies.simplecil:SimpleCIL", "cil.strategies.configs:SimpleCILConfig"),
+    "fsa": ("cil.strategies.fsa:FSA", "cil.strategies.configs:FSAConfig"),
+    "mos": ("cil.strategies.mos:MOS", "cil.strategies.configs:MOSConfig"),
+    "mamba_fscil": ("cil.strategies.mamba_fscil:MambaFSCIL", "cil.strategies.configs:MambaFSCILConfig"),
+    "zscl": ("cil.strategies.zscl:ZSCL", "cil.strategies.configs:ZSCLConfig"),
+    "dkvb": ("cil.strategies.dkvb:DKVB", "cil.strategies.configs:DKVBConfig"),
+}
+# built-in stream name -> the module whose import registers it
 BUILTIN_STREAMS = {
     "digits": "cil.streams.digits", "fashion_mnist": "cil.streams.mnist", "mnist": "cil.streams.mnist",
     "mtil": "cil.streams.mtil",
@@ -31,15 +44,22 @@ BUILTIN_STREAMS = {
 }  # fmt: skip
 
 
+def resolve(path: str) -> Any:
+    """The object a ``"module:attribute"`` path names (imported now)."""
+    module, _, attribute = path.partition(":")
+    return getattr(importlib.import_module(module), attribute)
+
+
 def _load_builtin(registry: dict, builtins: dict[str, str], name: str) -> None:
     if name not in registry and name in builtins:
         importlib.import_module(builtins[name])
 
 
-def register_strategy(name: str, cls: type, config: type[StrategyConfig]) -> type:
-    """Register a strategy (a ``CILModule`` subclass) and the dataclass of its hyper-parameters."""
-    if not issubclass(config, StrategyConfig):
-        raise TypeError(f"config of strategy '{name}' must subclass cil.config.StrategyConfig")
+def register_strategy(name: str, cls: type, config: type) -> type:
+    """Register a strategy (a ``CILModule`` subclass) and the dataclass of its hyper-parameters (a subclass of
+    ``cil.config.StrategyConfig``, which config validation checks)."""
+    if not (isinstance(config, type) and dataclasses.is_dataclass(config)):
+        raise TypeError(f"config of strategy '{name}' must be a dataclass subclassing cil.config.StrategyConfig")
     _STRATEGIES[name] = (cls, config)
     return cls
 
@@ -66,19 +86,18 @@ def stream_names() -> list[str]:
 
 
 def strategy_class(name: str) -> type:
-    _load_builtin(_STRATEGIES, BUILTIN_STRATEGIES, name)
-    if name not in _STRATEGIES:
-        raise _unknown("strategy", name, strategy_names())
-    return _STRATEGIES[name][0]
+    if name in _STRATEGIES:
+        return _STRATEGIES[name][0]
+    if name in BUILTIN_STRATEGIES:
+        return resolve(BUILTIN_STRATEGIES[name][0])
+    raise _unknown("strategy", name, strategy_names())
 
 
-def strategy_config(name: str) -> type[StrategyConfig]:
+def strategy_config(name: str) -> type:
     if name in _STRATEGIES:
         return _STRATEGIES[name][1]
     if name in BUILTIN_STRATEGIES:
-        from cil.strategies.configs import CONFIGS  # torch-free
-
-        return CONFIGS[name]
+        return resolve(BUILTIN_STRATEGIES[name][1])  # torch-free
     raise _unknown("strategy", name, strategy_names())
 
 

@@ -317,7 +317,7 @@ class SkipUnreadable(Dataset):
         return len(self.data)
 
     def __getitem__(self, item):
-        from cil.streams.common import UnreadableSample
+        from cil.errors import UnreadableSample
 
         try:
             return self.data[item]
@@ -334,7 +334,7 @@ def skipping_collate(batch: list):
     """PyTorch's collation of the items that could be read."""
     from torch.utils.data import default_collate
 
-    from cil.streams.common import UnreadableSample
+    from cil.errors import UnreadableSample
 
     kept = [item for item in batch if item is not None]
     if not kept:

@@ -2,8 +2,7 @@
 
 They live here, apart from the strategies' torch code, so that checking a config (``cil run`` refusing a bad key
 or value) and ``cil list`` answer at once, without importing torch, timm or Lightning. Each strategy file imports
-its own and registers it with its class (``register_strategy``); ``cil.registry`` reads them from ``CONFIGS``
-before a strategy is built.
+its own; ``cil.registry.BUILTIN_STRATEGIES`` pairs each with its strategy.
 """
 
 from __future__ import annotations
@@ -199,15 +198,3 @@ class DKVBConfig(StrategyConfig):
     feature_cache: Optional[str] = param("~/.cache/cil/features", help="folder of cached encoder features; null: off")
     feature_batch_size: int = param(256, ge=1, help="images per encoder call when features are extracted")
     feature_num_workers: int = param(0, ge=0, help="loader workers when features are extracted")
-
-
-CONFIGS: dict[str, type[StrategyConfig]] = {
-    "simplecil": SimpleCILConfig,
-    "fsa": FSAConfig,
-    "finetune": FinetuneConfig,
-    "joint": JointConfig,
-    "mos": MOSConfig,
-    "mamba_fscil": MambaFSCILConfig,
-    "zscl": ZSCLConfig,
-    "dkvb": DKVBConfig,
-}

@@ -50,7 +50,6 @@ from cil.io import atomic_write
 from cil.layers.growing import Growing
 from cil.module import CILModule, Session, tensor_digest
 from cil.progress import progress
-from cil.registry import register_strategy
 from cil.strategies.configs import SPLITTINGS, DKVBConfig
 
 
@@ -361,7 +360,5 @@ class DKVB(CILModule):
         cls = torch.optim.Adam if hp.optimizer == "adam" else torch.optim.AdamW
         return cls(params, lr=hp.lr, weight_decay=hp.weight_decay)
 
-
-register_strategy("dkvb", DKVB, DKVBConfig)
 
 __all__ = ["DKVB", "DKVBConfig", "FeatureCache", "KeyValueBottleneck"]

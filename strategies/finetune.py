@@ -12,8 +12,6 @@ from __future__ import annotations
 from torch import nn
 
 from cil.module import CILModule
-from cil.registry import register_strategy
-from cil.strategies.configs import FinetuneConfig
 
 
 class Finetune(CILModule):
@@ -30,6 +28,3 @@ class Finetune(CILModule):
     ):
         super().__init__(backbone, num_features)
         self.save_hyperparameters(ignore=["backbone"])
-
-
-register_strategy("finetune", Finetune, FinetuneConfig)

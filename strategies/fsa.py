@@ -32,8 +32,7 @@ from cil.layers.growing import GrowingClassifier
 from cil.layers.lda import StreamingLDA
 from cil.module import CILModule, Session
 from cil.progress import progress
-from cil.registry import register_strategy
-from cil.strategies.configs import ADAPTATIONS, FSAConfig
+from cil.strategies.configs import ADAPTATIONS
 
 
 class FSA(CILModule):
@@ -144,6 +143,3 @@ class FSA(CILModule):
         optimizer = torch.optim.Adam(params, lr=hp.lr, weight_decay=hp.weight_decay)
         scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=list(hp.milestones), gamma=hp.lr_gamma)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}
-
-
-register_strategy("fsa", FSA, FSAConfig)

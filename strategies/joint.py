@@ -13,8 +13,6 @@ from __future__ import annotations
 from torch.utils.data import ConcatDataset, Dataset
 
 from cil.module import Session
-from cil.registry import register_strategy
-from cil.strategies.configs import JointConfig
 from cil.strategies.finetune import Finetune
 
 
@@ -25,6 +23,3 @@ class Joint(Finetune):
         if not session.seen_train_data:
             raise ValueError("joint training needs Session.seen_train_data (training sets of sessions 0..k)")
         return ConcatDataset(session.seen_train_data)
-
-
-register_strategy("joint", Joint, JointConfig)

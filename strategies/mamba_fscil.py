@@ -55,7 +55,6 @@ from cil.layers.prototypes import ClassMeans
 from cil.layers.ssm import DualSelectiveProjector
 from cil.module import CILModule, Session
 from cil.progress import progress
-from cil.registry import register_strategy
 from cil.strategies.configs import MambaFSCILConfig
 
 
@@ -442,7 +441,5 @@ class MambaFSCIL(CILModule):
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
-
-register_strategy("mamba_fscil", MambaFSCIL, MambaFSCILConfig)
 
 __all__ = ["MambaFSCIL", "MambaFSCILConfig", "class_sensitive_losses", "separation_loss", "suppression_loss"]

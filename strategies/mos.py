@@ -58,8 +58,7 @@ from cil.layers.retrieval import SelfRefinedRetrieval
 from cil.layers.statistics import ClassGaussians
 from cil.module import CILModule, Session
 from cil.progress import progress
-from cil.registry import register_strategy
-from cil.strategies.configs import EVAL_ADAPTERS, MERGE_MODES, MOSConfig
+from cil.strategies.configs import EVAL_ADAPTERS, MERGE_MODES
 
 
 class MOS(CILModule):
@@ -280,6 +279,3 @@ class MOS(CILModule):
 def ensemble(z: torch.Tensor, z_orig: torch.Tensor, sessions: int) -> torch.Tensor:
     """``softmax(z) + softmax(T * z_orig)`` (§1.7 step 4; the code writes ``z_orig / (1 / T)``)."""
     return F.softmax(z, dim=1) + F.softmax(sessions * z_orig, dim=1)
-
-
-register_strategy("mos", MOS, MOSConfig)

@@ -18,8 +18,6 @@ from torch import nn
 from cil.layers.prototypes import ClassMeans
 from cil.module import CILModule, Session
 from cil.progress import progress
-from cil.registry import register_strategy
-from cil.strategies.configs import SimpleCILConfig
 
 
 class SimpleCIL(CILModule):
@@ -62,6 +60,3 @@ class SimpleCIL(CILModule):
         else:
             logits = -torch.cdist(features.to(torch.float64), self.class_means.means()).pow(2)
         return logits.float()
-
-
-register_strategy("simplecil", SimpleCIL, SimpleCILConfig)

@@ -68,7 +68,6 @@ from cil import distributed
 from cil.config import ConfigError
 from cil.layers.growing import Growing
 from cil.module import CILModule, Session
-from cil.registry import register_strategy
 from cil.strategies.configs import ZSCLConfig
 
 
@@ -222,7 +221,7 @@ class ImageFiles(Dataset):
             with self._open(self.path(i)) as image:
                 image = image.convert("RGB")
         except (OSError, ValueError, SyntaxError) as e:  # a corrupt or truncated image, a non-image file
-            from cil.streams.common import UnreadableSample
+            from cil.errors import UnreadableSample
 
             advice = "replace or delete the file (strategy.reference_images)"
             raise UnreadableSample.reading(self.path(i), e, advice, what="reference image ") from None
@@ -600,8 +599,6 @@ class ZSCL(CILModule):
             logits = logits.masked_fill(task[None, :] != task[y][:, None], float("-inf"))
         return logits.argmax(1), y
 
-
-register_strategy("zscl", ZSCL, ZSCLConfig)
 
 __all__ = [
     "ZSCL",

@@ -23,7 +23,7 @@ from torch.utils.data import Dataset
 
 from cil.backbones import Transforms
 from cil.config import ConfigError, split_sizes
-from cil.errors import DataError
+from cil.errors import UnreadableSample
 
 
 @dataclass
@@ -76,25 +76,6 @@ class GreyImages(Dataset):
         from PIL import Image
 
         return Image.fromarray(self.images[i], mode="L").convert("RGB"), self.targets[i]
-
-
-class UnreadableSample(DataError):
-    """A sample whose file cannot be read (a corrupt or truncated image, a non-image file with an image name): one
-    line naming the file and what to do. Raised in a loader worker, PyTorch re-raises it in the main process with the
-    worker's traceback in the message; only the last line, ours, is kept."""
-
-    def __init__(self, message: str, path: str | None = None):
-        marker = f"{type(self).__name__}: "
-        if "Original Traceback" in message and marker in message:
-            message = message.rsplit(marker, 1)[1].strip()
-        super().__init__(message)
-        self.path = path
-
-    @classmethod
-    def reading(cls, path: Any, error: BaseException, advice: str, what: str = "") -> UnreadableSample:
-        """``cannot read <what><path> (<the error's first line>); <advice>``."""
-        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
-        return cls(f"cannot read {what}{path} ({reason}); {advice}", path=str(path))
 
 
 def sample_path(data: Any, i: int) -> str | None:
@@ -174,7 +155,7 @@ def per_class_subset(ds: Any, per_class: int | None, seed: int) -> Any:
     """
     if per_class is None:
         return ds
-    by_class = _indices_by_class(_targets(ds))
+    by_class = indices_by_class(_targets(ds))
     keep: list[int] = []
     for k, c in enumerate(sorted(by_class)):
         idx = by_class[c]
@@ -281,8 +262,8 @@ def make_benchmark(
     test_all = as_classification_dataset(test_rel, transform_groups=groups)
 
     new_ids = [[remap[c] for c in s] for s in sessions]
-    test_by_class = _indices_by_class(test_rel.targets)
-    train_by_class = _indices_by_class(train_rel.targets)
+    test_by_class = indices_by_class(test_rel.targets)
+    train_by_class = indices_by_class(train_rel.targets)
     train_data, stats_data, eval_data, test_stream = [], [], [], []
     for s, ids in enumerate(new_ids):
         if raw_train_indices is not None:
@@ -312,7 +293,7 @@ def make_benchmark(
     )
 
 
-def _indices_by_class(targets: Sequence[int]) -> dict[int, list[int]]:
+def indices_by_class(targets: Sequence[int]) -> dict[int, list[int]]:
     out: dict[int, list[int]] = {}
     for i, t in enumerate(targets):
         out.setdefault(t, []).append(i)

@@ -202,8 +202,8 @@ def test_reference_folder_lists_what_os_walk_lists_in_the_same_order(tmp_path):
 
 
 def test_an_unreadable_reference_image_is_one_line_naming_it(tmp_path):
+    from cil.errors import UnreadableSample
     from cil.strategies.zscl import ImageFiles
-    from cil.streams.common import UnreadableSample
     from tests.streams.test_vision import _image
 
     _image(tmp_path / "ref" / "a.jpg", 7)
