@@ -219,42 +219,41 @@ def epoch_overrides(strategy_name: str, cfg) -> list[str]:
 def write_data(cfg, root: Path, per_class: int) -> None:
     """The config's data set in its real on-disk format at the paper's number of classes: ``per_class`` training
     and 1 test image per class (tiny images: the transforms resize them to the real input size)."""
-    from tests.streams import test_mtil as M
-    from tests.streams import test_vision as V
+    from tests import writers as W
 
     name, classes = cfg.stream.name, CLASSES.get(cfg.stream.name, 0)
     wnids = [f"n{10000000 + k:08d}" for k in range(classes)]
     if name == "cifar100":
-        V.write_cifar100(root, per_class, 1)
+        W.write_cifar100(root, per_class, 1)
     elif name == "cifar10":
-        V.write_cifar10(root, per_class, 1)
+        W.write_cifar10(root, per_class, 1)
     elif name == "svhn":
-        V.write_svhn(root, per_class)
+        W.write_svhn(root, per_class)
     elif name == "fgvc_aircraft":
-        V.write_aircraft(root, [f"variant-{k}" for k in range(classes)], per_class, 1)
+        W.write_aircraft(root, [f"variant-{k}" for k in range(classes)], per_class, 1)
     elif name == "stanford_cars":
-        V.write_cars(root, [f"Car {k} 2012" for k in range(classes)], per_class, 1)
+        W.write_cars(root, [f"Car {k} 2012" for k in range(classes)], per_class, 1)
     elif name == "miniimagenet":
-        V.write_miniimagenet(root, wnids, per_class, 1)
+        W.write_miniimagenet(root, wnids, per_class, 1)
     elif name == "tinyimagenet":
-        V.write_tinyimagenet(root, wnids, per_class, 1)
+        W.write_tinyimagenet(root, wnids, per_class, 1)
     elif name == "mtil":  # the first two data sets of each order at their real class counts, the rest tiny
-        M.write_all(root)
+        W.write_all(root)
         import shutil
 
         for folder in ("fgvc-aircraft-2013b", "stanford_cars", "food-101"):
             shutil.rmtree(root / folder)
-        V.write_aircraft(root, [f"variant-{k}" for k in range(100)], per_class, 1)
+        W.write_aircraft(root, [f"variant-{k}" for k in range(100)], per_class, 1)
         train_list = root / "fgvc-aircraft-2013b" / "data" / "images_variant_trainval.txt"
         (train_list.parent / "images_variant_train.txt").write_text(train_list.read_text())
-        V.write_cars(root, [f"Car {k} 2012" for k in range(196)], per_class, 1)
+        W.write_cars(root, [f"Car {k} 2012" for k in range(196)], per_class, 1)
         write_food(root, 101, per_class)
     else:  # PILOT's train/ and test/ class folders (CUB, ImageNet-R/A, ObjectNet, OmniBenchmark, VTAB)
-        V.write_image_folders(root, [f"{k + 1:03d}.class_{k}" for k in range(classes)], per_class, 1)
+        W.write_image_folders(root, [f"{k + 1:03d}.class_{k}" for k in range(classes)], per_class, 1)
 
 
 def write_food(root: Path, classes: int, per_class: int) -> None:
-    from tests.streams.test_mtil import _image
+    from tests.writers import small_image as _image
 
     base = root / "food-101"
     (base / "meta").mkdir(parents=True)
@@ -304,6 +303,7 @@ def rehearse(config_name: str, work: Path) -> dict:
     import cil.session as S
     import cil.streams
     from cil.runs import RunFolder
+    from cil.trainers import AtomicCheckpointIO
 
     strategy_name, config = config_name.split("/")
     path = CONFIGS / strategy_name / f"{config}.yaml"
@@ -340,7 +340,7 @@ def rehearse(config_name: str, work: Path) -> dict:
     cfg = load_config(path, overrides)
     writes: list[tuple[str, int]] = []
     peak_folder = [0]
-    save_resume, save_session = S.AtomicCheckpointIO.save_checkpoint, RunFolder.save_session
+    save_resume, save_session = AtomicCheckpointIO.save_checkpoint, RunFolder.save_session
     create_stream, create_strategy_ = cil.streams.create_stream, S.create_strategy
 
     def folder_size(folder: Path) -> int:
@@ -378,7 +378,7 @@ def rehearse(config_name: str, work: Path) -> dict:
             self.batches.append(len(batch[1]))
 
     timer = StepTimer()
-    S.AtomicCheckpointIO.save_checkpoint, RunFolder.save_session = resume_point, session_checkpoint
+    AtomicCheckpointIO.save_checkpoint, RunFolder.save_session = resume_point, session_checkpoint
     cil.streams.create_stream = lambda *a, **k: cut_stream(create_stream(*a, **k), batch)
     S.create_strategy = strategy_cut
     try:
@@ -386,7 +386,7 @@ def rehearse(config_name: str, work: Path) -> dict:
         run = S.run_experiment(cfg, callbacks=[timer])
         written, wall = wchar() - before, time.perf_counter() - began
     finally:
-        S.AtomicCheckpointIO.save_checkpoint, RunFolder.save_session = save_resume, save_session
+        AtomicCheckpointIO.save_checkpoint, RunFolder.save_session = save_resume, save_session
         cil.streams.create_stream, S.create_strategy = create_stream, create_strategy_
     resumes = [size for kind_, size in writes if kind_ == "resume"]
     sessions = [size for kind_, size in writes if kind_ == "session"]

@@ -66,7 +66,7 @@ def build_stream(overrides: list[str]):
 
     from cil.backbones import backbone_from_config
     from cil.config import load_config
-    from cil.session import stream_transforms
+    from cil.loaders import stream_transforms
     from cil.streams import create_stream
 
     cfg = load_config(ROOT / "configs" / "finetune" / "fashion_mnist.yaml", overrides)

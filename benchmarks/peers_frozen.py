@@ -124,7 +124,7 @@ def table(args, out: str) -> str:
 
 
 def curve(args, out: str) -> tuple[str, dict]:
-    from tests.streams.test_vision import write_cifar100
+    from tests.writers import write_cifar100
 
     data = Path(out) / "cifar100"
     write_cifar100(data, per_class_train=args.curve_train, per_class_test=args.curve_test)

@@ -85,10 +85,12 @@ def _run(args: argparse.Namespace) -> int:
     if args.resume:
         if args.config or args.overrides:
             raise ConfigError("--resume RUN_DIR takes no config or overrides: the run folder's config.yaml is used")
+        from cil.runs import RunFolder
+
         run_dir = Path(args.resume)
-        if not (run_dir / "config.yaml").is_file():
-            raise ConfigError(f"--resume '{run_dir}' is not a run folder (no config.yaml)")
-        cfg = load_config(run_dir / "config.yaml")
+        if not RunFolder(run_dir).config.is_file():
+            raise ConfigError(f"--resume '{run_dir}' is not a run folder (no {RunFolder.CONFIG})")
+        cfg = load_config(RunFolder(run_dir).config)
     else:
         if args.config is None:
             raise ConfigError("give a config file (cil run CONFIG [key=value ...]) or --resume RUN_DIR")
@@ -150,7 +152,7 @@ def check_before_running(cfg) -> None:
 
     check_backbone_name(cfg.backbone.name)
     quiet_lightning()
-    from cil.session import check_loggers, make_trainer
+    from cil.trainers import check_loggers, make_trainer
 
     check_loggers(cfg.trainer.loggers)
     try:
@@ -164,10 +166,10 @@ def check_before_running(cfg) -> None:
 
 
 def _complete(run_dir: Path) -> bool:
-    import json
+    from cil.runs import RunFolder
 
     try:
-        return bool(json.loads((run_dir / "summary.json").read_text()).get("complete"))
+        return RunFolder(run_dir).is_complete()
     except (OSError, ValueError):
         return False
 

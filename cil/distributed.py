@@ -39,6 +39,12 @@ def is_rank_zero() -> bool:
     return rank() == 0 if is_distributed() else _launcher_rank() == 0
 
 
+def barrier() -> None:
+    """Wait for every process (nothing in a single process)."""
+    if is_distributed():
+        dist.barrier()
+
+
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     """Sum ``tensor`` in place over all processes (gloo and nccl both accept float64 and int64)."""
     if is_distributed():

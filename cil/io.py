@@ -1,11 +1,57 @@
-"""Atomic file writes: every result, table, plot and checkpoint the project writes goes through here."""
+"""File I/O with guarantees: atomic writes (every result, table, plot and checkpoint the project writes goes through
+:func:`atomic_write`) and safe reads of files made elsewhere (:func:`safe_unpickle` for the data formats that are
+pickles; checkpoints and tensors are read with ``torch.load(weights_only=True)`` where they are read)."""
 
 from __future__ import annotations
 
 import os
+import pickle
 import tempfile
 from pathlib import Path
-from typing import Callable
+from typing import Any, BinaryIO, Callable
+
+# what a pickled data set (CIFAR's python batches) may hold besides dicts, lists, tuples, strings, bytes and
+# numbers: numpy arrays and their dtypes, as numpy 1 and numpy 2 name them, and the codec call protocol 2 uses to
+# rebuild bytes. Nothing here runs code.
+NUMPY_ARRAY_GLOBALS = frozenset(
+    {
+        ("_codecs", "encode"),
+        ("numpy.core.multiarray", "_reconstruct"),
+        ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy.core.multiarray", "scalar"),
+        ("numpy.core.numeric", "_frombuffer"),
+        ("numpy._core.numeric", "_frombuffer"),
+        ("numpy._core.multiarray", "scalar"),
+        ("numpy", "ndarray"),
+        ("numpy", "dtype"),
+    }
+)
+
+
+class UnsafePickle(pickle.UnpicklingError):
+    """A pickle that names a class or function outside the allowed ones (it would run code when loaded)."""
+
+    def __init__(self, module: str, name: str):
+        super().__init__(f"it names {module}.{name}, which a data file has no reason to hold")
+        self.module, self.name = module, name
+
+
+class _Restricted(pickle.Unpickler):
+    def __init__(self, file: BinaryIO, allowed: frozenset, **kwargs: Any):
+        super().__init__(file, **kwargs)
+        self.allowed = allowed
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) not in self.allowed:
+            raise UnsafePickle(module, name)
+        return super().find_class(module, name)
+
+
+def safe_unpickle(path: str | Path, allowed: frozenset = NUMPY_ARRAY_GLOBALS, encoding: str = "latin1") -> Any:
+    """``pickle.load`` of ``path`` that builds only plain containers, strings, bytes, numbers and the ``allowed``
+    globals (numpy arrays by default) and raises :class:`UnsafePickle` for anything else, before it runs."""
+    with open(path, "rb") as f:
+        return _Restricted(f, allowed, encoding=encoding).load()
 
 
 def atomic_write(path: str | Path, data: str | bytes | Callable[[Path], None]) -> Path:

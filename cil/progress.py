@@ -1,6 +1,7 @@
-"""Progress bars for long work outside Lightning's loops (statistics passes, feature extraction, alignment).
+"""Progress bars for long work outside Lightning's loops (statistics passes, feature extraction, alignment), and the
+run's one-line notes.
 
-One rule for all of them: shown on rank 0 only, and silenced by ``trainer.enable_progress_bar=false`` (the session
+One rule for the bars: shown on rank 0 only, and silenced by ``trainer.enable_progress_bar=false`` (the session
 loop calls :func:`set_enabled`), by ``TQDM_DISABLE=1`` (tqdm's own switch) or by ``CIL_QUIET=1``.
 """
 
@@ -31,4 +32,12 @@ def progress(iterable: Optional[Iterable] = None, **kwargs: Any) -> tqdm:
     return tqdm(iterable, disable=not shown(), **kwargs)
 
 
-__all__ = ["progress", "set_enabled", "shown"]
+def note(message: str) -> None:
+    """A ``[cil]`` line for the user (a file set aside, files skipped), printed once: on rank 0."""
+    from cil.distributed import is_rank_zero
+
+    if is_rank_zero():
+        print(f"[cil] {message}", flush=True)
+
+
+__all__ = ["note", "progress", "set_enabled", "shown"]

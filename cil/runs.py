@@ -9,7 +9,8 @@
       accuracy_matrix.csv    R[i, j]: accuracy on session j's test classes after training session i
       summary.json           final metrics with their definitions; per-session wall time, memory, parameters
       plots/                 accuracy_curve.png, accuracy_matrix.png, forgetting.png
-      checkpoints/           session_<k>.ckpt after each session (resume point), last.ckpt mid-session
+      checkpoints/           session_<k>.ckpt after each session (resume point); last.ckpt, Lightning's
+                             mid-session resume point, at an epoch end at most every run.checkpoint_every minutes
       logs/                  Lightning's CSV and TensorBoard logs of the training steps, one version per session
 """
 
@@ -17,7 +18,9 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import platform
+import re
 import socket
 import subprocess
 import sys
@@ -25,7 +28,7 @@ import time
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, NamedTuple, Sequence
 
 import numpy as np
 import pandas as pd
@@ -34,6 +37,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from cil import metrics as M
 from cil.config import to_yaml
+from cil.errors import ConfigError
 from cil.io import atomic_write
 
 PACKAGES = ["torch", "torchvision", "pytorch-lightning", "timm", "avalanche-lib", "omegaconf", "scikit-learn"]
@@ -92,13 +96,74 @@ class SessionRecord:
     peak_gpu_memory_mb: float | None = None  # peak CUDA memory allocated during this session
 
 
+def load_checkpoint(path: Path, mmap: bool = False) -> dict:
+    """A checkpoint of a run folder, read by PyTorch's safe loader (``weights_only=True``: tensors, containers,
+    numbers, strings; nothing that runs code). Run folders are copied and shared, so a file holding anything else
+    is refused with a :class:`ConfigError` naming it, before any of it runs; other failures (a truncated file)
+    raise as they are, and the resume code sets such a file aside."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except pickle.UnpicklingError as e:
+        if "weights only load failed" not in str(e).lower():
+            raise
+        found = re.search(r"GLOBAL (\S+)", str(e))
+        what = f"it names {found.group(1)}, " if found else "it holds an object "
+        raise ConfigError(
+            f"{path} is refused: {what}which a cil checkpoint never holds (loaded with weights_only=True); "
+            "delete it to resume from the checkpoint before it"
+        ) from None
+
+
+class SessionCheckpoint(NamedTuple):
+    """A session checkpoint as read back: the strategy's state (without the tensors the config rebuilds), the
+    records of every session so far, and the digest of the rebuilt tensors."""
+
+    state_dict: dict
+    records: list[SessionRecord]
+    rebuilt_digest: str | None
+
+
 class RunFolder:
-    """Writer of one run folder (only rank 0 writes; see :mod:`cil.session`)."""
+    """Writer of one run folder (only rank 0 writes; see :mod:`cil.session`). Every path of the layout above is
+    named here and nowhere else."""
+
+    CONFIG, ENV, SUMMARY = "config.yaml", "env.json", "summary.json"
+    MATRIX, METRICS = "accuracy_matrix.csv", "metrics.csv"
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
-        self.checkpoints = self.path / "checkpoints"
-        self.plots = self.path / "plots"
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.path / "checkpoints"
+
+    @property
+    def plots(self) -> Path:
+        return self.path / "plots"
+
+    @property
+    def logs(self) -> Path:
+        """Lightning's loggers write here, one version per session."""
+        return self.path / "logs"
+
+    @property
+    def features(self) -> Path:
+        """The feature store's folder while a run goes (``run.feature_memory_mb``)."""
+        return self.path / "features"
+
+    @property
+    def skipped_files(self) -> Path:
+        """``stream.skip_unreadable``: the files that could not be read."""
+        return self.path / "skipped_files.txt"
+
+    @property
+    def config(self) -> Path:
+        return self.path / self.CONFIG
+
+    def is_complete(self) -> bool:
+        """Every session has its results (``summary.json`` says so)."""
+        summary = self.path / self.SUMMARY
+        return summary.is_file() and bool(json.loads(summary.read_text()).get("complete"))
 
     @staticmethod
     def new_path(cfg: DictConfig) -> Path:
@@ -117,15 +182,14 @@ class RunFolder:
                 break
             except FileExistsError:
                 self.path = self.path.with_name(f"{self.path.name.split('-r')[0]}-r{k}")
-        self.checkpoints, self.plots = self.path / "checkpoints", self.path / "plots"
-        atomic_write(self.path / "config.yaml", to_yaml(cfg))
-        atomic_write(self.path / "env.json", json.dumps(environment(cfg), indent=2))
+        atomic_write(self.config, to_yaml(cfg))
+        atomic_write(self.path / self.ENV, json.dumps(environment(cfg), indent=2))
         return self
 
     def note_resume(self, cfg: DictConfig) -> None:
-        env = json.loads((self.path / "env.json").read_text()) if (self.path / "env.json").exists() else {}
+        env = json.loads((self.path / self.ENV).read_text()) if (self.path / self.ENV).exists() else {}
         env.setdefault("resumed", []).append(environment(cfg))
-        atomic_write(self.path / "env.json", json.dumps(env, indent=2))
+        atomic_write(self.path / self.ENV, json.dumps(env, indent=2))
 
     # ---- checkpoints -----------------------------------------------------------------------------------
     def session_checkpoint(self, k: int) -> Path:
@@ -149,15 +213,12 @@ class RunFolder:
         payload["rebuilt_digest"] = rebuilt_digest
         atomic_write(self.session_checkpoint(k), lambda p: torch.save(payload, p))
 
-    def load_session(self, k: int) -> tuple[dict, list[SessionRecord]]:
-        """(the saved state dict, the session records); complete the state with ``CILModule.complete_state(state,
-        self.rebuilt_digest(k))`` before loading it into a strategy."""
-        payload = torch.load(self.session_checkpoint(k), map_location="cpu", weights_only=False)
-        return payload["state_dict"], [SessionRecord(**r) for r in payload["records"]]
-
-    def rebuilt_digest(self, k: int) -> str | None:
-        payload = torch.load(self.session_checkpoint(k), map_location="cpu", weights_only=False, mmap=True)
-        return payload.get("rebuilt_digest")
+    def load_session(self, k: int) -> SessionCheckpoint:
+        """Session ``k``'s checkpoint, read once; complete its state with ``CILModule.complete_state(state_dict,
+        rebuilt_digest)`` before loading it into a strategy."""
+        payload = load_checkpoint(self.session_checkpoint(k))
+        records = [SessionRecord(**r) for r in payload["records"]]
+        return SessionCheckpoint(payload["state_dict"], records, payload.get("rebuilt_digest"))
 
     # ---- results -------------------------------------------------------------------------------------
     def write_results(
@@ -174,9 +235,9 @@ class RunFolder:
         T = R.shape[1]
         done = R.shape[0]
         matrix = pd.DataFrame(R, index=pd.Index(range(done), name="after_session"), columns=range(T))
-        atomic_write(self.path / "accuracy_matrix.csv", matrix.to_csv())
+        atomic_write(self.path / self.MATRIX, matrix.to_csv())
         tidy = tidy_metrics(R, counts)
-        atomic_write(self.path / "metrics.csv", tidy.to_csv(index=False))
+        atomic_write(self.path / self.METRICS, tidy.to_csv(index=False))
         square = R[:, :done]
         final = M.summarize(square, counts[:done]) if done else {}
         summary = {
@@ -189,7 +250,7 @@ class RunFolder:
             "metrics": {k: {"value": _num(v), "definition": M.DEFINITIONS[k]} for k, v in final.items()},
             "sessions": [{k: v for k, v in vars(r).items() if k != "confusion"} for r in records],
         }
-        atomic_write(self.path / "summary.json", json.dumps(summary, indent=2))
+        atomic_write(self.path / self.SUMMARY, json.dumps(summary, indent=2))
         if plots:
             plot_run(self.plots, square, counts[:done])
         return summary
@@ -321,16 +382,16 @@ class Run:
 def load_run(path: str | Path) -> Run:
     """Read a run folder into pandas tables (no file parsing needed in notebooks)."""
     path = Path(path)
-    if not (path / "summary.json").is_file():
+    if not (path / RunFolder.SUMMARY).is_file():
         raise FileNotFoundError(f"'{path}' is not a run folder with results (no summary.json)")
-    matrix = pd.read_csv(path / "accuracy_matrix.csv", index_col="after_session")
+    matrix = pd.read_csv(path / RunFolder.MATRIX, index_col="after_session")
     matrix.columns = matrix.columns.astype(int)
-    metrics_table = pd.read_csv(path / "metrics.csv", dtype={"eval_session": "Int64"})
+    metrics_table = pd.read_csv(path / RunFolder.METRICS, dtype={"eval_session": "Int64"})
     return Run(
         path=path,
-        config=OmegaConf.load(path / "config.yaml"),
-        env=json.loads((path / "env.json").read_text()) if (path / "env.json").exists() else {},
-        summary=json.loads((path / "summary.json").read_text()),
+        config=OmegaConf.load(path / RunFolder.CONFIG),
+        env=json.loads((path / RunFolder.ENV).read_text()) if (path / RunFolder.ENV).exists() else {},
+        summary=json.loads((path / RunFolder.SUMMARY).read_text()),
         metrics=metrics_table,
         accuracy_matrix=matrix,
     )

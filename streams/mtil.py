@@ -24,7 +24,7 @@ from cil.backbones import Transforms
 from cil.config import ConfigError
 from cil.registry import register_stream
 from cil.streams.common import Stream, make_benchmark, per_class_subset, read_sample
-from cil.streams.vision import _root, _torchvision_pair, _UncheckedCIFAR100
+from cil.streams.vision import SafeCIFAR100, _root, _torchvision_pair
 
 ORDER_I = [
     "aircraft", "caltech101", "cifar100", "dtd", "eurosat", "flowers", "food", "mnist", "oxford_pet",
@@ -87,8 +87,7 @@ def read_dataset(name: str, root: Path, verify_checksums: bool = True):
         (whole,) = _torchvision_pair("mtil/caltech101", LAYOUT, lambda _: tv.Caltech101(r), ("all",))
         return (*_split_80_20(whole, list(whole.y)), list(whole.categories))
     if name == "cifar100":
-        cls = tv.CIFAR100 if verify_checksums else _UncheckedCIFAR100
-        return _pair(name, lambda s: cls(r, train=s == "train"), lambda ds: list(ds.targets))
+        return _pair(name, lambda s: SafeCIFAR100(r, s == "train", verify_checksums), lambda ds: list(ds.targets))
     if name == "dtd":
         return _pair(name, lambda s: tv.DTD(r, split=s), private)
     if name == "eurosat":

@@ -26,12 +26,15 @@ import pickle
 from pathlib import Path
 from typing import Any, Callable
 
+import numpy as np
 from torch.utils.data import Dataset
 from torchvision.datasets import CIFAR10, CIFAR100, SVHN, FGVCAircraft, ImageFolder, StanfordCars
 from torchvision.datasets.folder import default_loader
+from torchvision.datasets.vision import VisionDataset
 
 from cil.backbones import Transforms
 from cil.config import ConfigError
+from cil.io import UnsafePickle, safe_unpickle
 from cil.registry import register_stream
 from cil.streams.common import Stream, build_stream
 
@@ -61,41 +64,59 @@ def _root(cfg: Any, stream: str, layout: str) -> Path:
     return root
 
 
-class _UncheckedCIFAR100(CIFAR100):
-    """torchvision's CIFAR100 reader without its md5 checks (``stream.verify_checksums=false``)."""
+class SafeCIFAR100(CIFAR100):
+    """torchvision's CIFAR100 (the same items, classes and targets), but its pickled batches are read with a
+    restricted unpickler (:func:`cil.io.safe_unpickle`: dicts, lists, strings, numbers, numpy arrays only), so a
+    tampered file is refused before any of it runs, with or without the md5 checks (``verify_checksums``)."""
 
-    def _check_integrity(self) -> bool:
-        return all(
-            (Path(self.root) / self.base_folder / name).is_file() for name, _ in self.train_list + self.test_list
-        )
-
-    def _load_meta(self) -> None:
-        import pickle
-
-        with open(Path(self.root) / self.base_folder / self.meta["filename"], "rb") as f:
-            self.classes = pickle.load(f, encoding="latin1")[self.meta["key"]]
+    def __init__(self, root: str, train: bool = True, verify_checksums: bool = True):
+        VisionDataset.__init__(self, root)
+        self.train = train
+        folder = Path(root) / self.base_folder
+        if verify_checksums and not self._check_integrity():
+            raise RuntimeError(f"{folder}: a file's md5 differs from the published one")
+        data, targets = [], []
+        for name, _ in self.train_list if train else self.test_list:
+            entry = _unpickle(folder / name)
+            data.append(entry["data"])
+            targets.extend(entry["labels"] if "labels" in entry else entry["fine_labels"])
+        self.data = np.vstack(data).reshape(-1, 3, 32, 32).transpose((0, 2, 3, 1))  # HWC, as torchvision keeps it
+        self.targets = targets
+        self.classes = _unpickle(folder / self.meta["filename"])[self.meta["key"]]
         self.class_to_idx = {c: i for i, c in enumerate(self.classes)}
 
 
-class _UncheckedCIFAR10(CIFAR10):
-    """torchvision's CIFAR10 reader without its md5 checks (``stream.verify_checksums=false``)."""
+class SafeCIFAR10(SafeCIFAR100):
+    """CIFAR-10's batches through the same restricted reader."""
 
-    _check_integrity = _UncheckedCIFAR100._check_integrity
-    _load_meta = _UncheckedCIFAR100._load_meta
+    base_folder, train_list, test_list, meta = CIFAR10.base_folder, CIFAR10.train_list, CIFAR10.test_list, CIFAR10.meta
+
+
+def _unpickle(path: Path) -> Any:
+    """One CIFAR pickle through the restricted reader; a refused or foreign one is one line naming the file."""
+    try:
+        entry = safe_unpickle(path)
+    except UnsafePickle as e:
+        why = f"{e} (CIFAR's batches hold only dicts, lists, strings and arrays)"
+        raise ConfigError(f"{path} is refused: {why}") from None
+    if not isinstance(entry, dict):
+        raise ConfigError(f"{path} is not a CIFAR batch: it holds a {type(entry).__name__}, not a dict")
+    return entry
 
 
 def _cifar(cfg: Any, make_transforms: Callable[..., Transforms], name: str) -> Stream:
     layout = CIFAR_LAYOUT if name == "cifar100" else CIFAR10_LAYOUT
     root = _root(cfg, name, layout)
-    checked, unchecked = (CIFAR100, _UncheckedCIFAR100) if name == "cifar100" else (CIFAR10, _UncheckedCIFAR10)
+    checked = SafeCIFAR100 if name == "cifar100" else SafeCIFAR10
     folder = root / checked.base_folder
     files = [checked.meta["filename"]] + [n for n, _ in checked.train_list + checked.test_list]
     missing = [n for n in files if not (folder / n).is_file()]
     if missing:
         raise ConfigError(f"stream.data_root='{root}' lacks {missing}; expected layout: {layout}")
-    cls = checked if cfg.verify_checksums else unchecked
     try:
-        train, test = cls(str(root), train=True, download=False), cls(str(root), train=False, download=False)
+        train, test = (checked(str(root), split == "train", cfg.verify_checksums) for split in ("train", "test"))
+    except ConfigError:  # a refused pickle, already one line naming the file
+        raise
     except (pickle.UnpicklingError, EOFError, KeyError, ValueError) as e:  # a truncated or foreign pickle
         raise ConfigError(
             f"stream.data_root='{root}': a file of {folder} is not a readable CIFAR pickle ({type(e).__name__}: "

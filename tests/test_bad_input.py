@@ -11,7 +11,7 @@ import pytest
 from cil.cli import main
 from cil.io import atomic_write
 from cil.runs import RunFolder, load_run
-from tests.conftest import CONFIGS
+from tests.helpers import CONFIGS
 
 
 def run_cli(args, capsys) -> tuple[int, str]:
@@ -164,7 +164,7 @@ def test_loggers_are_checked_before_running(loggers, message, tmp_path, capsys):
 
 def test_the_configured_loggers_are_the_ones_that_write(tmp_path):
     from cil.session import run_experiment
-    from tests.conftest import tiny_config
+    from tests.helpers import tiny_config
 
     cfg = tiny_config("finetune", tmp_path, "trainer.loggers=[csv]", "strategy.epochs=1", "stream.split=B8-Inc2")
     run = run_experiment(cfg)
@@ -172,7 +172,7 @@ def test_the_configured_loggers_are_the_ones_that_write(tmp_path):
 
 
 def test_a_truncated_cifar_pickle_is_one_line_before_training(tmp_path, capsys):
-    from tests.streams.test_vision import write_cifar100
+    from tests.writers import write_cifar100
 
     write_cifar100(tmp_path / "data", per_class_train=2, per_class_test=1)
     train = tmp_path / "data" / "cifar-100-python" / "train"
@@ -189,8 +189,26 @@ def test_a_truncated_cifar_pickle_is_one_line_before_training(tmp_path, capsys):
     assert not (tmp_path / "runs").exists()
 
 
+def test_a_cifar_pickle_with_a_payload_is_one_line_and_never_runs(tmp_path, capsys):
+    """``cil run`` on a CIFAR copy whose batch was crafted to run code (checksums off): exit 2, one line naming
+    the file, nothing run, no run folder."""
+    import pickle
+
+    from tests.helpers import Payload
+    from tests.writers import write_cifar100
+
+    write_cifar100(tmp_path / "data", per_class_train=2, per_class_test=1)
+    test = tmp_path / "data" / "cifar-100-python" / "test"
+    test.write_bytes(pickle.dumps({**pickle.loads(test.read_bytes()), "x": Payload(tmp_path / "ran")}))
+    args = ["run", str(CONFIGS / "simplecil" / "digits.yaml"), "stream.name=cifar100"]
+    args += [f"stream.data_root={tmp_path / 'data'}", "stream.verify_checksums=false"]
+    code, err = run_cli([*args, f"run.output_dir={tmp_path / 'runs'}"], capsys)
+    assert code == 2 and len(err.splitlines()) == 1 and f"{test} is refused: it names posix.system" in err
+    assert not (tmp_path / "ran").exists() and not (tmp_path / "runs").exists()
+
+
 def _folder_stream_with_bad_files(root, kind: str):
-    from tests.streams.test_vision import write_image_folders
+    from tests.writers import write_image_folders
 
     write_image_folders(root, ["a", "b", "c", "d"], train=3, test=2)
     bad = [root / "train" / "b" / "b_1.jpg", root / "test" / "c" / "c_t0.jpg"]

@@ -9,7 +9,7 @@ from torch import nn
 from cil.backbones import backbone_from_config
 from cil.backbones.clip import create_clip
 from cil.config import ConfigError, load_config
-from tests.conftest import CONFIGS
+from tests.helpers import CONFIGS
 
 
 def activations(model: nn.Module) -> set[str]:

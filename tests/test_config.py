@@ -10,7 +10,7 @@ from omegaconf import OmegaConf
 
 from cil.cli import main
 from cil.config import ConfigError, load_config
-from tests.conftest import CONFIGS, ROOT, cil_command
+from tests.helpers import CONFIGS, ROOT, cil_command
 
 SIMPLECIL = str(CONFIGS / "simplecil" / "digits.yaml")
 

@@ -12,7 +12,7 @@ from pytorch_lightning.callbacks import Callback
 from cil.cli import main
 from cil.runs import load_run
 from cil.session import RunInterrupted, run_experiment
-from tests.conftest import tiny_config
+from tests.helpers import tiny_config
 
 OVERRIDES = ["strategy.epochs=3", "stream.batch_size=64", "stream.split=B6-Inc2", "trainer.deterministic=true"]
 

@@ -10,11 +10,13 @@ import pandas as pd
 import pytest
 import torch
 
+from cil.evaluation import stored_features
 from cil.features import FeatureStore
+from cil.loaders import stats_loader, stream_transforms
 from cil.module import accuracy_row
 from cil.runs import load_run
-from cil.session import run_experiment, stats_loader, stored_features, stream_transforms
-from tests.conftest import tiny_config
+from cil.session import run_experiment
+from tests.helpers import tiny_config
 
 
 def capture_strategy(monkeypatch) -> list:

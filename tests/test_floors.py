@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT
+from tests.helpers import ROOT
 
 LINT_IMPORTS = Path(sys.executable).parent / "lint-imports"
 

@@ -9,7 +9,7 @@ import pytest
 
 from cil.runs import load_run
 from cil.session import run_experiment
-from tests.conftest import ROOT, tiny_config
+from tests.helpers import ROOT, tiny_config
 
 
 def foreign_project():

@@ -11,7 +11,7 @@ from sklearn.datasets import load_digits
 from cil.cli import main
 from cil.module import create_strategy
 from cil.runs import load_run
-from tests.conftest import CONFIGS, TINY
+from tests.helpers import CONFIGS, TINY
 
 
 def digits_benchmark():

@@ -7,8 +7,8 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from cil.session import EveryItemBatchSampler, train_loader
-from tests.conftest import tiny_config
+from cil.loaders import EveryItemBatchSampler, train_loader
+from tests.helpers import tiny_config
 
 
 def indices(n: int) -> TensorDataset:

@@ -11,7 +11,7 @@ from cil.layers.growing import GrowingClassifier
 from cil.module import Session, create_strategy
 from cil.strategies.finetune import Finetune
 from cil.strategies.joint import Joint
-from tests.conftest import tiny_config
+from tests.helpers import tiny_config
 
 
 def test_growing_classifier_keeps_trained_rows():

@@ -12,7 +12,7 @@ import zipfile
 
 import pytest
 
-from tests.conftest import ROOT
+from tests.helpers import ROOT
 
 
 @pytest.mark.slow

@@ -8,8 +8,9 @@ import importlib.util
 import pytest
 
 from cil.runs import RunFolder
-from cil.session import AtomicCheckpointIO, run_experiment
-from tests.conftest import CONFIGS, ROOT, tiny_config
+from cil.session import run_experiment
+from cil.trainers import AtomicCheckpointIO
+from tests.helpers import CONFIGS, ROOT, tiny_config
 
 
 def paper_scale():
@@ -55,7 +56,7 @@ def test_writes_per_session_do_not_grow_with_epochs(name, tmp_path, monkeypatch)
     assert [p.name for p in checkpoints] == ["session_0.ckpt", "session_1.ckpt"]
     total = sum(p.stat().st_size for p in checkpoints)
     assert written < 2 * total + 8 * 2**20, (written, total)
-    state, _ = RunFolder(run).load_session(1)
+    state = RunFolder(run).load_session(1).state_dict
     from cil.module import create_strategy
 
     prefixes = create_strategy(cfg).rebuildable_prefixes()

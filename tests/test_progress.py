@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from cil.session import run_experiment
-from tests.conftest import tiny_config
+from tests.helpers import tiny_config
 
 
 @pytest.mark.parametrize(

@@ -11,9 +11,8 @@ import torch
 from PIL import Image
 
 from cil.config import load_config
-from tests.conftest import CONFIGS
-from tests.helpers import HAVE_LITE0, needs_lite0
-from tests.streams.test_mnist import needs_debian, write_idx
+from tests.helpers import CONFIGS, HAVE_LITE0, needs_debian, needs_lite0
+from tests.writers import write_idx
 
 FASHION_CONFIGS = sorted(p for p in CONFIGS.glob("*/fashion_mnist*.yaml") if p.parent.name != "base")
 WEIGHTS = [] if HAVE_LITE0 else ["backbone.weights=null"]  # without the package, the same network, random
@@ -30,8 +29,8 @@ def test_every_strategy_that_runs_on_a_cnn_has_a_fashion_config():
 def test_config_builds_lite0_and_its_own_preprocessing(tmp_path, path):
     from timm.layers import Conv2dSame
 
+    from cil.loaders import stream_transforms
     from cil.module import create_strategy
-    from cil.session import stream_transforms
     from cil.streams import create_stream
 
     arrays = write_idx(tmp_path / "data", per_class=(6, 2))  # classes interleaved: image k is of class k

@@ -10,7 +10,7 @@ import pytest
 
 from cil import registry
 from cil.config import ConfigError, StrategyConfig, TrainingConfig, load_config
-from tests.conftest import CONFIGS
+from tests.helpers import CONFIGS
 
 
 def test_every_builtin_name_resolves_to_a_strategy_and_its_config_without_a_second_list():

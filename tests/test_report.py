@@ -6,7 +6,7 @@ import cil.runs as runs_module
 from cil.cli import main
 from cil.runs import load_run
 from cil.session import run_experiment
-from tests.conftest import tiny_config
+from tests.helpers import tiny_config
 
 
 def test_report_plot_goes_beside_the_runs_with_sessions_from_1(tmp_path, monkeypatch, capsys):

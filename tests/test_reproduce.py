@@ -8,7 +8,7 @@ import shlex
 import pytest
 
 from cil.config import load_config
-from tests.conftest import ROOT
+from tests.helpers import ROOT
 
 COMMANDS = [
     shlex.split(c)

@@ -15,8 +15,7 @@ from cil.cli import main
 from cil.metrics import seen_accuracy
 from cil.runs import load_run
 from cil.session import run_experiment
-from tests.conftest import CONFIGS, ROOT, cil_command, tiny_config
-from tests.helpers import Fault
+from tests.helpers import CONFIGS, ROOT, Fault, cil_command, tiny_config
 
 FAST_FINETUNE = ["strategy.epochs=2", "stream.batch_size=64"]
 

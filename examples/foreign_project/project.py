@@ -28,8 +28,8 @@ from sklearn.model_selection import train_test_split
 from timm.data import create_transform, resolve_data_config
 from torch.utils.data import DataLoader, Subset, TensorDataset
 
+from cil.loaders import EpochSeed, EpochSeededSampler, derived_seed, seed_all
 from cil.module import Session, accuracy_row, run_session
-from cil.session import EpochSeed, EpochSeededSampler, derived_seed, seed_all
 from cil.strategies.fsa import FSA
 from cil.strategies.mos import MOS
 from cil.strategies.simplecil import SimpleCIL

@@ -12,56 +12,9 @@ import torch
 
 from cil.ops.selective_scan import selective_scan, selective_scan_chunked, selective_scan_reference
 from cil.ops.selective_scan.cpu import selective_scan_cpu
+from tests.helpers import NAMES, VARIANTS, assert_close, make_inputs, run
 
 FAST = {"chunked": selective_scan_chunked, "cpu": selective_scan_cpu}
-
-NAMES = ["u", "delta", "A", "B", "C", "D", "z", "delta_bias"]
-
-# (B/C form, groups, z, D, delta_bias, softplus)
-VARIANTS = {
-    "everything, varying B/C, 2 groups": ("varying", 2, True, True, True, True),
-    "nothing optional, fixed B/C": ("fixed", 1, False, False, False, False),
-    "fixed B, 3-D varying C, z only": ("fixedB-3dC", 1, True, False, False, True),
-    "4 groups, D and bias, no softplus": ("varying", 4, False, True, True, False),
-}
-
-
-def make_inputs(batch, dim, length, n, form, groups, z, D, bias, dtype=torch.float32, seed=0, positive_delta=False):
-    """Random inputs; ``positive_delta`` for scans without softplus (a negative Δ makes exp(Δ A) grow without bound)."""
-    g = torch.Generator().manual_seed(seed)
-
-    def r(*shape, scale=1.0):
-        return (torch.randn(*shape, generator=g, dtype=torch.float64) * scale).to(dtype)
-
-    varying = (batch, groups, n, length)
-    B = r(dim, n) if form.startswith("fixed") else r(*varying)
-    C = r(dim, n) if form == "fixed" else (r(batch, n, length) if form == "fixedB-3dC" else r(*varying))
-    inputs = {
-        "u": r(batch, dim, length),
-        "delta": r(batch, dim, length, scale=0.5).abs() if positive_delta else r(batch, dim, length, scale=0.5),
-        "A": -torch.rand(dim, n, generator=g, dtype=torch.float64).mul(2).add(0.05).to(dtype),
-        "B": B,
-        "C": C,
-        "D": r(dim) if D else None,
-        "z": r(batch, dim, length) if z else None,
-        "delta_bias": (r(dim, scale=0.5).abs() if positive_delta else r(dim, scale=0.5)) if bias else None,
-    }
-    return {k: (v.requires_grad_() if v is not None else None) for k, v in inputs.items()}
-
-
-def run(fn, inputs, softplus, **kwargs):
-    """Output, final state and the gradients of a loss that weighs every output and the final state."""
-    out, last = fn(**inputs, delta_softplus=softplus, return_last_state=True, **kwargs)
-    weights = torch.linspace(-1, 1, out.numel(), dtype=torch.float64).view_as(out)
-    loss = (out.double() * weights).sum() + last.double().pow(2).sum()
-    present = [k for k in NAMES if inputs[k] is not None]
-    grads = torch.autograd.grad(loss, [inputs[k] for k in present])
-    return out, last, dict(zip(present, grads))
-
-
-def assert_close(a, b, rtol, atol_rel, name):
-    scale = max(b.abs().max().item(), 1.0)
-    torch.testing.assert_close(a.double(), b.double(), rtol=rtol, atol=atol_rel * scale, msg=name)
 
 
 @pytest.mark.parametrize("length", [1, 7, 64, 257])

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from cil.ops.selective_scan import cuda_unavailable_reason, selective_scan, selective_scan_reference
-from tests.ops.test_selective_scan import VARIANTS, assert_close, make_inputs, run
+from tests.helpers import VARIANTS, assert_close, make_inputs, run
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 

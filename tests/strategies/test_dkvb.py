@@ -16,7 +16,7 @@ from cil.module import Session, create_strategy
 from cil.runs import load_run
 from cil.session import run_experiment
 from cil.strategies.dkvb import DKVB, FeatureCache, KeyValueBottleneck
-from tests.conftest import CONFIGS, tiny_config
+from tests.helpers import CONFIGS, tiny_config
 
 D, C, P, K, V = 16, 4, 8, 3, 3  # the spec's tiny sizes
 
@@ -262,7 +262,7 @@ def test_feature_cache_key_of_a_stream_never_transforms_its_images(tmp_path, mon
     transform or another subset, and stays the same for an equal stream built again."""
     from functools import partial
 
-    from cil.session import stream_transforms
+    from cil.loaders import stream_transforms
     from cil.streams import create_stream
 
     def session_data(*overrides):
@@ -297,14 +297,14 @@ def test_feature_cache_key_of_a_stream_never_transforms_its_images(tmp_path, mon
 def test_feature_cache_key_of_image_files_uses_paths_sizes_and_times(tmp_path):
     from torchvision.datasets import ImageFolder
 
-    from tests.streams.test_vision import _image
+    from tests.writers import image
 
     for i in range(4):
-        _image(tmp_path / "images" / f"c{i % 2}" / f"{i}.png", 30 * i)
+        image(tmp_path / "images" / f"c{i % 2}" / f"{i}.png", 30 * i)
     cache, encoder = FeatureCache(None), nn.Linear(4, 3)
     key = cache.key(encoder, ImageFolder(tmp_path / "images"))
     assert key == cache.key(encoder, ImageFolder(tmp_path / "images"))
-    _image(tmp_path / "images" / "c1" / "3.png", 201)  # rewritten with other content (a new time)
+    image(tmp_path / "images" / "c1" / "3.png", 201)  # rewritten with other content (a new time)
     assert key != cache.key(encoder, ImageFolder(tmp_path / "images"))
 
 
@@ -402,7 +402,7 @@ def test_paper_configs_build_the_official_bottleneck(name):
 
 def test_paper_protocol_runs_on_real_format_files_with_keys_from_the_other_cifar(tmp_path):
     from cil.config import load_config
-    from tests.streams.test_vision import write_cifar10, write_cifar100
+    from tests.writers import write_cifar10, write_cifar100
 
     write_cifar10(tmp_path / "c10")
     write_cifar100(tmp_path / "c100")
@@ -471,7 +471,7 @@ def test_resnet50_configs_build_torchvisions_imagenet1k_v2_transform(name):
     from torchvision.models import ResNet50_Weights
 
     from cil.backbones import backbone_from_config
-    from cil.session import stream_transforms
+    from cil.loaders import stream_transforms
 
     cfg = load_config(CONFIGS / "dkvb" / f"{name}.yaml", ["backbone.pretrained=false"])
     ours = stream_transforms(backbone_from_config(cfg.backbone), cfg).eval
@@ -492,7 +492,7 @@ def test_cifar10_paper_config_orders_classes_as_the_official_sweep(tmp_path, see
 
     from cil.backbones import create_backbone, data_transforms
     from cil.streams import create_stream
-    from tests.streams.test_vision import write_cifar10
+    from tests.writers import write_cifar10
 
     python_random.seed(seed)
     official = list(range(10))

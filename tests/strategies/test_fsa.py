@@ -15,8 +15,7 @@ from cil.config import ConfigError
 from cil.module import Session, create_strategy
 from cil.runs import RunFolder, load_run
 from cil.session import run_experiment
-from tests.conftest import CONFIGS, tiny_config
-from tests.helpers import Fault, official_fsa_head
+from tests.helpers import CONFIGS, Fault, official_fsa_head, tiny_config
 
 FAST = ["strategy.epochs=2", "strategy.milestones=[1]", "stream.batch_size=64", "run.keep_session_checkpoints=true"]
 
@@ -32,7 +31,7 @@ def session_state(run, k):
     from cil.config import load_config
 
     folder = RunFolder(run)
-    state, digest = folder.load_session(k)[0], folder.rebuilt_digest(k)
+    state, _, digest = folder.load_session(k)
     if digest is None:
         return state
     return initial_strategy(load_config(run / "config.yaml")).complete_state(state, digest)
@@ -165,7 +164,7 @@ def test_film_on_an_unsupported_backbone_is_a_config_error(tmp_path, capsys):
 
 def paper_stream(config: str, root, *overrides: str):
     from cil.config import load_config
-    from cil.session import stream_transforms
+    from cil.loaders import stream_transforms
     from cil.streams import create_stream
 
     cfg = load_config(
@@ -176,13 +175,13 @@ def paper_stream(config: str, root, *overrides: str):
 
 
 def test_paper_configs_build_the_paper_streams(tmp_path):
-    from tests.streams.test_vision import write_cifar100
+    from tests.writers import write_cifar100
 
     write_cifar100(tmp_path, per_class_train=52, per_class_test=1)
     cfg, high = paper_stream("cifar100_b10inc10.yaml", tmp_path, "backbone.pretrained=false")
     assert [len(c) for c in high.classes_per_session] == [10] * 10
     assert high.original_class_ids[:10] == list(range(10))  # natural class order
-    from cil.session import stream_transforms
+    from cil.loaders import stream_transforms
 
     transforms = stream_transforms(create_strategy(cfg).backbone, cfg)
     assert "RandomVerticalFlip" in repr(transforms.train)
@@ -195,7 +194,7 @@ def test_paper_configs_build_the_paper_streams(tmp_path):
 
 def test_fscil_config_runs_end_to_end_on_index_lists(tmp_path):
     """The CIFAR-100 FSCIL config on real-format files and CEC-style index lists, shrunk to run on a CPU."""
-    from tests.streams.test_vision import write_cifar100
+    from tests.writers import write_cifar100
 
     write_cifar100(tmp_path / "data", per_class_train=6, per_class_test=1)
     lists = tmp_path / "index_list"
@@ -250,7 +249,7 @@ def test_paper_configs_build_the_codes_training(name, tmp_path):
     whole body or only FiLM's gamma/beta), the optimiser and schedule ``configure_optimizers`` returns, the epochs of
     session 1 and none after it, the dropout before the temporary head, the LDA head's mode, and the batch sizes."""
     from cil.config import load_config
-    from cil.session import train_loader
+    from cil.loaders import train_loader
     from cil.streams.common import split_sessions
 
     split, shots, base_shots, adaptation, milestones, gamma = PAPER[name]
@@ -335,7 +334,7 @@ def test_paper_configs_build_the_codes_preprocessing(name):
     from PIL import Image
 
     from cil.config import load_config
-    from cil.session import stream_transforms
+    from cil.loaders import stream_transforms
 
     cfg = load_config(CONFIGS / "fsa" / f"{name}.yaml", ["backbone.pretrained=false"])
     built = stream_transforms(create_strategy(cfg).backbone, cfg)
@@ -365,7 +364,7 @@ def test_two_process_ddp_head_matches_one_process(tmp_path):
     import os
     import subprocess
 
-    from tests.conftest import ROOT, TINY, cil_command
+    from tests.helpers import ROOT, TINY, cil_command
 
     args = [str(CONFIGS / "fsa" / "digits.yaml"), "strategy.adaptation=none", *TINY]
     single = run_experiment(tiny_config("fsa", tmp_path / "one", "strategy.adaptation=none"))

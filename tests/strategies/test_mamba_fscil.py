@@ -288,7 +288,7 @@ def test_the_new_branch_starts_silent_and_checkpoints_restore_it():
 def test_digits_run_reports_fscil_metrics(tmp_path):
     from cil.runs import load_run
     from cil.session import run_experiment
-    from tests.conftest import tiny_config
+    from tests.helpers import tiny_config
 
     fast = [
         "backbone.image_size=32",
@@ -337,7 +337,7 @@ def test_paper_configs_build_the_official_model(name):
     from cil.config import load_config
     from cil.layers.ssm import SS2D
     from cil.module import create_strategy
-    from tests.conftest import CONFIGS
+    from tests.helpers import CONFIGS
 
     (split, size, feat, width, residual, base_lr, inc_lr, steps, copies, base_copies,
      w_supp, w_novel, w_sep_new, mix_p, base_len, inc_len, image_mix) = PAPER[name]  # fmt: skip
@@ -378,7 +378,7 @@ def test_paper_configs_build_the_official_model(name):
 def test_cub_config_builds_the_ss2d_model_with_frozen_stem(tmp_path):
     from cil.config import load_config
     from cil.module import create_strategy
-    from tests.conftest import CONFIGS
+    from tests.helpers import CONFIGS
 
     cfg = load_config(CONFIGS / "mamba_fscil" / "cub200_fscil.yaml", ["backbone.pretrained=false"])
     strategy = create_strategy(cfg).train()
@@ -394,11 +394,11 @@ def test_cifar_config_builds_its_few_shot_stream_and_model(tmp_path):
     from functools import partial
 
     from cil.config import load_config
+    from cil.loaders import stream_transforms
     from cil.module import create_strategy
-    from cil.session import stream_transforms
     from cil.streams import create_stream
-    from tests.conftest import CONFIGS
-    from tests.streams.test_vision import write_cifar100
+    from tests.helpers import CONFIGS
+    from tests.writers import write_cifar100
 
     write_cifar100(tmp_path, per_class_train=6, per_class_test=1)
     cfg = load_config(
@@ -457,8 +457,7 @@ def test_resume_after_a_fault_gives_the_same_matrix(tmp_path):
     from cil.cli import main
     from cil.runs import load_run
     from cil.session import run_experiment
-    from tests.conftest import tiny_config
-    from tests.helpers import Fault
+    from tests.helpers import Fault, tiny_config
 
     fast = [
         "backbone.image_size=32",
@@ -526,8 +525,8 @@ def test_paper_configs_build_the_codes_test_pipeline(name, resize, crop, interpo
 
     from cil.backbones import backbone_from_config
     from cil.config import load_config
-    from cil.session import stream_transforms
-    from tests.conftest import CONFIGS
+    from cil.loaders import stream_transforms
+    from tests.helpers import CONFIGS
 
     cfg = load_config(CONFIGS / "mamba_fscil" / f"{name}.yaml", ["backbone.pretrained=false"])
     steps = stream_transforms(backbone_from_config(cfg.backbone), cfg).eval.transforms

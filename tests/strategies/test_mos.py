@@ -19,8 +19,7 @@ from cil.module import Session
 from cil.runs import load_run
 from cil.session import run_experiment
 from cil.strategies.mos import MOS, ensemble
-from tests.conftest import CONFIGS, tiny_config
-from tests.helpers import Fault
+from tests.helpers import CONFIGS, Fault, tiny_config
 
 DEPTH, DIM, CLASSES_PER_SESSION, PER_CLASS, BATCH = 2, 32, 2, 12, 8
 
@@ -573,10 +572,10 @@ def test_paper_configs_build_pilot_streams_and_transforms(tmp_path):
     from PIL import Image
 
     from cil.config import load_config
+    from cil.loaders import stream_transforms
     from cil.module import create_strategy
-    from cil.session import stream_transforms
     from cil.streams import create_stream
-    from tests.streams.test_vision import write_cifar100, write_image_folders
+    from tests.writers import write_cifar100, write_image_folders
 
     small_vit = ["backbone.pretrained=false", "backbone.kwargs={depth: 1}", "stream.verify_checksums=false"]
     write_cifar100(tmp_path / "cifar")
@@ -606,7 +605,7 @@ def test_two_process_ddp_statistics_and_alignment_match_one_process(tmp_path):
     import subprocess
 
     from cil.runs import RunFolder
-    from tests.conftest import ROOT, TINY, cil_command
+    from tests.helpers import ROOT, TINY, cil_command
 
     extra = ["backbone.image_size=32", "strategy.epochs=0", "strategy.ca_epochs=3"]
     args = [str(CONFIGS / "mos" / "digits.yaml"), *TINY, *extra]
@@ -616,7 +615,7 @@ def test_two_process_ddp_statistics_and_alignment_match_one_process(tmp_path):
     out = subprocess.run([*cil_command(), "run", *args, *ddp], capture_output=True, text=True, cwd=ROOT, env=env)
     assert out.returncode == 0, out.stderr[-3000:]
     (two,) = (tmp_path / "two" / "mos-digits").iterdir()
-    a, b = RunFolder(two).load_session(4)[0], RunFolder(single).load_session(4)[0]
+    a, b = RunFolder(two).load_session(4).state_dict, RunFolder(single).load_session(4).state_dict
     for key in ("statistics.means", "statistics.spread", "prototypes.sums", "classifier.weight"):
         torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6)
     np.testing.assert_array_equal(load_run(two).accuracy_matrix.to_numpy(), load_run(single).accuracy_matrix.to_numpy())

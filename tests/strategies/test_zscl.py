@@ -32,8 +32,7 @@ from cil.strategies.zscl import (
     warmup_cosine,
     weight_constraint,
 )
-from tests.conftest import CONFIGS, tiny_config
-from tests.helpers import Fault
+from tests.helpers import CONFIGS, Fault, tiny_config
 
 DATA = Path(__file__).resolve().parent.parent / "data" / "zscl"
 
@@ -186,12 +185,12 @@ def test_reference_folder_lists_what_os_walk_lists_in_the_same_order(tmp_path):
     from pathlib import Path
 
     from cil.strategies.zscl import IMAGE_SUFFIXES, ImageFiles
-    from tests.streams.test_vision import _image
+    from tests.writers import image
 
     for rel in ["a/b.png", "a-b/c.jpg", "a/x/y/z.JPEG", "é/ü.png", "top.png", "a b/c.png"]:
-        _image(tmp_path / "ref" / rel, 7)
+        image(tmp_path / "ref" / rel, 7)
     (tmp_path / "ref" / "a" / "notes.txt").write_text("not an image")
-    _image(tmp_path / "elsewhere" / "linked.png", 9)
+    image(tmp_path / "elsewhere" / "linked.png", 9)
     os.symlink(tmp_path / "elsewhere", tmp_path / "ref" / "link")
     former = sorted(
         Path(d) / f for d, _, names in os.walk(tmp_path / "ref") for f in names if f.lower().endswith(IMAGE_SUFFIXES)
@@ -204,9 +203,9 @@ def test_reference_folder_lists_what_os_walk_lists_in_the_same_order(tmp_path):
 def test_an_unreadable_reference_image_is_one_line_naming_it(tmp_path):
     from cil.errors import UnreadableSample
     from cil.strategies.zscl import ImageFiles
-    from tests.streams.test_vision import _image
+    from tests.writers import image
 
-    _image(tmp_path / "ref" / "a.jpg", 7)
+    image(tmp_path / "ref" / "a.jpg", 7)
     (tmp_path / "ref" / "b.jpg").write_text("<html>404</html>")
     files = ImageFiles(tmp_path / "ref")
     assert files[0].size == (20, 20)
@@ -614,14 +613,13 @@ def test_an_empty_reference_folder_is_a_config_error(tmp_path):
 
 # ---- the paper's configs ------------------------------------------------------------------------------------------
 def test_mtil_config_runs_on_real_format_files_and_reports_transfer_avg_last(tmp_path):
-    from tests.streams.test_mtil import write_dtd, write_eurosat, write_mnist
-    from tests.streams.test_vision import _image
+    from tests.writers import image, write_dtd, write_eurosat, write_mnist
 
     write_mnist(tmp_path / "data")
     write_dtd(tmp_path / "data")
     write_eurosat(tmp_path / "data")
     for i in range(6):  # any image folder, searched recursively (ImageNet's train set in the paper)
-        _image(tmp_path / "reference" / f"n0{i % 2}" / f"image_{i}.JPEG", 40 * i)
+        image(tmp_path / "reference" / f"n0{i % 2}" / f"image_{i}.JPEG", 40 * i)
     captions = tmp_path / "captions.tsv"  # the Conceptual Captions TSV: caption, then URL
     captions.write_text("a dog on a beach\thttp://x/1.jpg\na red car\thttp://x/2.jpg\na tree in a field\thttp://x/3\n")
     overrides = [
@@ -682,11 +680,11 @@ def test_paper_configs_build_the_official_training(name, tmp_path):
     from torchvision import transforms as T
 
     from cil.backbones.clip import ClipBackbone
+    from cil.loaders import stream_transforms
     from cil.module import create_strategy
-    from cil.session import stream_transforms
-    from tests.streams.test_vision import _image
+    from tests.writers import image
 
-    _image(tmp_path / "reference" / "image_0.JPEG", 10)
+    image(tmp_path / "reference" / "image_0.JPEG", 10)
     (tmp_path / "captions.txt").write_text("a dog on a beach\n")
     overrides = [
         "backbone.pretrained=false",

@@ -6,21 +6,12 @@ from collections import Counter
 
 import pytest
 
-from cil.config import ConfigError, load_config
-from tests.conftest import CONFIGS
-
-
-def stream_of(*overrides: str):
-    from cil.backbones import create_backbone, data_transforms
-    from cil.streams import create_stream
-
-    cfg = load_config(CONFIGS / "simplecil" / "digits.yaml", ["backbone.image_size=16", *overrides])
-    backbone = create_backbone(cfg.backbone.name)
-    return create_stream(cfg.stream, lambda **kw: data_transforms(backbone, 16, False, **kw))
+from cil.config import ConfigError
+from tests.helpers import digits_stream
 
 
 def test_default_is_five_sessions_of_two_classes_remapped_in_appearance_order():
-    stream = stream_of()
+    stream = digits_stream()
     assert stream.n_sessions == 5 and stream.n_classes == 10
     assert stream.classes_per_session == [[0, 1], [2, 3], [4, 5], [6, 7], [8, 9]]
     assert sorted(stream.original_class_ids) == list(range(10))
@@ -33,20 +24,20 @@ def test_default_is_five_sessions_of_two_classes_remapped_in_appearance_order():
 
 
 def test_class_order_is_seeded():
-    a, b, c = stream_of("run.seed=1"), stream_of("run.seed=1"), stream_of("run.seed=2")
+    a, b, c = digits_stream("run.seed=1"), digits_stream("run.seed=1"), digits_stream("run.seed=2")
     assert a.original_class_ids == b.original_class_ids
     assert a.original_class_ids != c.original_class_ids
 
 
 def test_fixed_class_order_and_no_shuffle():
     order = [9, 8, 7, 6, 5, 4, 3, 2, 1, 0]
-    assert stream_of(f"stream.class_order={order}").original_class_ids == order
-    assert stream_of("stream.shuffle_classes=false").original_class_ids == list(range(10))
+    assert digits_stream(f"stream.class_order={order}").original_class_ids == order
+    assert digits_stream("stream.shuffle_classes=false").original_class_ids == list(range(10))
 
 
 def test_labels_are_remapped_consistently_in_train_and_test():
     order = [3, 1, 4, 0, 5, 9, 2, 6, 8, 7]
-    stream = stream_of(f"stream.class_order={order}")
+    stream = digits_stream(f"stream.class_order={order}")
     from cil.streams.digits import digits_sets
 
     train, _ = digits_sets(0.2, 0)
@@ -56,7 +47,7 @@ def test_labels_are_remapped_consistently_in_train_and_test():
 
 
 def test_base_split():
-    stream = stream_of("stream.split=B4-Inc2")
+    stream = digits_stream("stream.split=B4-Inc2")
     assert [len(c) for c in stream.classes_per_session] == [4, 2, 2, 2]
 
 
@@ -74,7 +65,7 @@ def test_stratified_seeded_test_split():
 
 
 def test_images_are_resized_to_the_backbone_input_size():
-    stream = stream_of()
+    stream = digits_stream()
     x, y = stream.train_data[0][0][:2]
     assert tuple(x.shape) == (3, 16, 16) and y in stream.classes_per_session[0]
     x_eval = stream.eval_data[0][0][0]
@@ -82,7 +73,7 @@ def test_images_are_resized_to_the_backbone_input_size():
 
 
 def test_eval_data_are_disjoint_per_session_and_cover_the_test_set():
-    stream = stream_of()
+    stream = digits_stream()
     assert sum(stream.eval_counts()) == pytest.approx(0.2 * 1797, abs=1)
     for k, data in enumerate(stream.eval_data):
         assert set(data.targets) == set(stream.classes_per_session[k])
@@ -90,4 +81,4 @@ def test_eval_data_are_disjoint_per_session_and_cover_the_test_set():
 
 def test_split_must_fit_the_classes():
     with pytest.raises(ConfigError, match="B3-Inc2"):
-        stream_of("stream.split=B3-Inc2")
+        digits_stream("stream.split=B3-Inc2")

@@ -7,7 +7,7 @@ from collections import Counter
 import pytest
 
 from cil.config import ConfigError
-from tests.streams.test_digits import stream_of
+from tests.helpers import digits_stream as stream_of
 
 
 def test_k_shot_sessions_after_a_full_base_session():

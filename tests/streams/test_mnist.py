@@ -4,36 +4,15 @@ when Debian's dataset-fashion-mnist is installed."""
 from __future__ import annotations
 
 import gzip
-import struct
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from cil.config import ConfigError, load_config
-from cil.streams.mnist import DEBIAN_FASHION_MNIST, FILES
-from tests.conftest import CONFIGS
-
-
-def idx_bytes(array: np.ndarray) -> bytes:
-    """The IDX format written by hand: magic 0x0000 08 <ndim> (unsigned bytes), big-endian dims, then the data."""
-    header = struct.pack(">I", 0x0800 + array.ndim) + b"".join(struct.pack(">I", n) for n in array.shape)
-    return header + array.astype(np.uint8).tobytes()
-
-
-def write_idx(folder: Path, per_class=(3, 2), gz: bool = True, seed: int = 0) -> dict[str, np.ndarray]:
-    """Train and test IDX files of 10 classes (``per_class`` images each) in ``folder``; returns the arrays."""
-    folder.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(seed)
-    arrays = {}
-    for (images, labels), n in zip(FILES.values(), per_class):
-        y = np.array([c for _ in range(n) for c in range(10)], dtype=np.uint8)  # classes interleaved
-        x = rng.integers(0, 256, size=(len(y), 28, 28), dtype=np.uint8)
-        for name, array in ((images, x), (labels, y)):
-            data = idx_bytes(array)
-            (folder / (name + ".gz" if gz else name)).write_bytes(gzip.compress(data) if gz else data)
-            arrays[name] = array
-    return arrays
+from cil.streams.mnist import DEBIAN_FASHION_MNIST
+from tests.helpers import CONFIGS, needs_debian
+from tests.writers import idx_bytes, write_idx
 
 
 def stream_of(name: str, root: Path, *overrides: str, size: int = 16):
@@ -149,12 +128,6 @@ def test_no_data_root_names_debian_path():
         from cil.streams import create_stream
 
         create_stream(load_config(CONFIGS / "simplecil" / "digits.yaml", ["stream.name=fashion_mnist"]).stream, None)
-
-
-needs_debian = pytest.mark.skipif(
-    not Path(DEBIAN_FASHION_MNIST, "train-images-idx3-ubyte.gz").is_file(),
-    reason="Debian package dataset-fashion-mnist not installed (apt-get install -y dataset-fashion-mnist)",
-)
 
 
 @needs_debian
