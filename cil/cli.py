@@ -103,20 +103,18 @@ def _run(args: argparse.Namespace) -> int:
     quiet_lightning()  # before the checks: they build a Trainer, whose start-up chatter must not reach the user
     check_before_running(cfg)
     from cil.distributed import is_rank_zero
-    from cil.session import RunInterrupted, run_experiment
+    from cil.resume import RunInterrupted
+    from cil.session import run_experiment
 
     if run_dir is not None and _complete(run_dir):
         print(f"[cil] {run_dir} is complete: every session has its results (cil report {run_dir})")
         return 0
     try:
         path = run_experiment(cfg, run_dir=run_dir)
-    except RunInterrupted as e:
+    except RunInterrupted as e:  # Ctrl-C or a scheduler's signal: 128 + the signal's number, as a shell reports it
         if is_rank_zero():
-            print(
-                f"cil: interrupted in session {e.session + 1}; resume with: cil run --resume {e.folder}",
-                file=sys.stderr,
-            )
-        return 130
+            print(f"cil: {e}; resume with: cil run --resume {e.folder}", file=sys.stderr)
+        return e.exit_code
     if is_rank_zero():
         print(f"[cil] run folder: {path}")
     return 0

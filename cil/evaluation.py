@@ -38,21 +38,22 @@ class ConfusionCollector(Callback):
 
 
 def evaluate(
-    strategy: CILModule, stream, session: int, cfg: DictConfig, store: FeatureStore | None = None
+    strategy: CILModule, stream, session: int, cfg: DictConfig, store: FeatureStore | None = None, root=None
 ) -> np.ndarray:
     """Confusion matrix over the test data of sessions 0..session (all sessions with ``eval_unseen``).
 
     Each process predicts its own share of each test set (``stats_loader``: disjoint, unpadded). With a ``store``
     and a strategy whose features are frozen, it classifies the stored features of each test set instead, computing
-    them (with the same batches) only where the store has none: the same predictions, one body pass per run."""
+    them (with the same batches) only where the store has none: the same predictions, one body pass per run.
+    ``root``: the run folder (Lightning's root folder, see :func:`cil.trainers.make_trainer`)."""
     upto = stream.n_sessions if cfg.trainer.eval_unseen else session + 1
     sets = list(stream.eval_data[:upto])
     collector = ConfusionCollector(stream.n_classes)
     evaluator = make_trainer(
-        cfg, logger=False, enable_checkpointing=False, callbacks=[collector], use_distributed_sampler=False
+        cfg, root, logger=False, enable_checkpointing=False, callbacks=[collector], use_distributed_sampler=False
     )
     if store is not None and strategy.features_frozen:
-        loaders = stored_features(strategy, sets, cfg, store)
+        loaders = stored_features(strategy, sets, cfg, store, root)
         evaluator.predict(ClassifyFeatures(strategy), dataloaders=loaders, return_predictions=False)
     else:
         loaders = [stats_loader(data, cfg) for data in sets]
@@ -60,7 +61,9 @@ def evaluate(
     return collector.matrix()
 
 
-def stored_features(strategy: CILModule, sets: list[Dataset], cfg: DictConfig, store: FeatureStore) -> list[DataLoader]:
+def stored_features(
+    strategy: CILModule, sets: list[Dataset], cfg: DictConfig, store: FeatureStore, root=None
+) -> list[DataLoader]:
     """Loaders over the stored frozen features of this process's share of each data set, in the batches
     ``stats_loader`` gives; features missing from the store are computed first (one Lightning predict)."""
     batch = cfg.stream.eval_batch_size
@@ -69,7 +72,7 @@ def stored_features(strategy: CILModule, sets: list[Dataset], cfg: DictConfig, s
     found = [store.get(key) for key in keys]
     todo = [i for i, f in enumerate(found) if f is None]
     if todo:
-        extractor = make_trainer(cfg, logger=False, enable_checkpointing=False, use_distributed_sampler=False)
+        extractor = make_trainer(cfg, root, logger=False, enable_checkpointing=False, use_distributed_sampler=False)
         outputs = extractor.predict(FeaturesOf(strategy), dataloaders=[stats_loader(sets[i], cfg) for i in todo])
         outputs = [outputs] if len(todo) == 1 else outputs  # Lightning unwraps a single loader's outputs
         for i, batches in zip(todo, outputs):

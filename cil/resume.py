@@ -12,6 +12,9 @@ letting Lightning read the file again. An unreadable file (truncated by a full d
 
 from __future__ import annotations
 
+import signal
+import threading
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,13 +23,68 @@ from cil.errors import ConfigError
 from cil.progress import note
 from cil.runs import RunFolder, SessionCheckpoint, load_checkpoint
 
+# what a person (Ctrl-C) or a scheduler sends to stop a job: SLURM sends SIGTERM at the time limit, on scancel and
+# on preemption, and SIGUSR1/SIGUSR2 ahead of time when asked (sbatch --signal); PBS and LSF send SIGTERM too
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
+
 
 class RunInterrupted(KeyboardInterrupt):
-    """Ctrl-C (or SIGINT) during a run: where it stopped and how to go on."""
+    """A run stopped by Ctrl-C or a scheduler's signal: where it stopped, how to go on, and the exit status a
+    shell gives for that signal (128 + its number: 130 for SIGINT, 143 for SIGTERM)."""
 
-    def __init__(self, folder: Path, session: int):
-        super().__init__(f"interrupted in session {session + 1}")
-        self.folder, self.session = folder, session
+    def __init__(self, folder: Path, session: int, signum: int = signal.SIGINT):
+        how = "interrupted" if signum == signal.SIGINT else f"stopped by {signal.Signals(signum).name}"
+        super().__init__(f"{how} in session {session + 1}")
+        self.folder, self.session, self.signum = folder, session, int(signum)
+        self.exit_code = 128 + int(signum)
+
+
+class StopSignals:
+    """While a run goes, every signal of ``STOP_SIGNALS`` stops it the same way in every phase (training,
+    statistics passes, evaluation): the handler raises ``KeyboardInterrupt`` where the run is, and the session
+    loop turns whatever follows (Lightning's own shutdown exits, a loader worker killed by the same signal) into
+    :class:`RunInterrupted`. Inside :meth:`deferred` (writing a session's checkpoint and results) a signal waits
+    until the writing is done, so the run folder always holds a whole session. Lightning composes its own SIGTERM
+    handler with this one during a fit; SLURM's auto-requeue is switched off (``cil.trainers.make_trainer``), so
+    Lightning writes no ``hpc_ckpt`` outside the run folder: the resume point is the run folder's own."""
+
+    def __init__(self) -> None:
+        self.received: int | None = None
+        self._deferring = False
+        self._previous: dict[int, object] = {}
+
+    def __enter__(self) -> StopSignals:
+        if threading.current_thread() is threading.main_thread():  # Python allows handlers there only
+            for signum in STOP_SIGNALS:
+                self._previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+        self._previous = {}
+
+    def _handle(self, signum: int, frame) -> None:
+        self.received = self.received or signum
+        if not self._deferring:
+            raise KeyboardInterrupt(signal.Signals(signum).name)
+
+    @contextmanager
+    def deferred(self):
+        self._deferring = True
+        try:
+            yield
+        finally:
+            self._deferring = False
+        if self.received is not None:
+            raise KeyboardInterrupt(signal.Signals(self.received).name)
+
+    def stopped(self, error: BaseException) -> bool:
+        """Whether ``error`` ended the run because it was asked to stop."""
+        return isinstance(error, KeyboardInterrupt) or self.received is not None
+
+    def interrupted(self, folder: Path, session: int) -> RunInterrupted:
+        return RunInterrupted(folder, session, self.received or signal.SIGINT)
 
 
 @dataclass

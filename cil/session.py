@@ -29,7 +29,7 @@ from cil.features import FeatureStore
 from cil.loaders import EpochSeed, derived_seed, seed_all, stats_loader, stream_transforms, train_loader
 from cil.module import Session, create_strategy
 from cil.progress import note
-from cil.resume import ResumePoint, RunInterrupted, mid_session, newest_intact_session
+from cil.resume import ResumePoint, StopSignals, mid_session, newest_intact_session
 from cil.runs import RunFolder, SessionRecord
 from cil.trainers import (
     AtomicCheckpointIO,
@@ -92,79 +92,91 @@ def run_experiment(
     if stream.task_names:
         info["task_names"] = list(stream.task_names)
 
-    plotted = time.monotonic()
-    for k in range(start, stream.n_sessions):
-        seed_all(derived_seed(cfg.run.seed, k))
-        session = Session(
-            index=k,
-            new_classes=list(stream.classes_per_session[k]),
-            seen_classes=stream.seen_classes(k),
-            train_data=stream.train_data[k],
-            seen_train_data=list(stream.train_data[: k + 1]),
-            loader_fn=partial(stats_loader, stream.stats_data[k], cfg),
-            device=device,
-            class_names=list(stream.class_names),
-            session_classes=[list(c) for c in stream.classes_per_session],
-            templates=[list(t) for t in stream.templates] if stream.templates else [],
-            unlabelled_data=unlabelled,
-        )
-        if torch.cuda.is_available():
-            torch.cuda.reset_peak_memory_stats()
-        began = time.perf_counter()
-        try:
-            strategy.begin_session(session)
-            epochs = strategy.epochs_for(session)
-            trainable = strategy.num_trainable_parameters()
-            if epochs > 0:
-                resume_from = mid_session(folder, k)
-                if resume_from is not None:
-                    began -= resume_from.elapsed_s  # the session's time before the interruption counts too
-                steps = strategy.steps_for(session)
-                _fit(strategy, session, epochs, cfg, folder, list(callbacks), resume_from, steps, began)
-            strategy.end_session(session)
-        except KeyboardInterrupt:
-            raise RunInterrupted(folder.path, k) from None
-        wall = time.perf_counter() - began
-        began = time.perf_counter()
-        try:
-            confusion = evaluate(strategy, stream, k, cfg, store)
-        except KeyboardInterrupt:
-            raise RunInterrupted(folder.path, k) from None
-        records.append(
-            SessionRecord(
-                session=k,
-                confusion=confusion.tolist(),
-                epochs=epochs,
-                trainable_params=trainable,
-                wall_time_s=round(wall, 3),
-                eval_time_s=round(time.perf_counter() - began, 3),
-                peak_memory_mb=round(_peak_memory_mb(), 1),
-                peak_gpu_memory_mb=round(torch.cuda.max_memory_allocated() / 2**20, 1)
-                if torch.cuda.is_available()
-                else None,
-            )
-        )
-        if distributed.is_rank_zero():
-            state, digest = strategy.checkpoint_state()  # without the frozen tensors the config rebuilds
-            folder.save_session(k, state, records, digest)
-            keep = cfg.run.keep_session_checkpoints
-            for old in folder.checkpoints.glob("session_*.ckpt"):
-                if not keep and old != folder.session_checkpoint(k):
-                    old.unlink()
-            folder.last_checkpoint.unlink(missing_ok=True)
-            # plots cost about 0.6 s: at the end, and between sessions at most once a minute (a 50-session stream of
-            # cached features would otherwise spend more time drawing than learning)
-            plots = k == stream.n_sessions - 1 or time.monotonic() - plotted >= 60
-            summary = folder.write_results(
-                records, stream.classes_per_session, stream.eval_counts(), info, cfg.trainer.eval_unseen, plots
-            )
-            plotted = time.monotonic() if plots else plotted
-            _print_session(summary, k)
-            _note_skipped(k)
-        distributed.barrier()
+    plotted = [time.monotonic()]  # when the plots were last drawn
+    with StopSignals() as stop:
+        for k in range(start, stream.n_sessions):
+            try:
+                records.append(_session(strategy, stream, k, cfg, folder, callbacks, unlabelled, device, store))
+            except BaseException as error:
+                if stop.stopped(error):  # Ctrl-C, a scheduler's signal, Lightning's shutdown exit that follows it
+                    raise stop.interrupted(folder.path, k) from None
+                raise
+            try:
+                with stop.deferred():  # a whole session's checkpoint and results, or none
+                    _save_session(strategy, k, records, stream, cfg, folder, info, plotted)
+            except KeyboardInterrupt:
+                raise stop.interrupted(folder.path, k) from None
+            distributed.barrier()
     if store is not None:
         store.clear()  # the run is complete: its stored features are no longer needed
     return folder.path
+
+
+def _session(strategy, stream, k, cfg, folder, callbacks, unlabelled, device, store) -> SessionRecord:
+    """Session ``k``: begin, fit (resumed from ``last.ckpt`` if it belongs to this session), end, evaluate."""
+    seed_all(derived_seed(cfg.run.seed, k))
+    session = Session(
+        index=k,
+        new_classes=list(stream.classes_per_session[k]),
+        seen_classes=stream.seen_classes(k),
+        train_data=stream.train_data[k],
+        seen_train_data=list(stream.train_data[: k + 1]),
+        loader_fn=partial(stats_loader, stream.stats_data[k], cfg),
+        device=device,
+        class_names=list(stream.class_names),
+        session_classes=[list(c) for c in stream.classes_per_session],
+        templates=[list(t) for t in stream.templates] if stream.templates else [],
+        unlabelled_data=unlabelled,
+    )
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    began = time.perf_counter()
+    strategy.begin_session(session)
+    epochs = strategy.epochs_for(session)
+    trainable = strategy.num_trainable_parameters()
+    if epochs > 0:
+        resume_from = mid_session(folder, k)
+        if resume_from is not None:
+            began -= resume_from.elapsed_s  # the session's time before the interruption counts too
+        steps = strategy.steps_for(session)
+        _fit(strategy, session, epochs, cfg, folder, list(callbacks), resume_from, steps, began)
+    strategy.end_session(session)
+    wall = time.perf_counter() - began
+    began = time.perf_counter()
+    confusion = evaluate(strategy, stream, k, cfg, store, root=folder.path)
+    return SessionRecord(
+        session=k,
+        confusion=confusion.tolist(),
+        epochs=epochs,
+        trainable_params=trainable,
+        wall_time_s=round(wall, 3),
+        eval_time_s=round(time.perf_counter() - began, 3),
+        peak_memory_mb=round(_peak_memory_mb(), 1),
+        peak_gpu_memory_mb=round(torch.cuda.max_memory_allocated() / 2**20, 1) if torch.cuda.is_available() else None,
+    )
+
+
+def _save_session(strategy, k, records, stream, cfg, folder, info, plotted: list[float]) -> None:
+    """Session ``k``'s checkpoint, then the run's results so far (rank 0); the mid-session resume point goes."""
+    if not distributed.is_rank_zero():
+        return
+    state, digest = strategy.checkpoint_state()  # without the frozen tensors the config rebuilds
+    folder.save_session(k, state, records, digest)
+    keep = cfg.run.keep_session_checkpoints
+    for old in folder.checkpoints.glob("session_*.ckpt"):
+        if not keep and old != folder.session_checkpoint(k):
+            old.unlink()
+    folder.last_checkpoint.unlink(missing_ok=True)
+    # plots cost about 0.6 s: at the end, and between sessions at most once a minute (a 50-session stream of
+    # cached features would otherwise spend more time drawing than learning)
+    plots = k == stream.n_sessions - 1 or time.monotonic() - plotted[0] >= 60
+    summary = folder.write_results(
+        records, stream.classes_per_session, stream.eval_counts(), info, cfg.trainer.eval_unseen, plots
+    )
+    if plots:
+        plotted[0] = time.monotonic()
+    _print_session(summary, k)
+    _note_skipped(k)
 
 
 def _note_skipped(k: int) -> None:
@@ -181,6 +193,7 @@ def _fit(
     version = f"session_{session.index}" + ("-resumed" if resume_from else "")  # keep the interrupted logs
     trainer = make_trainer(
         cfg,
+        folder.path,
         max_epochs=epochs if steps is None else -1,  # a step budget cycles the data as often as it needs
         logger=make_loggers(cfg, logs, version),
         callbacks=[

@@ -11,6 +11,7 @@ from typing import Any, Sequence
 
 import pytorch_lightning as pl
 import torch
+from lightning_fabric.plugins.environments import SLURMEnvironment
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import Callback
 from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
@@ -21,10 +22,19 @@ from cil.io import atomic_write
 from cil.runs import load_checkpoint
 
 
-def make_trainer(cfg: DictConfig, **kwargs) -> pl.Trainer:
-    """A Lightning Trainer with the ``trainer`` group's accelerator, devices, strategy, precision."""
+def make_trainer(cfg: DictConfig, root: Path | None = None, **kwargs) -> pl.Trainer:
+    """A Lightning Trainer with the ``trainer`` group's accelerator, devices, strategy, precision.
+
+    ``root``: the run folder, Lightning's ``default_root_dir``. Under SLURM, Lightning restores any
+    ``hpc_ckpt_<n>.ckpt`` it finds there before a fit or predict, and its auto-requeue writes one there on SIGUSR1;
+    cil switches the auto-requeue off (its own resume points, :mod:`cil.resume`, are exact) and points the lookup
+    at the run folder, which holds no such file, so nothing outside the run folder is read or written.
+    """
     t = cfg.trainer
     devices = OmegaConf.to_container(t, resolve=True)["devices"]
+    plugins = list(kwargs.pop("plugins", []))
+    if SLURMEnvironment.detect():
+        plugins.append(SLURMEnvironment(auto_requeue=False))
     return pl.Trainer(
         accelerator=t.accelerator,
         devices=devices,
@@ -34,6 +44,8 @@ def make_trainer(cfg: DictConfig, **kwargs) -> pl.Trainer:
         deterministic=t.deterministic,
         enable_progress_bar=t.enable_progress_bar,
         enable_model_summary=False,
+        default_root_dir=root,
+        plugins=plugins or None,
         **kwargs,
     )
 

@@ -263,6 +263,14 @@ def make_benchmark(
 
     new_ids = [[remap[c] for c in s] for s in sessions]
     test_by_class = indices_by_class(test_rel.targets)
+    untested = [c for c in order if not test_by_class.get(remap[c])]
+    if untested:  # its accuracy would silently be left out of every session's average
+        shown = ", ".join(f"{c} ({class_names.get(c, c)})" for c in untested[:10])
+        shown += " ..." if len(untested) > 10 else ""
+        raise ConfigError(
+            f"stream {name}: {len(untested)} of {len(order)} classes have no test images: {shown}; every class "
+            "needs test data (check the test split under stream.data_root, or stream.test_per_class)"
+        )
     train_by_class = indices_by_class(train_rel.targets)
     train_data, stats_data, eval_data, test_stream = [], [], [], []
     for s, ids in enumerate(new_ids):

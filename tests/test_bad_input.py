@@ -267,3 +267,26 @@ def test_backbone_kwargs_a_layer_refuses_are_one_line(tmp_path, capsys, kwargs, 
     code, err = run_cli(args, capsys)
     assert code == 2 and len(err.splitlines()) == 1, err
     assert "backbone.kwargs" in err and "vit_tiny_patch16_224" in err and message in err
+
+
+@pytest.mark.parametrize("empty", [[7], list(range(90, 100))], ids=["a class", "ten classes"])
+def test_classes_without_test_images_are_refused_before_training(tmp_path, capsys, empty):
+    """A class (or many) with training images but no test images would be left out of every accuracy without a
+    word: refused before training, one line naming the classes."""
+    import pickle
+
+    from tests.writers import write_cifar100
+
+    write_cifar100(tmp_path / "data", per_class_train=2, per_class_test=1)
+    test = tmp_path / "data" / "cifar-100-python" / "test"
+    batch = pickle.loads(test.read_bytes())
+    keep = [i for i, y in enumerate(batch["fine_labels"]) if y not in empty]
+    batch = {"data": batch["data"][keep], "fine_labels": [batch["fine_labels"][i] for i in keep]}
+    test.write_bytes(pickle.dumps(batch))
+    args = ["run", str(CONFIGS / "simplecil" / "digits.yaml"), "stream.name=cifar100", "stream.split=B50-Inc10"]
+    args += [f"stream.data_root={tmp_path / 'data'}", "stream.verify_checksums=false", "backbone.image_size=16"]
+    code, err = run_cli([*args, f"run.output_dir={tmp_path / 'runs'}"], capsys)
+    assert code == 2 and len(err.splitlines()) == 1, err
+    assert f"stream cifar100: {len(empty)} of 100 classes have no test images: " in err
+    assert all(f"{c} (class{c:02d})" in err for c in empty[:9]) and "(class06)" not in err
+    assert not (tmp_path / "runs").exists()

@@ -10,8 +10,9 @@ import torch
 from pytorch_lightning.callbacks import Callback
 
 from cil.cli import main
+from cil.resume import RunInterrupted
 from cil.runs import load_run
-from cil.session import RunInterrupted, run_experiment
+from cil.session import run_experiment
 from tests.helpers import tiny_config
 
 OVERRIDES = ["strategy.epochs=3", "stream.batch_size=64", "stream.split=B6-Inc2", "trainer.deterministic=true"]
@@ -110,3 +111,120 @@ def test_resuming_with_another_strategy_names_the_keys_that_differ(tmp_path, cap
     assert main(["run", "--resume", str(folder)]) == 2
     err = capsys.readouterr().err
     assert "the checkpoint does not fit the strategy its config.yaml builds now" in err and "classifier" in err
+
+
+def _signal_at(monkeypatch, phase: str, signum: int) -> None:
+    """Sends ``signum`` to this process (a real signal, through the real handler) once, in session 2, at ``phase``:
+    the start of its third epoch (training), its evaluation, or the writing of its checkpoint and results."""
+    import os
+
+    import cil.session
+    from cil.runs import RunFolder
+    from cil.trainers import SessionTag
+
+    sent = []
+
+    def send(session: int) -> None:
+        if session == 1 and not sent:
+            sent.append(signum)
+            os.kill(os.getpid(), signum)
+
+    if phase == "training":
+
+        def at_epoch(self, trainer, pl_module):
+            if trainer.current_epoch == 2:
+                send(self.session)
+
+        monkeypatch.setattr(SessionTag, "on_train_epoch_start", at_epoch, raising=False)
+    elif phase == "evaluation":
+        evaluate = cil.session.evaluate
+
+        def evaluating(strategy, stream, k, *args, **kwargs):
+            send(k)
+            return evaluate(strategy, stream, k, *args, **kwargs)
+
+        monkeypatch.setattr(cil.session, "evaluate", evaluating)
+    else:
+        write = RunFolder.write_results
+
+        def writing(self, records, *args, **kwargs):
+            send(len(records) - 1)
+            return write(self, records, *args, **kwargs)
+
+        monkeypatch.setattr(RunFolder, "write_results", writing)
+
+
+STOPS = [
+    ("SIGTERM", "training"),
+    ("SIGTERM", "evaluation"),
+    ("SIGTERM", "results"),
+    ("SIGUSR1", "training"),
+    ("SIGUSR2", "evaluation"),
+    ("SIGINT", "evaluation"),
+]
+
+
+@pytest.mark.parametrize(
+    "name, phase", [pytest.param(*stop, marks=[] if stop == STOPS[1] else [pytest.mark.slow]) for stop in STOPS]
+)
+def test_every_stop_signal_in_every_phase_is_one_line_and_resumes_exactly(
+    tmp_path, capsys, monkeypatch, full, name, phase
+):
+    """What a scheduler sends (SIGTERM at the time limit or on preemption, SIGUSR1/2 when asked) and Ctrl-C stop the
+    run the same way in training, evaluation and while results are written: one line naming the signal, the session
+    and the resume command, exit 128 + the signal's number, and ``--resume`` gives the uninterrupted matrix."""
+    import signal
+
+    signum = getattr(signal, name)
+    _signal_at(monkeypatch, phase, signum)
+    args = [f"run.output_dir={tmp_path}", "backbone.image_size=16", "trainer.enable_progress_bar=false"]
+    args += ["run.checkpoint_every=0", "stream.eval_batch_size=512", *OVERRIDES]
+    from tests.helpers import CONFIGS
+
+    assert main(["run", str(CONFIGS / "finetune" / "digits.yaml"), *args]) == 128 + signum
+    folder = next((tmp_path / "finetune-digits").iterdir())
+    how = "interrupted" if name == "SIGINT" else f"stopped by {name}"
+    err = capsys.readouterr().err.strip()
+    assert err == f"cil: {how} in session 2; resume with: cil run --resume {folder}"
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the run's handlers are gone with the run
+    done = json.loads((folder / "summary.json").read_text())["sessions"]
+    assert len(done) == (2 if phase == "results" else 1)  # results being written are finished first
+    monkeypatch.undo()
+    assert main(["run", "--resume", str(folder)]) == 0
+    same(folder, full)
+
+
+@pytest.mark.slow
+def test_under_slurm_nothing_is_read_or_written_outside_the_run_folder(tmp_path, capsys, monkeypatch, full):
+    """In a SLURM job (the environment srun sets), Lightning's auto-requeue would write hpc_ckpt_<n>.ckpt into the
+    current folder on SIGUSR1 and restore any it finds there: a stale one in the current folder is ignored by a new
+    run, SIGUSR1 stops the run as any stop signal does, and the resumed run gives the uninterrupted matrix."""
+    import signal
+
+    for key, value in {
+        "SLURM_NTASKS": "1",
+        "SLURM_JOB_NAME": "cil",
+        "SLURM_JOB_ID": "4242",
+        "SLURM_PROCID": "0",
+        "SLURM_LOCALID": "0",
+        "SLURM_NODEID": "0",
+        "SLURM_NODELIST": "localhost",
+    }.items():
+        monkeypatch.setenv(key, value)
+    work = tmp_path / "cwd"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    torch.save({"state_dict": {}, "garbage": True}, work / "hpc_ckpt_1.ckpt")  # stale, from another job
+    from tests.helpers import CONFIGS
+
+    _signal_at(monkeypatch, "training", signal.SIGUSR1)
+    args = [f"run.output_dir={tmp_path / 'runs'}", "backbone.image_size=16", "trainer.enable_progress_bar=false"]
+    args += ["run.checkpoint_every=0", "stream.eval_batch_size=512", *OVERRIDES]
+    assert main(["run", str(CONFIGS / "finetune" / "digits.yaml"), *args]) == 128 + signal.SIGUSR1
+    folder = next((tmp_path / "runs" / "finetune-digits").iterdir())
+    assert "stopped by SIGUSR1 in session 2" in capsys.readouterr().err
+    assert sorted(p.name for p in work.iterdir()) == ["hpc_ckpt_1.ckpt"]  # nothing written beside it
+    assert not list(folder.rglob("hpc_ckpt_*"))
+    monkeypatch.setattr("cil.trainers.SLURMEnvironment.detect", staticmethod(lambda: True))
+    assert main(["run", "--resume", str(folder)]) == 0
+    same(folder, full)

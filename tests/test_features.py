@@ -140,11 +140,11 @@ def test_disk_store_and_resume_give_the_same_run(tmp_path):
 
     original = S.evaluate
 
-    def failing(strategy, stream, k, cfg_, store=None):
+    def failing(strategy, stream, k, cfg_, store=None, **kwargs):
         if k == 2:
             assert store is not None and list(store.folder.glob("*.pt"))  # the earlier evaluations' features
             raise RuntimeError("injected fault")
-        return original(strategy, stream, k, cfg_, store)
+        return original(strategy, stream, k, cfg_, store, **kwargs)
 
     S.evaluate = failing
     try:
