@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
 import warnings
 from pathlib import Path
@@ -48,18 +49,67 @@ def quiet_lightning() -> None:
         "ignore",
         message=".*(Checkpoint directory .* exists and is not empty|num_workers|smaller than the logging interval).*",
     )
+    # a frozen body is in eval mode on purpose (DKVB, MOS, SimpleCIL): Lightning's notice of it is not news
+    warnings.filterwarnings("ignore", message=".*module\\(s\\) in eval mode at the start of training.*")
+
+
+class _Forgiving:
+    """An output stream whose reader may go away (``cil run ... | head -1``) or that was never open (``2>&-``):
+    once a write fails, the stream's descriptor points at /dev/null and the run goes on, losing only its output."""
+
+    def __init__(self, stream):
+        self._stream = stream
+
+    def _lost(self) -> None:
+        try:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), self._stream.fileno())
+        except (OSError, ValueError, AttributeError):
+            self._stream = open(os.devnull, "w")
+
+    def write(self, text: str) -> int:
+        try:
+            return self._stream.write(text)
+        except (BrokenPipeError, ValueError, OSError):
+            self._lost()
+            return len(text)
+
+    def flush(self) -> None:
+        try:
+            self._stream.flush()
+        except (BrokenPipeError, ValueError, OSError):
+            self._lost()
+
+    def __getattr__(self, name: str):
+        return getattr(self._stream, name)
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    saved = sys.stdout, sys.stderr
+    # output to a closed pipe or a closed descriptor must neither kill nor corrupt a run: a closed descriptor 1 or
+    # 2 first gets /dev/null, or the next file the run opens would take its number and receive its output
+    for fd in (1, 2):
+        try:
+            os.fstat(fd)
+        except OSError:
+            null = os.open(os.devnull, os.O_WRONLY)
+            if null != fd:
+                os.dup2(null, fd)
+                os.close(null)
+    sys.stdout = _Forgiving(sys.stdout if sys.stdout is not None else open(os.devnull, "w"))
+    sys.stderr = _Forgiving(sys.stderr if sys.stderr is not None else open(os.devnull, "w"))
     try:
-        return _dispatch(args)
-    except ConfigError as e:
-        print(f"cil: error: {e}", file=sys.stderr)
-        return 2
-    except DataError as e:  # bad data found mid-run: the run folder keeps every finished session
-        print(f"cil: error: {e}", file=sys.stderr)
-        return 1
+        args = _parser().parse_args(argv)
+        try:
+            return _dispatch(args)
+        except ConfigError as e:
+            print(f"cil: error: {e}", file=sys.stderr)
+            return 2
+        except DataError as e:  # bad data found mid-run: the run folder keeps every finished session
+            print(f"cil: error: {e}", file=sys.stderr)
+            return 1
+    finally:
+        sys.stdout.flush()
+        sys.stdout, sys.stderr = saved
 
 
 def _dispatch(args: argparse.Namespace) -> int:
@@ -99,11 +149,16 @@ def _run(args: argparse.Namespace) -> int:
         if args.seeds:
             return _run_seeds(args)
         cfg = load_config(args.config, args.overrides)
-        run_dir = None
+        from cil.resume import requeued_run
+
+        run_dir = requeued_run(cfg)  # a requeued SLURM job goes on with its own run folder
+        if run_dir is not None:
+            print(f"[cil] SLURM job requeued: resuming {run_dir}")
     quiet_lightning()  # before the checks: they build a Trainer, whose start-up chatter must not reach the user
     check_before_running(cfg)
+    from cil import distributed
     from cil.distributed import is_rank_zero
-    from cil.resume import RunInterrupted
+    from cil.resume import RunInterrupted, requeue_slurm_job
     from cil.session import run_experiment
 
     if run_dir is not None and _complete(run_dir):
@@ -113,7 +168,15 @@ def _run(args: argparse.Namespace) -> int:
         path = run_experiment(cfg, run_dir=run_dir)
     except RunInterrupted as e:  # Ctrl-C or a scheduler's signal: 128 + the signal's number, as a shell reports it
         if is_rank_zero():
-            print(f"cil: {e}; resume with: cil run --resume {e.folder}", file=sys.stderr)
+            how = f"resume with: cil run --resume {e.folder}"
+            job = distributed.slurm_job_id()
+            if cfg.run.requeue and job is not None and e.signum != signal.SIGINT:
+                how = (
+                    f"requeued SLURM job {job}, which resumes it"
+                    if requeue_slurm_job(job)
+                    else f"{how} (requeue failed)"
+                )
+            print(f"cil: {e}; {how}", file=sys.stderr)
         return e.exit_code
     if is_rank_zero():
         print(f"[cil] run folder: {path}")

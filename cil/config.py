@@ -61,6 +61,11 @@ class RunConfig:
     feature_memory_mb: float = param(
         2048.0, ge=0.0, help="reused features held in memory up to this size; beyond it in <run folder>/features/"
     )
+    requeue: bool = param(
+        False,
+        help="in a SLURM job: a scheduler's stop signal (SIGTERM, SIGUSR1, SIGUSR2) requeues the job (scontrol "
+        "requeue), and the same `cil run` command in the requeued job resumes this run folder",
+    )
 
 
 @dataclass
@@ -248,19 +253,32 @@ def find_config(name: str | Path, relative_to: Path | None = None) -> Path:
     )
 
 
+def _yaml_error(e: Exception) -> str:
+    """A YAML error in one line: what is wrong and where (line and column), e.g. a duplicate key or a tab."""
+    import yaml
+
+    if isinstance(e, yaml.MarkedYAMLError) and e.problem_mark is not None:
+        where = f"line {e.problem_mark.line + 1}, column {e.problem_mark.column + 1}"
+        return f"{where}: {e.problem}" + (f" ({e.context})" if e.context else "")
+    return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+
+
 def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> DictConfig:
-    path = find_config(path).resolve()
+    path = find_config(path)
+    # a regular file is known by its real path (cycles of `extends`); a pipe (`cil run <(...)`) by its own name
+    path = path.resolve() if path.is_file() else path
     if path in seen:
         raise ConfigError(f"config file '{path}' extends itself (cycle: {' -> '.join(map(str, seen))})")
     if path.is_dir():
         raise ConfigError(f"config file '{path}' is a folder; give a YAML file (e.g. configs/fsa/digits.yaml)")
-    if not path.is_file():
+    if not path.exists():
         raise ConfigError(f"config file '{path}' not found")
     try:
         cfg = OmegaConf.load(path)
-    except Exception as e:  # yaml syntax errors: one line naming the file
-        first = str(e).strip().splitlines()[0]
-        raise ConfigError(f"config file '{path}' is not valid YAML: {first}") from None
+    except OSError as e:
+        raise ConfigError(f"config file '{path}' cannot be read: {e.strerror or e}") from None
+    except Exception as e:  # yaml syntax errors: one line naming the file, the line and the column
+        raise ConfigError(f"config file '{path}' is not valid YAML: {_yaml_error(e)}") from None
     if not isinstance(cfg, DictConfig):
         raise ConfigError(f"config file '{path}' must hold a mapping of groups, not a {type(cfg).__name__}")
     parents = cfg.pop("extends", None)
@@ -278,10 +296,19 @@ def _parse_overrides(overrides: list[str]) -> DictConfig:
     for item in overrides:
         if "=" not in item or item.startswith("="):
             raise ConfigError(f"override '{item}' is not of the form key=value (e.g. run.seed=1)")
-    try:
-        return OmegaConf.from_dotlist(list(overrides))
-    except OmegaConfBaseException as e:
-        raise ConfigError(f"cannot parse overrides {overrides}: {str(e).splitlines()[0]}") from None
+    parsed = OmegaConf.create()
+    for item in overrides:  # one at a time, so that an error names the override
+        try:
+            parsed = OmegaConf.merge(parsed, OmegaConf.from_dotlist([item]))
+        except Exception as e:  # OmegaConf's own errors, and YAML's for a malformed value (`[1,2`)
+            raise ConfigError(f"override '{_cut(item)}' cannot be parsed: {_yaml_error(e)}") from None
+    return parsed
+
+
+def _cut(text: Any, limit: int = 80) -> str:
+    """A value as an error message shows it: at most ``limit`` characters (a 100 kB value is not echoed whole)."""
+    text = str(text)
+    return text if len(text) <= limit else f"{text[: limit - 20]}... ({len(text)} characters)"
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:
@@ -335,6 +362,22 @@ def validate(user: DictConfig | dict) -> DictConfig:
     return cfg
 
 
+def strategy_settings(config: type, settings: typing.Mapping[str, Any]) -> Any:
+    """A strategy's hyper-parameters as its constructor receives them (keyword settings): its config dataclass
+    with the dataclass's defaults for the rest, an unknown name refused with the valid ones, and every value checked
+    as ``cil run`` checks a config's. The one place a strategy's defaults and choices live is that dataclass."""
+    fields = {f.name: f for f in dataclasses.fields(config) if f.name != "name"}
+    for key in settings:
+        if key not in fields:
+            close = difflib.get_close_matches(str(key), list(fields), n=3, cutoff=0.5)
+            hint = f"did you mean {', '.join(close)}? " if close else ""
+            raise ConfigError(f"unknown setting '{key}' of {config.__name__}; {hint}valid: {', '.join(fields)}")
+    made = config(**settings)
+    for name, f in fields.items():
+        _check_one(f"strategy.{name}", getattr(made, name), f.metadata)
+    return made
+
+
 def _check_keys(node: DictConfig, schema: Any, prefix: str) -> None:
     """Unknown keys → error naming the key and the closest valid ones."""
     fields = {f.name: f for f in dataclasses.fields(schema)}
@@ -344,7 +387,7 @@ def _check_keys(node: DictConfig, schema: Any, prefix: str) -> None:
             close = difflib.get_close_matches(str(key), list(fields), n=3, cutoff=0.5)
             hint = f"did you mean {', '.join(prefix + c for c in close)}?" if close else ""
             valid = f"valid keys{' in ' + prefix[:-1] if prefix else ''}: {', '.join(fields)}"
-            raise ConfigError(f"unknown key '{full}'; {hint + ' ' if hint else ''}{valid}")
+            raise ConfigError(f"unknown key '{_cut(full)}'; {hint + ' ' if hint else ''}{valid}")
         value = getattr(schema, key)
         child = node._get_node(key)
         if dataclasses.is_dataclass(value) and isinstance(child, DictConfig):
@@ -370,23 +413,29 @@ def _check_run_name(name: str) -> None:
             f"run.name={name!r} is not a plain name; use letters, digits, '-', '_' or '.' without '/' "
             "(the run folder goes to run.output_dir/run.name/)"
         )
+    if len(name.encode()) > 255:  # the longest file name Linux, macOS and Windows file systems allow
+        raise ConfigError(
+            f"run.name is {len(name.encode())} bytes long; a folder name may have at most 255 ({_cut(name)!r})"
+        )
 
 
 def _check_one(key: str, value: Any, meta: typing.Mapping[str, Any]) -> None:
     for v in value if isinstance(value, (list, ListConfig)) else [value]:
         if isinstance(v, float) and not math.isfinite(v) and not (meta or {}).get("allow_nonfinite"):
-            raise ConfigError(f"{key}={value!r} is not a finite number")
+            raise ConfigError(f"{key}={_cut(repr(value))} is not a finite number")
     if value is None or not meta:
         return
     if meta.get("choices") is not None and value not in meta["choices"]:
-        raise ConfigError(f"{key}={value!r} is not valid; choose one of {meta['choices']}")
+        raise ConfigError(f"{key}={_cut(repr(value))} is not valid; choose one of {meta['choices']}")
     if meta.get("pattern") is not None and not re.fullmatch(meta["pattern"], str(value)):
-        raise ConfigError(f"{key}={value!r} is not valid; expected the form {meta['pattern']} (e.g. B0-Inc10)")
+        raise ConfigError(
+            f"{key}={_cut(repr(value))} is not valid; expected the form {meta['pattern']} (e.g. B0-Inc10)"
+        )
     bounds = [("ge", ">=", lambda v, b: v >= b), ("gt", ">", lambda v, b: v > b)]
     bounds += [("le", "<=", lambda v, b: v <= b), ("lt", "<", lambda v, b: v < b)]
     for name, symbol, ok in bounds:
         if meta.get(name) is not None and not ok(value, meta[name]):
-            raise ConfigError(f"{key}={value!r} is out of range; it must be {symbol} {meta[name]}")
+            raise ConfigError(f"{key}={_cut(repr(value))} is out of range; it must be {symbol} {meta[name]}")
 
 
 def _check_devices(devices: Any) -> None:

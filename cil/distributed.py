@@ -29,6 +29,14 @@ def _launcher_rank() -> int:
     return 0
 
 
+def slurm_job_id() -> str | None:
+    """The SLURM job this process runs in (``<array job>_<task>`` for an array task), None outside SLURM."""
+    import os
+
+    array, task = os.environ.get("SLURM_ARRAY_JOB_ID"), os.environ.get("SLURM_ARRAY_TASK_ID")
+    return f"{array}_{task}" if array and task else os.environ.get("SLURM_JOB_ID")
+
+
 def world_size() -> int:
     return dist.get_world_size() if is_distributed() else 1
 

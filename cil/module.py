@@ -11,8 +11,9 @@ In any Lightning project a strategy is driven by three lines per session::
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Optional
+from typing import Any, Callable, Iterable, Optional, Sequence
 
 import pytorch_lightning as pl
 import torch
@@ -21,7 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 from torch.utils.data import Dataset
 
-from cil.config import TrainingConfig  # noqa: F401  (re-exported: strategies' configs extend it)
+from cil.config import TrainingConfig, strategy_settings  # TrainingConfig re-exported: strategies' configs extend it
 from cil.layers.growing import GrowingClassifier
 
 
@@ -64,8 +65,9 @@ class Session:
 class CILModule(pl.LightningModule):
     """Base of every strategy: a backbone, a growing classifier and the session hooks.
 
-    Subclasses set their hyper-parameters in ``__init__`` (then ``self.save_hyperparameters(ignore=["backbone"])``)
-    and override the hooks they need. The defaults implement plain cross-entropy training of backbone and head.
+    Subclasses take their hyper-parameters as keyword settings and build them with :meth:`save_settings` from
+    their config dataclass (``cil.strategies.configs``), the one place their defaults and choices are written; they
+    override the hooks they need. The defaults implement plain cross-entropy training of backbone and head.
     """
 
     def __init__(self, backbone: nn.Module, num_features: Optional[int] = None):
@@ -77,6 +79,15 @@ class CILModule(pl.LightningModule):
         self.num_features = int(num_features)
         self.classifier = GrowingClassifier(self.num_features)
         self.session_index = -1
+
+    def save_settings(self, config: type, settings: dict[str, Any], exclude: Sequence[str] = ()) -> Any:
+        """``config`` (a dataclass) built from the keyword ``settings`` and checked (:func:`cil.config.
+        strategy_settings`), saved as Lightning hyper-parameters (``self.hparams``, every field); ``exclude``:
+        settings that are objects rather than values (a data set given in place of a folder)."""
+        made = strategy_settings(config, settings)
+        names = [f.name for f in dataclasses.fields(made) if f.name != "name" and f.name not in exclude]
+        self.save_hyperparameters({name: getattr(made, name) for name in names})  # no deep copy of objects
+        return made
 
     # ---- session hooks --------------------------------------------------------------------------------
     def begin_session(self, session: Session) -> None:

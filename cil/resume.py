@@ -144,3 +144,38 @@ def newest_intact_session(folder: RunFolder) -> tuple[int, SessionCheckpoint | N
     if done:
         note("no readable session checkpoint left: the run starts again from session 1 (same result)")
     return 0, None
+
+
+def requeue_slurm_job(job_id: str) -> bool:
+    """``scontrol requeue <job>``: SLURM starts the job's script again, whose ``cil run`` then resumes the run folder
+    (:func:`requeued_run`). False where scontrol is missing or refuses."""
+    import subprocess
+
+    try:
+        return subprocess.run(["scontrol", "requeue", job_id], capture_output=True, timeout=60).returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+
+
+def requeued_run(cfg) -> Path | None:
+    """In a requeued SLURM job (``SLURM_RESTART_COUNT`` ≥ 1) with ``run.requeue``: the incomplete run folder this job
+    started with the same config, which ``cil run`` resumes instead of starting a new one; else None."""
+    import json
+    import os
+
+    from cil.config import to_yaml
+
+    job = distributed.slurm_job_id()
+    if not cfg.run.requeue or job is None or int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0) < 1:
+        return None
+    config = to_yaml(cfg)
+    base = Path(cfg.run.output_dir) / str(cfg.run.name)
+    for path in sorted(base.glob("*"), reverse=True):  # newest first
+        folder = RunFolder(path)
+        try:
+            env = json.loads((path / RunFolder.ENV).read_text())
+            if env.get("slurm_job_id") == job and folder.config.read_text() == config and not folder.is_complete():
+                return path
+        except (OSError, ValueError):
+            continue
+    return None

@@ -35,6 +35,7 @@ import pandas as pd
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from cil import distributed
 from cil import metrics as M
 from cil.config import to_yaml
 from cil.errors import ConfigError
@@ -71,6 +72,7 @@ def environment(cfg: DictConfig) -> dict[str, Any]:
         },
         "command": sys.argv,
         "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "slurm_job_id": distributed.slurm_job_id(),
     }
 
 

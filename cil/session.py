@@ -190,7 +190,12 @@ def _fit(
     strategy, session, epochs, cfg, folder, callbacks, resume_from: ResumePoint | None, steps=None, began=None
 ) -> None:
     logs = folder.logs
-    version = f"session_{session.index}" + ("-resumed" if resume_from else "")  # keep the interrupted logs
+    # a new version for each resumed fit: the interrupted fit's logs stay (Lightning would delete a reused version's)
+    base = f"session_{session.index}" + ("-resumed" if resume_from is not None else "")
+    version, n = base, 1
+    while any((logs / kind / version).exists() for kind in ("csv", "tb")):
+        n += 1
+        version = f"{base}-{n}"
     trainer = make_trainer(
         cfg,
         folder.path,

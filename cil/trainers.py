@@ -17,6 +17,7 @@ from pytorch_lightning.callbacks import Callback
 from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
 from pytorch_lightning.plugins.io import TorchCheckpointIO
 
+from cil import progress
 from cil.config import ConfigError
 from cil.io import atomic_write
 from cil.runs import load_checkpoint
@@ -42,7 +43,7 @@ def make_trainer(cfg: DictConfig, root: Path | None = None, **kwargs) -> pl.Trai
         strategy=t.strategy,
         precision=t.precision,
         deterministic=t.deterministic,
-        enable_progress_bar=t.enable_progress_bar,
+        enable_progress_bar=t.enable_progress_bar and progress.shown(),  # CIL_QUIET=1 silences Lightning's too
         enable_model_summary=False,
         default_root_dir=root,
         plugins=plugins or None,

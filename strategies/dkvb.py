@@ -229,44 +229,19 @@ class FeatureCache:
 
 
 class DKVB(CILModule):
-    def __init__(
-        self,
-        backbone: nn.Module,
-        num_features: int | None = None,
-        epochs: int = 2000,
-        num_codebooks: int = 256,
-        keys_per_codebook: int = 4096,
-        key_dim: int = 14,
-        num_classes: Optional[int] = None,
-        splitting: str = "random_projection",
-        init_epochs: int = 10,
-        init_batch_size: int = 256,
-        decay: float = 0.95,
-        eps: float = 1e-5,
-        dead_key_factor: float = 0.1,
-        lr: float = 0.3,
-        optimizer: str = "sgd",
-        momentum: float = 0.0,
-        weight_decay: float = 0.0,
-        allow_nonlocal_updates: bool = False,
-        clip_grad_norm: Optional[float] = 1.0,
-        label_smoothing: float = 0.1,
-        feature_cache: Optional[str] = "~/.cache/cil/features",
-        feature_batch_size: int = 256,
-        feature_num_workers: int = 0,
-    ):
+    def __init__(self, backbone: nn.Module, num_features: int | None = None, **settings: Any):
         super().__init__(backbone, num_features)
-        self.save_hyperparameters(ignore=["backbone"])
+        hp = self.save_settings(DKVBConfig, settings)  # defaults and choices: DKVBConfig
         nonlocal_settings = [
             s
             for s, bad in (
-                (f"strategy.optimizer={optimizer}", optimizer != "sgd"),
-                (f"strategy.momentum={momentum}", momentum != 0),
-                (f"strategy.weight_decay={weight_decay}", weight_decay != 0),
+                (f"strategy.optimizer={hp.optimizer}", hp.optimizer != "sgd"),
+                (f"strategy.momentum={hp.momentum}", hp.momentum != 0),
+                (f"strategy.weight_decay={hp.weight_decay}", hp.weight_decay != 0),
             )
             if bad
         ]
-        if nonlocal_settings and not allow_nonlocal_updates:
+        if nonlocal_settings and not hp.allow_nonlocal_updates:
             raise ConfigError(
                 f"{', '.join(nonlocal_settings)} would change values no example selected and break DKVB's local "
                 "updates; use plain SGD (optimizer=sgd, momentum=0, weight_decay=0) or set "
@@ -275,9 +250,16 @@ class DKVB(CILModule):
         self.backbone.requires_grad_(False).eval()
         del self.classifier  # the decoder has no parameters: the bottleneck's mean value is the logits
         self.bottleneck = KeyValueBottleneck(
-            self.num_features, num_codebooks, keys_per_codebook, key_dim, num_classes or 0, splitting, decay, eps
+            self.num_features,
+            hp.num_codebooks,
+            hp.keys_per_codebook,
+            hp.key_dim,
+            hp.num_classes or 0,
+            hp.splitting,
+            hp.decay,
+            hp.eps,
         )
-        self.cache = FeatureCache(feature_cache, feature_batch_size, feature_num_workers)
+        self.cache = FeatureCache(hp.feature_cache, hp.feature_batch_size, hp.feature_num_workers)
         self._unlabelled: Dataset | None = None
         self._device = torch.device("cpu")
 

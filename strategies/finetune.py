@@ -9,22 +9,15 @@ loader passed to ``fit``.
 
 from __future__ import annotations
 
+from typing import Any
+
 from torch import nn
 
 from cil.module import CILModule
+from cil.strategies.configs import FinetuneConfig
 
 
 class Finetune(CILModule):
-    def __init__(
-        self,
-        backbone: nn.Module,
-        num_features: int | None = None,
-        epochs: int = 5,
-        lr: float = 0.01,
-        optimizer: str = "sgd",
-        momentum: float = 0.9,
-        weight_decay: float = 0.0,
-        scheduler: str = "cosine",
-    ):
+    def __init__(self, backbone: nn.Module, num_features: int | None = None, **settings: Any):
         super().__init__(backbone, num_features)
-        self.save_hyperparameters(ignore=["backbone"])
+        self.save_settings(FinetuneConfig, settings)  # defaults and choices: FinetuneConfig

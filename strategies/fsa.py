@@ -20,7 +20,7 @@ heads are merged across processes (``StreamingLDA.all_reduce``) before joining t
 
 from __future__ import annotations
 
-from typing import Any, Optional, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -32,41 +32,25 @@ from cil.layers.growing import GrowingClassifier
 from cil.layers.lda import StreamingLDA
 from cil.module import CILModule, Session
 from cil.progress import progress
-from cil.strategies.configs import ADAPTATIONS
+from cil.strategies.configs import FSAConfig
 
 
 class FSA(CILModule):
-    def __init__(
-        self,
-        backbone: nn.Module,
-        num_features: Optional[int] = None,
-        adaptation: str = "full",
-        epochs: int = 200,
-        lr: float = 5e-3,
-        milestones: Sequence[int] = (50, 100, 150),
-        lr_gamma: float = 0.7,
-        dropout: float = 0.5,
-        weight_decay: float = 0.0,
-        lda_mode: str = "fsa",
-        shrinkage: Optional[float] = None,
-        priors: Optional[str] = None,
-    ):
-        if adaptation not in ADAPTATIONS:
-            raise ValueError(f"adaptation={adaptation!r} is not valid; choose one of {list(ADAPTATIONS)}")
+    def __init__(self, backbone: nn.Module, num_features: int | None = None, **settings: Any):
         super().__init__(backbone, num_features)
-        self.save_hyperparameters(ignore=["backbone"])
+        hp = self.save_settings(FSAConfig, settings)  # defaults and choices: FSAConfig
         # FiLM lives outside the backbone (hooks), so the backbone's weights and state-dict keys stay as timm's
         self.film = None
-        if adaptation == "film":
+        if hp.adaptation == "film":
             try:
                 self.film = FiLMAdapters(backbone)
             except ValueError as e:  # an unsupported backbone family: refused before any training
                 raise ConfigError(f"adaptation='film': {e}") from None
-        if adaptation != "full":
+        if hp.adaptation != "full":
             self.backbone.requires_grad_(False)
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = nn.Dropout(hp.dropout)
         try:
-            self.lda = StreamingLDA(self.num_features, mode=lda_mode, shrinkage=shrinkage, priors=priors)
+            self.lda = StreamingLDA(self.num_features, mode=hp.lda_mode, shrinkage=hp.shrinkage, priors=hp.priors)
         except ValueError as e:  # e.g. priors='none' with lda_mode='sklearn': refused before any training
             raise ConfigError(f"LDA head: {e}") from None
         self.register_buffer("adapted", torch.tensor(False))  # set once session 1 is over: the body is frozen

@@ -38,7 +38,6 @@ code's ``all_reduce(MIN)``) and the dot-regression class counts use the labels g
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from typing import Any, Optional
 
@@ -185,12 +184,8 @@ def _per_session(values: list[int], i: int) -> int:
 
 class MambaFSCIL(CILModule):
     def __init__(self, backbone: nn.Module, num_features: Optional[int] = None, **settings: Any):
-        config = MambaFSCILConfig(**settings)  # the dataclass's defaults; an unknown name is a TypeError
         super().__init__(backbone, num_features)
-        hparams = dataclasses.asdict(config)
-        hparams.pop("name")
-        self.save_hyperparameters(hparams)
-        hp = self.hparams
+        hp = self.save_settings(MambaFSCILConfig, settings)  # defaults and choices: MambaFSCILConfig
         if hp.loss_group_size is not None and hp.inc_batch_size % hp.loss_group_size:
             raise ConfigError(
                 f"strategy.loss_group_size={hp.loss_group_size} must divide strategy.inc_batch_size="

@@ -58,53 +58,24 @@ from cil.layers.retrieval import SelfRefinedRetrieval
 from cil.layers.statistics import ClassGaussians
 from cil.module import CILModule, Session
 from cil.progress import progress
-from cil.strategies.configs import EVAL_ADAPTERS, MERGE_MODES
+from cil.strategies.configs import MOSConfig
 
 
 class MOS(CILModule):
-    def __init__(
-        self,
-        backbone: nn.Module,
-        num_features: Optional[int] = None,
-        epochs: int = 20,
-        lr: float = 0.03,
-        head_lr_scale: float = 0.1,
-        momentum: float = 0.9,
-        weight_decay: float = 5e-4,
-        min_lr: float = 0.0,
-        adapter_momentum: float = 0.1,
-        merge_mode: str = "official",
-        eval_adapters: str = "merged",
-        bottleneck: int = 16,
-        adapter_dropout: float = 0.1,
-        adapter_scale: float = 0.1,
-        reg: float = 0.1,
-        orth_temperature: float = 0.8,
-        ca_storage: str = "covariance",
-        n_centroids: int = 10,
-        ca_epochs: int = 30,
-        ca_lr: float = 0.005,
-        ca_samples_per_class: int = 240,
-        max_iter: int = 4,
-        ensemble: bool = True,
-    ):
-        if merge_mode not in MERGE_MODES:
-            raise ValueError(f"merge_mode={merge_mode!r} is not valid; choose one of {list(MERGE_MODES)}")
-        if eval_adapters not in EVAL_ADAPTERS:
-            raise ValueError(f"eval_adapters={eval_adapters!r} is not valid; choose one of {list(EVAL_ADAPTERS)}")
+    def __init__(self, backbone: nn.Module, num_features: int | None = None, **settings: Any):
         super().__init__(backbone, num_features)
-        self.save_hyperparameters(ignore=["backbone"])
+        hp = self.save_settings(MOSConfig, settings)  # defaults and choices: MOSConfig
         self.backbone.requires_grad_(False)  # the pre-trained ViT stays frozen
         try:
-            self.adapters = AdapterBank(backbone, bottleneck, adapter_dropout, adapter_scale)
+            self.adapters = AdapterBank(backbone, hp.bottleneck, hp.adapter_dropout, hp.adapter_scale)
         except ValueError as e:
             raise ConfigError(f"mos needs a timm VisionTransformer backbone: {e}") from None
         # `classifier` (CILModule's growing linear layer) is the code's `head`, initialised as its
         # SimpleContinualLinear (trunc_normal std 0.02, zero bias); the prototypes are its `fc`
         self.classifier = GrowingClassifier(self.num_features, init="trunc_normal")
         self.prototypes = ClassMeans(self.num_features)
-        self.statistics = ClassGaussians(self.num_features, ca_storage, ridge=1e-4, n_centroids=n_centroids)
-        self.retrieval = SelfRefinedRetrieval(max_iter)
+        self.statistics = ClassGaussians(self.num_features, hp.ca_storage, ridge=1e-4, n_centroids=hp.n_centroids)
+        self.retrieval = SelfRefinedRetrieval(hp.max_iter)
         self.known = 0  # classes of earlier sessions: masked in this session's cross-entropy
         self._merge_toward: Optional[int] = None  # official mode: merge toward mean(A_0..A_{k-1}) before each block
         self._ca_seed = 0

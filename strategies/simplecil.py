@@ -12,18 +12,21 @@ counts are all-reduced, so prototypes are exactly those of one process.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 
 from cil.layers.prototypes import ClassMeans
 from cil.module import CILModule, Session
 from cil.progress import progress
+from cil.strategies.configs import SimpleCILConfig
 
 
 class SimpleCIL(CILModule):
-    def __init__(self, backbone: nn.Module, num_features: int | None = None, metric: str = "cosine"):
+    def __init__(self, backbone: nn.Module, num_features: int | None = None, **settings: Any):
         super().__init__(backbone, num_features)
-        self.save_hyperparameters(ignore=["backbone"])
+        self.save_settings(SimpleCILConfig, settings)  # defaults and choices: SimpleCILConfig
         self.class_means = ClassMeans(self.num_features)
         self.backbone.requires_grad_(False)
         del self.classifier  # the prototypes are the classifier

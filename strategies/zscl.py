@@ -321,68 +321,43 @@ class TextHead(Growing):
 
 
 class ZSCL(CILModule):
-    def __init__(
-        self,
-        backbone: nn.Module,
-        num_features: int | None = None,
-        iterations: Optional[int] = 1000,
-        epochs: int = 1,
-        lr: float = 1e-5,
-        lr_per_session: Optional[list[float]] = None,
-        weight_decay: float = 0.0,
-        warmup: int = 100,
-        label_smoothing: float = 0.2,
-        temperature: float = 2.0,
-        image_loss_weight: float = 1.0,
-        text_loss_weight: float = 1.0,
-        wc_weight: float = 1.0,
-        we_interval: int = 100,
-        distill_text_features: str = "teacher",
-        student_caption_batch: Optional[int] = 256,
-        reference_images: str | Dataset | None = None,
-        reference_captions: Optional[str] = None,
-        reference_batch_size: Optional[int] = None,
-        reference_num_workers: int = 0,
-        templates: Optional[list[str]] = None,
-        task_incremental: bool = False,
-    ):
+    def __init__(self, backbone: nn.Module, num_features: int | None = None, **settings: Any):
         super().__init__(backbone, num_features)
-        ignore = ["backbone"] + (
-            [] if reference_images is None or isinstance(reference_images, str) else ["reference_images"]
+        # defaults and choices: ZSCLConfig; reference images given as a data set are an object, not a saved value
+        given = settings.get("reference_images")
+        hp = self.save_settings(
+            ZSCLConfig, settings, exclude=[] if given is None or isinstance(given, str) else ["reference_images"]
         )
-        self.save_hyperparameters(ignore=ignore)
         for key in ("encode_text", "tokenize", "logit_scale"):
             if not hasattr(backbone, key):
                 raise ConfigError(
                     f"zscl needs a CLIP backbone (backbone.name: open_clip:...), not {type(backbone).__name__}"
                 )
-        if distill_text_features not in ("teacher", "student"):
-            raise ConfigError(f"strategy.distill_text_features={distill_text_features!r}; choose teacher or student")
         self.backbone.logit_scale.requires_grad_(False)  # excluded from the optimiser in the code
         # the teacher is the initial model, frozen for the whole stream (never the previous task's model)
         self.teacher = copy.deepcopy(backbone).requires_grad_(False).eval()
         self.classifier = TextHead(self.num_features)
-        self.distills = image_loss_weight > 0 or text_loss_weight > 0
+        self.distills = hp.image_loss_weight > 0 or hp.text_loss_weight > 0
         self.captions: list[str] = []
         self.reference: Dataset | None = None
-        if self.distills and (reference_images is None or reference_captions is None):
-            missing = "strategy.reference_images" if reference_images is None else "strategy.reference_captions"
+        if self.distills and (hp.reference_images is None or hp.reference_captions is None):
+            missing = "strategy.reference_images" if hp.reference_images is None else "strategy.reference_captions"
             raise ConfigError(
                 f"{missing} is required: ZSCL distils on reference images and captions "
                 "(or set strategy.image_loss_weight=0 and strategy.text_loss_weight=0)"
             )
-        if reference_captions is not None:
-            self.captions = read_captions(reference_captions)
-        if distill_text_features == "student" and student_caption_batch is None and len(self.captions) > 4096:
+        if hp.reference_captions is not None:
+            self.captions = read_captions(hp.reference_captions)
+        if hp.distill_text_features == "student" and hp.student_caption_batch is None and len(self.captions) > 4096:
             raise ConfigError(
                 f"strategy.distill_text_features=student with strategy.student_caption_batch=null re-encodes all "
                 f"{len(self.captions)} captions with gradients at every step, beyond any GPU's memory; set "
                 "strategy.student_caption_batch (e.g. 256: a seeded sample per step)"
             )
-        if reference_images is not None:
+        if hp.reference_images is not None:
             from cil.backbones import data_transforms
 
-            self.reference = reference_image_set(reference_images, data_transforms(backbone).eval)
+            self.reference = reference_image_set(hp.reference_images, data_transforms(backbone).eval)
         self.ensemble = WeightEnsemble()
         self.anchors: list[torch.Tensor] = []
         self._caption_embeddings: torch.Tensor | None = None

@@ -42,6 +42,23 @@ def test_not_a_state_dict(tmp_path):
         create_backbone("resnet10t", weights=tmp_path / "w.pth")
 
 
+@pytest.mark.parametrize("damage", ["nan", "inf", "string"])
+def test_weights_that_fit_but_are_not_finite_tensors_are_refused(tmp_path, damage):
+    """Right keys and shapes, but NaN, infinite or non-tensor values: one line naming the file and the key."""
+    state = timm.create_model("resnet10t", num_classes=0).state_dict()
+    if damage == "string":
+        state["conv1.0.weight"] = "weights"
+    else:
+        state["conv1.0.weight"][0, 0, 0, 0] = float(damage)
+    torch.save(state, tmp_path / "w.pth")
+    expected = "values that are not tensors: [conv1.0.weight (str)]" if damage == "string" else "NaN or infinite"
+    with pytest.raises(ConfigError) as caught:
+        create_backbone("resnet10t", weights=tmp_path / "w.pth")
+    message = str(caught.value)
+    assert message.startswith(f"backbone.weights file '{tmp_path / 'w.pth'}' holds ") and expected in message
+    assert "conv1.0.weight" in message and len(message.splitlines()) == 1
+
+
 def test_pretrained_and_weights_together_is_an_error(tmp_path):
     with pytest.raises(ConfigError, match="not both"):
         create_backbone("resnet10t", pretrained=True, weights=tmp_path / "w.pth")

@@ -290,3 +290,51 @@ def test_classes_without_test_images_are_refused_before_training(tmp_path, capsy
     assert f"stream cifar100: {len(empty)} of 100 classes have no test images: " in err
     assert all(f"{c} (class{c:02d})" in err for c in empty[:9]) and "(class06)" not in err
     assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize(
+    "text, where",
+    [
+        ("run:\n  seed: 1\n  seed: 2\n", "line 4, column 3: found duplicate key seed"),
+        ("run:\n\tseed: 1\n", "line 3, column 1: found character that cannot start any token"),
+    ],
+    ids=["duplicate key", "tab"],
+)
+def test_a_yaml_mistake_names_its_line_and_column(tmp_path, capsys, text, where):
+    (tmp_path / "my.yaml").write_text("extends: simplecil/digits\n" + text)
+    code, err = run_cli(["run", str(tmp_path / "my.yaml")], capsys)
+    assert code == 2 and len(err.splitlines()) == 1 and f"is not valid YAML: {where}" in err, err
+
+
+def test_a_malformed_list_override_is_one_line_naming_it(capsys):
+    code, err = run_cli(["run", "simplecil/digits", "run.seed=1", "stream.class_order=[1,2"], capsys)
+    assert code == 2 and len(err.splitlines()) == 1, err
+    assert err.startswith("cil: error: override 'stream.class_order=[1,2' cannot be parsed: line 2, column 1")
+
+
+def test_a_huge_value_is_not_echoed_whole(capsys):
+    code, err = run_cli(["run", "simplecil/digits", "strategy.metric=" + "x" * 100_000], capsys)
+    assert code == 2 and len(err) < 300 and "strategy.metric='xxxxxxxx" in err and "(100002 characters)" in err
+
+
+def test_a_run_name_longer_than_a_folder_name_may_be_is_refused_up_front(tmp_path, capsys):
+    code, err = run_cli(["run", "simplecil/digits", "run.name=" + "n" * 300, f"run.output_dir={tmp_path}"], capsys)
+    assert code == 2 and "run.name is 300 bytes long; a folder name may have at most 255" in err
+    assert len(err) < 300 and not any(tmp_path.iterdir())
+
+
+def test_a_config_read_through_a_pipe_loads_as_the_file_does(tmp_path):
+    """``cil run <(sed ... my.yaml)``: the shell passes /dev/fd/N, a pipe, not a regular file."""
+    import threading
+
+    from cil.config import load_config
+
+    text = "extends: simplecil/digits\nrun:\n  seed: 3\n"
+    (tmp_path / "my.yaml").write_text(text)
+    fifo = tmp_path / "config.fifo"
+    os.mkfifo(fifo)
+    writer = threading.Thread(target=fifo.write_text, args=(text,))
+    writer.start()
+    piped = load_config(fifo)
+    writer.join()
+    assert piped == load_config(tmp_path / "my.yaml") and piped.run.seed == 3

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -61,8 +62,12 @@ def test_ctrl_c_names_the_session_and_the_resume_command(tmp_path, capsys, monke
     assert err == f"cil: interrupted in session 2; resume with: cil run --resume {folder}"
     monkeypatch.undo()
     elapsed = torch.load(folder / "checkpoints" / "last.ckpt", weights_only=False)["cil_elapsed_s"]
+    logs = {p: p.read_bytes() for p in (folder / "logs" / "csv" / "session_1").rglob("*") if p.is_file()}
+    assert logs  # the interrupted fit's own logs
     assert main(["run", "--resume", str(folder)]) == 0
     same(folder, full)
+    assert {p: p.read_bytes() for p in logs} == logs  # kept as they were: the resumed fit logs to a new version
+    assert (folder / "logs" / "csv" / "session_1-resumed" / "metrics.csv").is_file()
     session = json.loads((folder / "summary.json").read_text())["sessions"][1]
     assert session["wall_time_s"] >= elapsed > 0  # the time before the interruption counts
     assert main(["run", "--resume", str(folder)]) == 0
@@ -194,6 +199,55 @@ def test_every_stop_signal_in_every_phase_is_one_line_and_resumes_exactly(
     same(folder, full)
 
 
+SLURM = {
+    "SLURM_NTASKS": "1",
+    "SLURM_JOB_NAME": "cil",
+    "SLURM_JOB_ID": "4242",
+    "SLURM_PROCID": "0",
+    "SLURM_LOCALID": "0",
+    "SLURM_NODEID": "0",
+    "SLURM_NODELIST": "localhost",
+}
+
+
+@pytest.mark.slow
+def test_a_requeued_slurm_job_resumes_its_own_run_folder(tmp_path, capsys, monkeypatch, full):
+    """``run.requeue=true`` in a SLURM job: SIGTERM requeues the job (scontrol requeue, here a stand-in that records
+    its arguments) and says so in its one line; the requeued job's same command resumes that run folder (no second
+    folder) and ends with the uninterrupted matrix. Without a restart, or with another config, nothing is resumed."""
+    import signal
+
+    from cil.config import load_config
+    from cil.resume import requeued_run
+    from tests.helpers import CONFIGS
+
+    for key, value in SLURM.items():
+        monkeypatch.setenv(key, value)
+    bin_ = tmp_path / "bin"
+    bin_.mkdir()
+    (bin_ / "scontrol").write_text(f'#!/bin/sh\necho "$@" >> {tmp_path / "scontrol.log"}\n')
+    (bin_ / "scontrol").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_}:{os.environ['PATH']}")
+    config = str(CONFIGS / "finetune" / "digits.yaml")
+    args = [f"run.output_dir={tmp_path / 'runs'}", "backbone.image_size=16", "trainer.enable_progress_bar=false"]
+    args += ["run.checkpoint_every=0", "stream.eval_batch_size=512", "run.requeue=true", *OVERRIDES]
+    with pytest.MonkeyPatch.context() as patch:
+        _signal_at(patch, "evaluation", signal.SIGTERM)
+        assert main(["run", config, *args]) == 128 + signal.SIGTERM
+    folder = next((tmp_path / "runs" / "finetune-digits").iterdir())
+    err = capsys.readouterr().err.strip()
+    assert err == "cil: stopped by SIGTERM in session 2; requeued SLURM job 4242, which resumes it"
+    assert (tmp_path / "scontrol.log").read_text() == "requeue 4242\n"
+    assert requeued_run(load_config(config, args)) is None  # not a restarted job
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "1")
+    assert requeued_run(load_config(config, [*args, "run.seed=1"])) is None  # another experiment
+    assert requeued_run(load_config(config, args)) == folder
+    assert main(["run", config, *args]) == 0
+    assert f"SLURM job requeued: resuming {folder}" in capsys.readouterr().out
+    assert [p.name for p in (tmp_path / "runs" / "finetune-digits").iterdir()] == [folder.name]
+    same(folder, full)
+
+
 @pytest.mark.slow
 def test_under_slurm_nothing_is_read_or_written_outside_the_run_folder(tmp_path, capsys, monkeypatch, full):
     """In a SLURM job (the environment srun sets), Lightning's auto-requeue would write hpc_ckpt_<n>.ckpt into the
@@ -201,15 +255,7 @@ def test_under_slurm_nothing_is_read_or_written_outside_the_run_folder(tmp_path,
     run, SIGUSR1 stops the run as any stop signal does, and the resumed run gives the uninterrupted matrix."""
     import signal
 
-    for key, value in {
-        "SLURM_NTASKS": "1",
-        "SLURM_JOB_NAME": "cil",
-        "SLURM_JOB_ID": "4242",
-        "SLURM_PROCID": "0",
-        "SLURM_LOCALID": "0",
-        "SLURM_NODEID": "0",
-        "SLURM_NODELIST": "localhost",
-    }.items():
+    for key, value in SLURM.items():
         monkeypatch.setenv(key, value)
     work = tmp_path / "cwd"
     work.mkdir()
@@ -225,6 +271,5 @@ def test_under_slurm_nothing_is_read_or_written_outside_the_run_folder(tmp_path,
     assert "stopped by SIGUSR1 in session 2" in capsys.readouterr().err
     assert sorted(p.name for p in work.iterdir()) == ["hpc_ckpt_1.ckpt"]  # nothing written beside it
     assert not list(folder.rglob("hpc_ckpt_*"))
-    monkeypatch.setattr("cil.trainers.SLURMEnvironment.detect", staticmethod(lambda: True))
     assert main(["run", "--resume", str(folder)]) == 0
     same(folder, full)

@@ -60,3 +60,34 @@ def test_a_user_strategy_registers_and_a_bad_config_class_is_refused(tmp_path):
     finally:
         registry._STRATEGIES.pop("mine_for_test", None)
         registry._STRATEGIES.pop("stray_for_test", None)
+
+
+def test_every_strategy_takes_its_settings_from_its_dataclass_alone():
+    """No strategy writes a default of its own: the constructor takes ``**settings`` and builds them from the config
+    dataclass, so the hyper-parameters a strategy runs with are the dataclass's defaults plus what was given."""
+    import inspect
+
+    for name in registry.BUILTIN_STRATEGIES:
+        cls = registry.strategy_class(name)
+        parameters = list(inspect.signature(cls.__init__).parameters.values())
+        assert [p.name for p in parameters] == ["self", "backbone", "num_features", "settings"], name
+        assert parameters[-1].kind is inspect.Parameter.VAR_KEYWORD, name
+
+
+def test_settings_get_the_dataclass_defaults_and_its_checks_outside_cil_run():
+    """In a Lightning project of one's own (no config file): defaults from FSAConfig, every field in hparams, and an
+    unknown name or a value outside the dataclass's choices or ranges refused with the message cil run gives."""
+    from torch import nn
+
+    from cil.strategies.configs import FSAConfig
+    from cil.strategies.fsa import FSA
+
+    made = FSA(nn.Identity(), num_features=4, lr=0.5)
+    expected = {f.name: getattr(FSAConfig(lr=0.5), f.name) for f in dataclasses.fields(FSAConfig) if f.name != "name"}
+    assert dict(made.hparams) == expected
+    with pytest.raises(ConfigError, match="unknown setting 'lrr' of FSAConfig; did you mean lr"):
+        FSA(nn.Identity(), num_features=4, lrr=0.5)
+    with pytest.raises(ConfigError, match=r"strategy.adaptation='bogus' is not valid; choose one of \['full'"):
+        FSA(nn.Identity(), num_features=4, adaptation="bogus")
+    with pytest.raises(ConfigError, match="strategy.lr=-1.0 is out of range"):
+        FSA(nn.Identity(), num_features=4, lr=-1.0)

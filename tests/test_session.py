@@ -169,3 +169,33 @@ def test_cli_end_to_end_on_digits(tmp_path):
     assert f"run folder: {folder}" in out.stdout
     run = load_run(folder)
     assert run.summary["complete"] and run.accuracy_matrix.shape == (5, 5)
+
+
+@pytest.mark.slow
+def test_a_closed_pipe_or_a_closed_stderr_neither_kills_nor_corrupts_a_run(tmp_path):
+    """``cil run ... | head -1`` (the reader goes away after one line) and ``cil run ... 2>&-`` (no stderr at all):
+    the run goes on to its end, exit 0, every session's results written."""
+    from cil.runs import load_run
+
+    env = {**os.environ, "CIL_QUIET": "0"}  # the session lines and progress bars are printed
+    args = ["run", "simplecil/digits", "backbone.image_size=16", "stream.split=B6-Inc2"]
+    head = subprocess.Popen(
+        [*cil_command(), *args, f"run.output_dir={tmp_path / 'a'}"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        env=env,
+    )
+    first = head.stdout.readline()
+    head.stdout.close()  # what `head -1` does after its line
+    assert head.wait(timeout=600) == 0 and first  # (the first line: a progress bar or a session line)
+    no_stderr = subprocess.run(
+        [*cil_command(), *args, f"run.output_dir={tmp_path / 'b'}"],
+        stdout=subprocess.DEVNULL,
+        preexec_fn=lambda: os.close(2),
+        env=env,
+        timeout=600,
+    )
+    assert no_stderr.returncode == 0
+    for out in ("a", "b"):
+        (run,) = (tmp_path / out / "simplecil-digits").iterdir()
+        assert load_run(run).summary["complete"] and len(load_run(run).summary["sessions"]) == 3

@@ -65,6 +65,13 @@ def load_weights(model: nn.Module, path: str | Path) -> None:
     if not isinstance(state, dict):
         raise ConfigError(f"backbone.weights file '{path}' holds a {type(state).__name__}, not a state dict")
     state = {k.removeprefix("module."): v for k, v in state.items()}
+    not_tensors = [f"{k} ({type(v).__name__})" for k, v in state.items() if not isinstance(v, torch.Tensor)]
+    if not_tensors:
+        raise ConfigError(f"backbone.weights file '{path}' holds values that are not tensors: {_few(not_tensors)}")
+    # finite weights only (NaN or inf would train and report numbers that mean nothing); integer buffers are finite
+    broken = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if broken:
+        raise ConfigError(f"backbone.weights file '{path}' holds NaN or infinite values in {_few(broken)}")
     if is_lukemelas_efficientnet(state):
         state = lukemelas_to_timm(state, model, source=f"backbone.weights file '{path}'")
         if type(getattr(model, "conv_stem", None)).__name__ != "Conv2dSame":

@@ -449,11 +449,13 @@ def test_6_stronger_distillation_keeps_the_student_nearer_the_teacher(captions_f
         results[weight] = (kl_to_teacher(strategy, held_out), visual_distance(strategy))
     assert results[1e3][0] < results[0.0][0] and results[1e3][1] < results[0.0][1], results
     # with lr = 0 nothing moves: bit-identical raw weights; the ensemble of identical weights up to its rounding
-    frozen = make_zscl(captions_file, lr=0.0, we_interval=0)
+    frozen = make_zscl(captions_file, we_interval=0)
+    frozen.hparams.lr = 0.0  # set after construction: a config refuses lr=0, which this check needs
     before = copy.deepcopy(frozen.backbone.state_dict())
     fit(frozen, 0)
     assert all(torch.equal(v, frozen.backbone.state_dict()[k]) for k, v in before.items())
-    averaged = make_zscl(captions_file, lr=0.0)
+    averaged = make_zscl(captions_file)
+    averaged.hparams.lr = 0.0
     fit(averaged, 0)
     for k, v in before.items():
         torch.testing.assert_close(averaged.backbone.state_dict()[k], v, rtol=1e-6, atol=1e-7)
@@ -472,9 +474,10 @@ class FillStep(ZSCL):
 def test_7_weight_ensemble_bookkeeping_in_the_training_loop(captions_file):
     torch.manual_seed(0)
     strategy = FillStep(
-        create_clip("open_clip:cil-tiny-clip"), iterations=5, we_interval=2, lr=0.0, warmup=1, wc_weight=1.0,
+        create_clip("open_clip:cil-tiny-clip"), iterations=5, we_interval=2, warmup=1, wc_weight=1.0,
         image_loss_weight=0, text_loss_weight=0,
     )  # fmt: skip
+    strategy.hparams.lr = 0.0  # after construction: a config refuses lr=0
     with torch.no_grad():
         for p in strategy.trainable():
             p.zero_()  # θ_start = 0
