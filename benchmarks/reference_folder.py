@@ -1,8 +1,8 @@
 """ZSCL's reference image folder at ImageNet scale: listing a tree of 1.28 M files, before and after.
 
 The baseline is the former listing (``os.walk`` + a sorted list of ``Path`` objects); ours is
-``cil.strategies.zscl.ImageFiles`` (one ``os.scandir`` walk, relative paths in one numpy byte array). Both run here, in
-this process, on the same tree; the memory column is what the list itself holds (``tracemalloc``), which every
+``cil.streams.reference.ImageFiles`` (one ``os.scandir`` walk, relative paths in one numpy byte array). Both run
+here, in this process, on the same tree; the memory column is what the list itself holds (``tracemalloc``), which every
 loader worker otherwise copies as it touches the objects' reference counts.
 
     python benchmarks/reference_folder.py /tmp/imagenet_tree    # a tree of empty files, e.g. 1000 x 1281
@@ -18,7 +18,7 @@ import time
 import tracemalloc
 from pathlib import Path
 
-from cil.strategies.zscl import IMAGE_SUFFIXES, ImageFiles
+from cil.streams.reference import IMAGE_SUFFIXES, ImageFiles
 
 
 def make_tree(root: Path, files: int, per_folder: int = 1281) -> None:

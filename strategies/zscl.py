@@ -52,10 +52,7 @@ The building blocks are plain functions of tensors:
 from __future__ import annotations
 
 import copy
-import csv
 import math
-import os
-from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Optional, Sequence
 
 import numpy as np
@@ -69,6 +66,7 @@ from cil.config import ConfigError
 from cil.layers.growing import Growing
 from cil.module import CILModule, Session
 from cil.strategies.configs import ZSCLConfig
+from cil.streams.reference import read_captions, reference_image_set
 
 
 def distillation_loss(teacher_logits: torch.Tensor, student_logits: torch.Tensor, temperature: float = 2.0):
@@ -146,132 +144,6 @@ def text_classifier(
     return F.normalize(embeddings.view(len(class_names), len(templates), -1).mean(1), dim=-1)
 
 
-CAPTION_COLUMNS = ("title", "caption", "captions", "text")
-
-
-def read_captions(path: str | Path) -> list[str]:
-    """Captions from a text file (one per line), the Conceptual Captions TSV (caption, then URL, per row), the
-    code's ``*_output.csv`` (tab-separated, header ``title  filepath``) or a comma-separated CSV.
-
-    Tab-separated and plain files are split by line and tab only: no quote processing, so a caption that starts
-    with a quote cannot swallow the lines after it. A header row naming the caption column (title, caption,
-    text) is skipped and picks that column. A missing or empty file is a :class:`ConfigError` naming it.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"reference captions file '{path}' not found (strategy.reference_captions)")
-    with open(path, newline="", encoding="utf-8") as f:
-        lines = f.read().splitlines()
-    first = next((line for line in lines if line.strip()), "")
-    if "\t" in first or path.suffix.lower() == ".tsv":
-        rows = [line.split("\t") for line in lines]
-    elif path.suffix.lower() == ".csv":  # a comma-separated file: CSV quoting is part of its format
-        rows = list(csv.reader(lines))
-    else:
-        rows = [[line] for line in lines]
-    rows = [row for row in rows if row and row[0].strip()]
-    column = 0
-    if rows and len(rows[0]) > 1:
-        header = [field.strip().lower() for field in rows[0]]
-        named = [i for i, field in enumerate(header) if field in CAPTION_COLUMNS]
-        if named:
-            column, rows = named[0], rows[1:]
-    captions = [row[column].strip() for row in rows if len(row) > column and row[column].strip()]
-    if not captions:
-        raise ConfigError(f"reference captions file '{path}' holds no caption (strategy.reference_captions)")
-    return captions
-
-
-# --------------------------------------------------------------------------------------------- reference set
-
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
-
-
-class ImageFiles(Dataset):
-    """Every image file under ``root`` (searched recursively, sorted), without labels: ``ds[i]`` is an image.
-
-    Built for ImageNet's 1.28 M training files: one ``os.scandir`` walk, and the relative paths kept as one
-    numpy byte array (about 40 bytes a file, a single buffer that loader workers share without copying, where a
-    list of ``Path`` objects takes ~10x that and is copied page by page as workers touch its reference counts).
-    """
-
-    def __init__(self, root: str | Path, transform: Callable | None = None):
-        from PIL import Image
-
-        self._open = Image.open
-        self.root, self.transform = Path(root), transform
-        if not self.root.is_dir():
-            raise ConfigError(f"reference image folder '{root}' not found (strategy.reference_images)")
-        names = sorted(_image_files(str(self.root), ""), key=lambda name: name.split("/"))  # as sorted Paths
-        self.files = np.array([n.encode("utf-8", "surrogateescape") for n in names], dtype=np.bytes_)
-        if not len(self.files):
-            raise ConfigError(
-                f"reference image folder '{root}' holds no image ({', '.join(IMAGE_SUFFIXES)}; "
-                "strategy.reference_images)"
-            )
-
-    def __len__(self) -> int:
-        return len(self.files)
-
-    def path(self, i: int) -> Path:
-        return self.root / self.files[i].decode("utf-8", "surrogateescape")
-
-    def __getitem__(self, i: int):
-        try:
-            with self._open(self.path(i)) as image:
-                image = image.convert("RGB")
-        except (OSError, ValueError, SyntaxError) as e:  # a corrupt or truncated image, a non-image file
-            from cil.errors import UnreadableSample
-
-            advice = "replace or delete the file (strategy.reference_images)"
-            raise UnreadableSample.reading(self.path(i), e, advice, what="reference image ") from None
-        return self.transform(image) if self.transform else image
-
-
-def _image_files(folder: str, prefix: str) -> Iterator[str]:
-    """Relative paths of the image files under ``folder`` (recursive, any order)."""
-    with os.scandir(folder) as entries:
-        for entry in entries:
-            if entry.is_dir(follow_symlinks=False):  # as os.walk: symlinked folders are not entered
-                yield from _image_files(entry.path, prefix + entry.name + "/")
-            elif entry.name.lower().endswith(IMAGE_SUFFIXES):
-                yield prefix + entry.name
-
-
-class ImagesOnly(Dataset):
-    """The images of any data set whose items are ``(image, label, ...)`` or images: its labels are never read."""
-
-    def __init__(self, data: Dataset, transform: Callable | None = None):
-        self.data, self.transform = data, transform
-
-    def __len__(self) -> int:
-        return len(self.data)
-
-    def __getitem__(self, i: int):
-        item = self.data[i]
-        image = item[0] if isinstance(item, (tuple, list)) else item
-        return self.transform(image) if self.transform else image
-
-
-def reference_image_set(source: str | Path | Dataset, transform: Callable | None = None) -> Dataset:
-    """The reference image set: a folder of images, ``"digits"`` (the embedded 1,797 digits), or a data set object.
-
-    A missing or empty set is a :class:`ConfigError`: ZSCL's distillation needs reference images.
-    """
-    if isinstance(source, Dataset):
-        if len(source) == 0:
-            raise ConfigError("the reference image set is empty (strategy.reference_images)")
-        return ImagesOnly(source, transform)
-    if str(source) == "digits":
-        from sklearn.datasets import load_digits
-
-        from cil.streams.digits import DigitsImages
-
-        digits = load_digits()
-        return ImagesOnly(DigitsImages(digits.images, digits.target), transform)
-    return ImageFiles(source, transform)
-
-
 class ReferenceBatches(Sampler):
     """Index batches of the reference set for steps ``start, start + 1, ...``: a pure function of (seed, step).
 
@@ -346,18 +218,7 @@ class ZSCL(CILModule):
                 f"{missing} is required: ZSCL distils on reference images and captions "
                 "(or set strategy.image_loss_weight=0 and strategy.text_loss_weight=0)"
             )
-        if hp.reference_captions is not None:
-            self.captions = read_captions(hp.reference_captions)
-        if hp.distill_text_features == "student" and hp.student_caption_batch is None and len(self.captions) > 4096:
-            raise ConfigError(
-                f"strategy.distill_text_features=student with strategy.student_caption_batch=null re-encodes all "
-                f"{len(self.captions)} captions with gradients at every step, beyond any GPU's memory; set "
-                "strategy.student_caption_batch (e.g. 256: a seeded sample per step)"
-            )
-        if hp.reference_images is not None:
-            from cil.backbones import data_transforms
-
-            self.reference = reference_image_set(hp.reference_images, data_transforms(backbone).eval)
+        self._reference_given = hp.reference_images  # a folder name, "digits" or a data set: read at the first session
         self.ensemble = WeightEnsemble()
         self.anchors: list[torch.Tensor] = []
         self._caption_embeddings: torch.Tensor | None = None
@@ -388,8 +249,26 @@ class ZSCL(CILModule):
         return ["a photo of a {}."]
 
     # ---- session hooks ---------------------------------------------------------------------------------
+    def read_reference_data(self) -> None:
+        """The reference captions and images (``cil.streams.reference``), read once, when the first session begins:
+        the constructor reads no file."""
+        hp = self.hparams
+        if hp.reference_captions is not None and not self.captions:
+            self.captions = read_captions(hp.reference_captions)
+        if hp.distill_text_features == "student" and hp.student_caption_batch is None and len(self.captions) > 4096:
+            raise ConfigError(
+                f"strategy.distill_text_features=student with strategy.student_caption_batch=null re-encodes all "
+                f"{len(self.captions)} captions with gradients at every step, beyond any GPU's memory; set "
+                "strategy.student_caption_batch (e.g. 256: a seeded sample per step)"
+            )
+        if self._reference_given is not None and self.reference is None:
+            from cil.backbones import data_transforms
+
+            self.reference = reference_image_set(self._reference_given, data_transforms(self.backbone).eval)
+
     def begin_session(self, session: Session) -> None:
         self.session_index = session.index
+        self.read_reference_data()
         hp = self.hparams
         if not session.class_names or not session.session_classes:
             raise ConfigError("zscl needs the stream's class names: Session(class_names=..., session_classes=...)")

@@ -26,12 +26,11 @@ from cil.strategies.zscl import (
     ReferenceBatches,
     WeightEnsemble,
     distillation_loss,
-    read_captions,
-    reference_image_set,
     text_classifier,
     warmup_cosine,
     weight_constraint,
 )
+from cil.streams.reference import read_captions, reference_image_set
 from tests.helpers import CONFIGS, Fault, tiny_config
 
 DATA = Path(__file__).resolve().parent.parent / "data" / "zscl"
@@ -184,7 +183,7 @@ def test_reference_folder_lists_what_os_walk_lists_in_the_same_order(tmp_path):
     import os
     from pathlib import Path
 
-    from cil.strategies.zscl import IMAGE_SUFFIXES, ImageFiles
+    from cil.streams.reference import IMAGE_SUFFIXES, ImageFiles
     from tests.writers import image
 
     for rel in ["a/b.png", "a-b/c.jpg", "a/x/y/z.JPEG", "é/ü.png", "top.png", "a b/c.png"]:
@@ -202,7 +201,7 @@ def test_reference_folder_lists_what_os_walk_lists_in_the_same_order(tmp_path):
 
 def test_an_unreadable_reference_image_is_one_line_naming_it(tmp_path):
     from cil.errors import UnreadableSample
-    from cil.strategies.zscl import ImageFiles
+    from cil.streams.reference import ImageFiles
     from tests.writers import image
 
     image(tmp_path / "ref" / "a.jpg", 7)
@@ -269,7 +268,25 @@ def make_zscl(captions_file, **kwargs) -> ZSCL:
         reference_captions=str(captions_file),
         reference_batch_size=4,
     )
-    return ZSCL(create_clip("open_clip:cil-tiny-clip"), **{**settings, **kwargs})
+    strategy = ZSCL(create_clip("open_clip:cil-tiny-clip"), **{**settings, **kwargs})
+    strategy.read_reference_data()  # as its first session's begin_session does
+    return strategy
+
+
+def test_the_constructor_reads_no_file(tmp_path):
+    """Reference captions and images are read when the first session begins (``read_reference_data``), not when
+    the strategy is built; a missing file is then one ConfigError naming it."""
+    strategy = ZSCL(
+        create_clip("open_clip:cil-tiny-clip"),
+        reference_images=str(tmp_path / "no-images"),
+        reference_captions=str(tmp_path / "no-captions.txt"),
+    )
+    assert strategy.captions == [] and strategy.reference is None
+    with pytest.raises(ConfigError, match="no-captions.txt' not found"):
+        strategy.read_reference_data()
+    (tmp_path / "no-captions.txt").write_text("a caption\n")
+    with pytest.raises(ConfigError, match="reference image folder .*no-images' not found"):
+        strategy.read_reference_data()
 
 
 def session(k: int, per_class: int = 8) -> Session:
