@@ -18,14 +18,16 @@ from __future__ import annotations
 
 import hashlib
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterable, Optional
 
 import numpy as np
 import pytorch_lightning as pl
 import torch
-from torch.utils.data import ConcatDataset, Dataset, Subset
+from torch import nn
+from torch.utils.data import ConcatDataset, DataLoader, Dataset, Subset
 
 from cil import distributed
+from cil.progress import note, progress
 
 
 def data_identity(data: Any, h: Any) -> bool:
@@ -151,16 +153,31 @@ class FeatureStore:
     def get(self, key: str) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
         found = self.memory.get(key)
         if found is None and self.folder is not None and self._path(key).is_file():
-            saved = torch.load(self._path(key), map_location="cpu", weights_only=True, mmap=True)
-            found = (saved["features"], saved["labels"])
+            found = self._read(self._path(key))
         if found is None:
             self.misses += 1
         else:
             self.hits += 1
         return found
 
-    def put(self, key: str, features: torch.Tensor, labels: torch.Tensor) -> None:
-        size = features.nbytes + labels.nbytes
+    @staticmethod
+    def _read(path: Path) -> Optional[tuple[torch.Tensor, Optional[torch.Tensor]]]:
+        """A stored entry; a damaged one (truncated by a full disk or a crash) is set aside as ``*.unreadable``
+        with a note and counts as missing: features are rebuildable, so they are computed again."""
+        try:
+            saved = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            return saved["features"], saved["labels"]
+        except Exception as e:
+            note(f"stored features {path} are unreadable ({type(e).__name__}); set aside, computed again")
+            try:
+                path.replace(path.with_suffix(".unreadable"))
+            except OSError:
+                pass
+            return None
+
+    def put(self, key: str, features: torch.Tensor, labels: Optional[torch.Tensor]) -> None:
+        """``labels``: None for features of unlabelled data (DKVB's key initialisation)."""
+        size = features.nbytes + (labels.nbytes if labels is not None else 0)
         if self.folder is None or self.held + size <= self.budget:
             self.memory[key] = (features, labels)
             self.held += size
@@ -189,3 +206,73 @@ def shard_key(batch_size: int) -> tuple[int, int, int]:
 
 
 __all__ = ["ClassifyFeatures", "FeatureStore", "FeaturesOf", "data_identity", "shard_key"]
+
+
+def tensor_digest(tensors: dict[str, torch.Tensor]) -> str:
+    """A digest of names, shapes, dtypes and bytes (exact: any changed bit changes it)."""
+    import hashlib
+
+    h = hashlib.blake2b(digest_size=16)
+    for key in sorted(tensors):
+        t = tensors[key].detach()
+        h.update(f"{key}:{tuple(t.shape)}:{t.dtype};".encode())
+        if t.numel():
+            h.update(t.cpu().contiguous().reshape(-1).view(torch.uint8).numpy())  # no copy of the bytes
+    return h.hexdigest()
+
+
+class FeatureCache:
+    """Features of a frozen encoder over a data set, cached on disk under a key of (encoder, data).
+
+    The key is cheap: the encoder's weights digest, and the data's identity (:func:`data_identity`: structure,
+    transforms, labels, raw samples or file sizes and times); only a data set of a kind it does not know is keyed
+    on its transformed inputs (one pass without the encoder). Changing either invalidates the entry. A miss runs
+    the encoder with ``num_workers`` loader workers, ``batch_size`` at a time. ``directory=None`` keeps nothing.
+    """
+
+    def __init__(self, directory: str | Path | None, batch_size: int = 256, num_workers: int = 0):
+        self.directory = Path(directory).expanduser() if directory else None
+        self.batch_size, self.num_workers = batch_size, num_workers
+        # the entries are kept as the session loop's are: a FeatureStore, on disk only (it persists across runs)
+        self.store = FeatureStore(self.directory, memory_mb=0.0) if self.directory is not None else None
+
+    def _inputs(self, data: Dataset, workers: int = 0) -> Iterable:
+        # its own generator: iterating must draw nothing from the global one, or a cache hit (one pass) and a miss
+        # (two) would leave the run's random state, and so its key initialisation, different
+        return DataLoader(
+            data, batch_size=self.batch_size, shuffle=False, num_workers=workers, generator=torch.Generator()
+        )
+
+    def key(self, encoder: nn.Module, data: Dataset, labelled: bool = True) -> str:
+        h = hashlib.sha256()
+        h.update(tensor_digest(encoder.state_dict()).encode())
+        h.update(str(len(data)).encode())
+        h.update(b"labelled" if labelled else b"unlabelled")
+        if not data_identity(data, h):  # unknown kind: the transformed inputs themselves
+            for batch in self._inputs(data, self.num_workers):
+                parts = list(batch[: 2 if labelled else 1]) if isinstance(batch, (list, tuple)) else [batch]
+                for part in parts:
+                    h.update(torch.as_tensor(part).cpu().contiguous().numpy().tobytes())
+        return h.hexdigest()[:32]
+
+    @torch.no_grad()
+    def features(self, encoder: nn.Module, data: Dataset, device: torch.device, labelled: bool = True, desc: str = ""):
+        """(features, labels): from the cache when present, else computed (and stored). ``labelled=False`` never
+        reads the labels (None is returned for them)."""
+        key = None
+        if self.store is not None:
+            key = self.key(encoder, data, labelled)
+            found = self.store.get(key)
+            if found is not None:
+                return found
+        feats, labels = [], []
+        for batch in progress(self._inputs(data, self.num_workers), desc=desc or "features", leave=False):
+            x = batch[0] if isinstance(batch, (list, tuple)) else batch
+            feats.append(encoder(x.to(device)).float().cpu())
+            if labelled:
+                labels.append(torch.as_tensor(batch[1]))
+        features = torch.cat(feats)
+        label_tensor = torch.cat(labels).long() if labels else None
+        if key is not None:
+            self.store.put(key, features, label_tensor)
+        return features, label_tensor

@@ -4,11 +4,15 @@ pickles; checkpoints and tensors are read with ``torch.load(weights_only=True)``
 
 from __future__ import annotations
 
+import errno
 import os
 import pickle
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any, BinaryIO, Callable
+
+from cil.errors import DataError
 
 # what a pickled data set (CIFAR's python batches) may hold besides dicts, lists, tuples, strings, bytes and
 # numbers: numpy arrays and their dtypes, as numpy 1 and numpy 2 name them, and the codec call protocol 2 uses to
@@ -67,11 +71,46 @@ def atomic_write(path: str | Path, data: str | bytes | Callable[[Path], None]) -
         else:
             Path(tmp).write_bytes(data.encode() if isinstance(data, str) else data)
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp's 0600 would make results private: follow the umask
+        _fsync(tmp)  # the bytes are on disk before the name points at them ...
         os.replace(tmp, path)
+        _fsync(path.parent)  # ... and the new name is too: a crash or power loss keeps the old file or the new one
+    except Exception as e:
+        if _disk_full(e):
+            raise DataError(
+                f"cannot write {path}: no space left on the device of {path.parent} ({_free(path.parent)} free); "
+                "free space there and resume (cil run --resume): the previous file is intact"
+            ) from None
+        raise
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
     return path
+
+
+def _fsync(path: str | Path) -> None:
+    """``fsync`` of a file, or of a folder (its entries), as databases do before they call a write done."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    except OSError:  # some file systems cannot sync a folder; the file itself was synced
+        pass
+    finally:
+        os.close(fd)
+
+
+def _disk_full(error: BaseException) -> bool:
+    """A full disk, as the OS reports it or as torch.save's zip writer words it."""
+    if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    text = str(error).lower()
+    return "no space left" in text or ("file write failed" in text and "inline_container" in text)
+
+
+def _free(folder: Path) -> str:
+    try:
+        return f"{shutil.disk_usage(folder).free / 2**20:.0f} MB"
+    except OSError:
+        return "unknown"
 
 
 def _umask() -> int:

@@ -23,6 +23,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from cil.config import TrainingConfig, strategy_settings  # TrainingConfig re-exported: strategies' configs extend it
+from cil.features import tensor_digest
 from cil.layers.growing import GrowingClassifier
 
 
@@ -295,19 +296,6 @@ def accuracy_row(
             store.put(key, torch.cat([f for f, _ in kept]), torch.cat([y for _, y in kept]))
         row.append(right / total if total else float("nan"))
     return row
-
-
-def tensor_digest(tensors: dict[str, torch.Tensor]) -> str:
-    """A digest of names, shapes, dtypes and bytes (exact: any changed bit changes it)."""
-    import hashlib
-
-    h = hashlib.blake2b(digest_size=16)
-    for key in sorted(tensors):
-        t = tensors[key].detach()
-        h.update(f"{key}:{tuple(t.shape)}:{t.dtype};".encode())
-        if t.numel():
-            h.update(t.cpu().contiguous().reshape(-1).view(torch.uint8).numpy())  # no copy of the bytes
-    return h.hexdigest()
 
 
 def create_strategy(cfg: DictConfig) -> CILModule:

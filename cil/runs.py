@@ -189,7 +189,10 @@ class RunFolder:
         return self
 
     def note_resume(self, cfg: DictConfig) -> None:
-        env = json.loads((self.path / self.ENV).read_text()) if (self.path / self.ENV).exists() else {}
+        try:
+            env = json.loads((self.path / self.ENV).read_text())
+        except (OSError, ValueError):  # missing or truncated: rewritten with what is known now
+            env = {"note": f"{self.ENV} was missing or unreadable when the run was resumed"}
         env.setdefault("resumed", []).append(environment(cfg))
         atomic_write(self.path / self.ENV, json.dumps(env, indent=2))
 
@@ -201,10 +204,45 @@ class RunFolder:
     def last_checkpoint(self) -> Path:
         return self.checkpoints / "last.ckpt"
 
+    def session_checkpoints(self) -> dict[int, Path]:
+        """The session checkpoints by session, ours only (``session_<k>.ckpt``: a copy a user made beside them,
+        ``session_0 (copy).ckpt``, is neither read nor deleted)."""
+        found = {}
+        for path in self.checkpoints.glob("session_*.ckpt"):
+            match = re.fullmatch(r"session_(\d+)\.ckpt", path.name)
+            if match:
+                found[int(match.group(1))] = path
+        return found
+
     def completed_sessions(self) -> int:
         """Sessions completed: 1 + the index of the newest session checkpoint (0 if none)."""
-        done = [int(p.stem.split("_")[1]) for p in self.checkpoints.glob("session_*.ckpt")]
-        return max(done) + 1 if done else 0
+        return max(self.session_checkpoints(), default=-1) + 1
+
+    def lock(self) -> Any:
+        """Hold the run folder for this process (``.lock``, released when the process ends, however it ends): a
+        second ``cil run --resume`` of the same folder is refused in one line naming the process that holds it."""
+        import fcntl
+
+        try:
+            handle = open(self.path / ".lock", "a+")
+        except OSError as e:
+            raise ConfigError(
+                f"run folder '{self.path}' cannot be written ({e.strerror}); resume a writable copy"
+            ) from None
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            handle.seek(0)
+            holder = handle.read().strip() or "another process"
+            handle.close()
+            raise ConfigError(
+                f"run folder '{self.path}' is in use by {holder}; wait for it to end (or stop it) before resuming"
+            ) from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"process {os.getpid()} on {socket.gethostname()}\n")
+        handle.flush()
+        return handle
 
     def save_session(
         self, k: int, state_dict: dict, records: Sequence[SessionRecord], rebuilt_digest: str | None = None

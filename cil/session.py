@@ -55,27 +55,40 @@ def run_experiment(
     stream built elsewhere (:func:`cil.interop.run_benchmark`) instead of the one ``cfg.stream`` names.
     """
     resume = run_dir is not None
-    from cil.progress import set_enabled
+    # one process at a time per run folder (a second `cil run --resume` is refused, naming the holder), checked
+    # before any work for a resumed run
+    lock = RunFolder(run_dir).lock() if resume and distributed.is_rank_zero() else None
+    try:
+        from cil.progress import set_enabled
 
-    set_enabled(cfg.trainer.enable_progress_bar)  # the statistics passes' bars follow Lightning's switch
-    pl.seed_everything(cfg.run.seed, workers=True, verbose=False)
-    strategy = create_strategy(cfg)
-    transforms = partial(stream_transforms, strategy.backbone, cfg)
-    from cil.streams import create_stream, unlabelled_data
+        set_enabled(cfg.trainer.enable_progress_bar)  # the statistics passes' bars follow Lightning's switch
+        pl.seed_everything(cfg.run.seed, workers=True, verbose=False)
+        strategy = create_strategy(cfg)
+        transforms = partial(stream_transforms, strategy.backbone, cfg)
+        from cil.streams import create_stream, unlabelled_data
 
-    # the stream is built (and Avalanche imported) before the process group exists: Avalanche refuses to
-    # create its default loggers in a non-main process of an initialised process group
-    stream = stream if stream is not None else create_stream(cfg.stream, transforms)
-    unlabelled = unlabelled_data(cfg.stream, transforms, stream)
-    device = setup_distributed(cfg)
+        # the stream is built (and Avalanche imported) before the process group exists: Avalanche refuses to
+        # create its default loggers in a non-main process of an initialised process group
+        stream = stream if stream is not None else create_stream(cfg.stream, transforms)
+        unlabelled = unlabelled_data(cfg.stream, transforms, stream)
+        device = setup_distributed(cfg)
 
-    if resume:
-        folder = RunFolder(run_dir)
-    else:
-        folder = RunFolder(RunFolder.new_path(cfg))
-        if distributed.is_rank_zero():
-            folder.create(cfg)  # atomically: another run may have taken the same timestamp meanwhile
-        folder = RunFolder(distributed.broadcast_object(str(folder.path)))
+        if resume:
+            folder = RunFolder(run_dir)
+        else:
+            folder = RunFolder(RunFolder.new_path(cfg))
+            if distributed.is_rank_zero():
+                folder.create(cfg)  # atomically: another run may have taken the same timestamp meanwhile
+                lock = folder.lock()
+            folder = RunFolder(distributed.broadcast_object(str(folder.path)))
+        return _run(folder, resume, cfg, strategy, stream, unlabelled, device, callbacks)
+    finally:
+        if lock is not None:
+            lock.close()
+
+
+def _run(folder, resume, cfg, strategy, stream, unlabelled, device, callbacks) -> Path:
+    """The loop of :func:`run_experiment` once its run folder is held."""
     start, records = 0, []
     if resume:
         start, done = newest_intact_session(folder)
@@ -163,8 +176,8 @@ def _save_session(strategy, k, records, stream, cfg, folder, info, plotted: list
     state, digest = strategy.checkpoint_state()  # without the frozen tensors the config rebuilds
     folder.save_session(k, state, records, digest)
     keep = cfg.run.keep_session_checkpoints
-    for old in folder.checkpoints.glob("session_*.ckpt"):
-        if not keep and old != folder.session_checkpoint(k):
+    for j, old in folder.session_checkpoints().items():
+        if not keep and j != k:
             old.unlink()
     folder.last_checkpoint.unlink(missing_ok=True)
     # plots cost about 0.6 s: at the end, and between sessions at most once a minute (a 50-session stream of

@@ -21,7 +21,7 @@ A counter of how often each key was selected in training masks the never-selecte
 Task-free: ``begin_session``/``end_session`` change no model state (the only thing ``begin_session`` may do is
 size the values from the stream's class count, once, when ``num_classes`` is not given), and ``stream.online``
 presents the whole stream as one sequence of mini-batches. The encoder is frozen, so its features are computed
-once per data set and cached (:class:`FeatureCache`), which makes the paper's many epochs per task cheap.
+once per data set and cached (:class:`cil.features.FeatureCache`), which makes the paper's many epochs per task cheap.
 
 Differences from the code, all documented choices: the nearest-key search is chunked over codebooks so memory
 stays bounded at the official sizes; the dead-key test runs on every key-init batch with the code's threshold
@@ -34,21 +34,18 @@ unlabelled data as ``Session.unlabelled_data`` for the key initialisation, and a
 
 from __future__ import annotations
 
-import hashlib
-from pathlib import Path
-from typing import Any, Iterable, Optional
+from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, TensorDataset
+from torch.utils.data import Dataset, TensorDataset
 
 from cil.config import ConfigError
 from cil.distributed import all_reduce_sum
-from cil.features import data_identity
-from cil.io import atomic_write
+from cil.features import FeatureCache
 from cil.layers.growing import Growing
-from cil.module import CILModule, Session, tensor_digest
+from cil.module import CILModule, Session
 from cil.progress import progress
 from cil.strategies.configs import SPLITTINGS, DKVBConfig
 
@@ -170,62 +167,6 @@ class KeyValueBottleneck(Growing):
         self.initialised.fill_(True)
         self.counter.zero_()
         self.values.zero_()
-
-
-class FeatureCache:
-    """Features of a frozen encoder over a data set, cached on disk under a key of (encoder, data).
-
-    The key is cheap: the encoder's weights digest, and the data's identity (:func:`data_identity`: structure,
-    transforms, labels, raw samples or file sizes and times); only a data set of a kind it does not know is keyed
-    on its transformed inputs (one pass without the encoder). Changing either invalidates the entry. A miss runs
-    the encoder with ``num_workers`` loader workers, ``batch_size`` at a time. ``directory=None`` keeps nothing.
-    """
-
-    def __init__(self, directory: str | Path | None, batch_size: int = 256, num_workers: int = 0):
-        self.directory = Path(directory).expanduser() if directory else None
-        self.batch_size, self.num_workers = batch_size, num_workers
-
-    def _inputs(self, data: Dataset, workers: int = 0) -> Iterable:
-        # its own generator: iterating must draw nothing from the global one, or a cache hit (one pass) and a miss
-        # (two) would leave the run's random state, and so its key initialisation, different
-        return DataLoader(
-            data, batch_size=self.batch_size, shuffle=False, num_workers=workers, generator=torch.Generator()
-        )
-
-    def key(self, encoder: nn.Module, data: Dataset, labelled: bool = True) -> str:
-        h = hashlib.sha256()
-        h.update(tensor_digest(encoder.state_dict()).encode())
-        h.update(str(len(data)).encode())
-        h.update(b"labelled" if labelled else b"unlabelled")
-        if not data_identity(data, h):  # unknown kind: the transformed inputs themselves
-            for batch in self._inputs(data, self.num_workers):
-                parts = list(batch[: 2 if labelled else 1]) if isinstance(batch, (list, tuple)) else [batch]
-                for part in parts:
-                    h.update(torch.as_tensor(part).cpu().contiguous().numpy().tobytes())
-        return h.hexdigest()[:32]
-
-    @torch.no_grad()
-    def features(self, encoder: nn.Module, data: Dataset, device: torch.device, labelled: bool = True, desc: str = ""):
-        """(features, labels): from the cache when present, else computed (and stored). ``labelled=False`` never
-        reads the labels (None is returned for them)."""
-        path = None
-        if self.directory is not None:
-            path = self.directory / f"{self.key(encoder, data, labelled)}.pt"
-            if path.is_file():
-                cached = torch.load(path, map_location="cpu", weights_only=True)
-                return cached["features"], cached["labels"]
-        feats, labels = [], []
-        for batch in progress(self._inputs(data, self.num_workers), desc=desc or "features", leave=False):
-            x = batch[0] if isinstance(batch, (list, tuple)) else batch
-            feats.append(encoder(x.to(device)).float().cpu())
-            if labelled:
-                labels.append(torch.as_tensor(batch[1]))
-        features = torch.cat(feats)
-        label_tensor = torch.cat(labels).long() if labels else None
-        if path is not None:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            atomic_write(path, lambda p: torch.save({"features": features, "labels": label_tensor}, p))
-        return features, label_tensor
 
 
 class DKVB(CILModule):

@@ -179,3 +179,13 @@ def test_accuracy_row_reuses_features_in_a_foreign_loop(tmp_path, monkeypatch):
     second = accuracy_row(strategy, stream.eval_data, batch_size=100, store=store)
     assert passes == sum(len(d) for d in stream.eval_data) and seen[0] == passes
     assert first == second == accuracy_row(strategy, stream.eval_data, batch_size=100)
+
+
+def test_a_damaged_stored_feature_file_is_set_aside_and_computed_again(tmp_path, capsys):
+    store = FeatureStore(tmp_path, memory_mb=0)
+    store.put("k", torch.ones(3, 2), torch.arange(3))
+    path = tmp_path / "k.pt"
+    path.write_bytes(path.read_bytes()[:100])  # a crash or a full disk cut it short
+    assert FeatureStore(tmp_path, memory_mb=0).get("k") is None  # missing: the caller computes it again
+    assert "stored features" in capsys.readouterr().out and (tmp_path / "k.unreadable").is_file()
+    assert not path.exists()

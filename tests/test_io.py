@@ -7,7 +7,7 @@ import pickle
 import numpy as np
 import pytest
 
-from cil.io import UnsafePickle, safe_unpickle
+from cil.io import UnsafePickle, atomic_write, safe_unpickle
 from tests.helpers import Payload
 
 
@@ -37,3 +37,44 @@ def test_a_payload_is_refused_before_it_runs(tmp_path, where):
     assert not marker.exists()
     pickle.loads(path.read_bytes())  # the file really is an attack: an unrestricted load runs it
     assert marker.exists()
+
+
+def test_an_atomic_write_is_synced_file_then_folder(tmp_path, monkeypatch):
+    """Databases' rule: the file's bytes reach the disk before its new name does, and the name (the folder's
+    entry) before the write is called done; a crash then keeps the old file or the new one."""
+    import os
+
+    import cil.io
+
+    synced = []
+    real = os.fsync
+    monkeypatch.setattr(cil.io.os, "fsync", lambda fd: synced.append(os.readlink(f"/proc/self/fd/{fd}")) or real(fd))
+    atomic_write(tmp_path / "a.json", "{}")
+    assert len(synced) == 2 and synced[1] == str(tmp_path)  # the temporary file, then the folder
+    assert os.path.dirname(synced[0]) == str(tmp_path) and (tmp_path / "a.json").read_text() == "{}"
+
+
+@pytest.mark.parametrize(
+    "failure",
+    [
+        OSError(28, "No space left on device"),
+        RuntimeError("[enforce fail at inline_container.cc:664] file write failed"),
+    ],
+    ids=["OSError", "torch.save"],
+)
+def test_a_full_disk_is_one_line_and_the_previous_file_stays(tmp_path, failure):
+    from cil.errors import DataError
+
+    atomic_write(tmp_path / "session_0.ckpt", b"the previous checkpoint")
+
+    def full(path):
+        path.write_bytes(b"half")
+        raise failure
+
+    with pytest.raises(DataError) as caught:
+        atomic_write(tmp_path / "session_0.ckpt", full)
+    message = str(caught.value)
+    assert message.startswith(f"cannot write {tmp_path / 'session_0.ckpt'}: no space left on the device of {tmp_path}")
+    assert "free space there and resume" in message and len(message.splitlines()) == 1
+    assert (tmp_path / "session_0.ckpt").read_bytes() == b"the previous checkpoint"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["session_0.ckpt"]  # no temporary file left behind

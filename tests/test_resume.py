@@ -65,3 +65,18 @@ def test_lightnings_restore_reads_through_the_safe_loader(stopped, tmp_path):
     assert not (tmp_path / "ran").exists()
     torch.load(path, weights_only=False)  # the file really is an attack
     assert (tmp_path / "ran").exists()
+
+
+def test_a_second_resume_of_a_held_run_folder_is_refused_before_any_work(stopped, capsys):
+    import os
+
+    from cil.runs import RunFolder
+
+    held = RunFolder(stopped).lock()  # as a `cil run --resume` still going would hold it
+    try:
+        assert main(["run", "--resume", str(stopped)]) == 2
+    finally:
+        held.close()
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and f"is in use by process {os.getpid()} on " in err
+    assert {p.name for p in (stopped / "checkpoints").iterdir()} == {"session_0.ckpt", "last.ckpt"}  # untouched

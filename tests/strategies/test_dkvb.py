@@ -12,10 +12,11 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from cil.cli import main
 from cil.config import ConfigError, load_config
+from cil.features import FeatureCache
 from cil.module import Session, create_strategy
 from cil.runs import load_run
 from cil.session import run_experiment
-from cil.strategies.dkvb import DKVB, FeatureCache, KeyValueBottleneck
+from cil.strategies.dkvb import DKVB, KeyValueBottleneck
 from tests.helpers import CONFIGS, tiny_config
 
 D, C, P, K, V = 16, 4, 8, 3, 3  # the spec's tiny sizes
