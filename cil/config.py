@@ -151,7 +151,7 @@ class StreamConfig:
     skip_unreadable: bool = param(
         False,
         help="skip image files that cannot be decoded (corrupt, truncated, not images) instead of stopping; each is "
-        "named once in <run folder>/skipped_files.txt and counted after every session",
+        "named once in <run folder>/skipped_files.jsonl and counted after every session",
     )
 
 

@@ -35,4 +35,10 @@ class UnreadableSample(DataError):
     def reading(cls, path: Any, error: BaseException, advice: str, what: str = "") -> UnreadableSample:
         """``cannot read <what><path> (<the error's first line>); <advice>``."""
         reason = str(error).splitlines()[0] if str(error) else type(error).__name__
-        return cls(f"cannot read {what}{path} ({reason}); {advice}", path=str(path))
+        return cls(f"cannot read {what}{printable(path)} ({reason}); {advice}", path=str(path))
+
+
+def printable(path: Any) -> str:
+    """A file name as one line shows it: control characters (a newline in a crawled file's name) escaped."""
+    text = str(path)
+    return text if text.isprintable() else text.encode("unicode_escape").decode("ascii")

@@ -44,6 +44,17 @@ def data_identity(data: Any, h: Any) -> bool:
     return all(_base_identity(base, h) for base in bases)
 
 
+def stream_fingerprint(stream: Any) -> str | None:
+    """What a run's data were built from (every session's training and test data, by :func:`data_identity`, and
+    the class order): a resumed run compares it with the stream built again, so that data files changed or deleted
+    since the interruption are not mixed silently into one run. None for data of a kind it does not know."""
+    h = hashlib.sha256(repr([list(map(int, c)) for c in stream.classes_per_session]).encode())
+    for data in [*stream.train_data, *stream.eval_data]:
+        if not data_identity(data, h):
+            return None
+    return h.hexdigest()[:32]
+
+
 def _positions(data: Any, bases: list[Any], transforms: set[str]) -> list[tuple[int, int]]:
     """(base data set number, index in it) for every position of ``data``."""
     from avalanche.benchmarks.utils.data import AvalancheDataset

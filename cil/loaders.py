@@ -8,6 +8,7 @@ Statistics and evaluation passes read each process's disjoint, unpadded share of
 
 from __future__ import annotations
 
+import json
 import random
 from pathlib import Path
 from typing import Any
@@ -171,9 +172,10 @@ class EpochSeed(Callback):
 
 class SkipUnreadable(Dataset):
     """``stream.skip_unreadable``: an item whose file cannot be read becomes None (``skipping_collate`` drops it from
-    its batch), and its path is appended once to ``log`` (shared by loader workers and processes: one short append
-    per file). Only the session loop's loaders skip; a strategy's own readers (ZSCL's reference images, DKVB's
-    feature extraction) stop on such a file with the same one-line error."""
+    its batch), and its path is appended once to ``log`` as a JSON line (``{"path": ...}``: any file name survives,
+    newlines included; shared by loader workers and processes: one short append per file). Only the session loop's
+    loaders skip; a strategy's own readers (ZSCL's reference images, DKVB's feature extraction) stop on such a file
+    with the same one-line error."""
 
     def __init__(self, data: Dataset, log: Path | None):
         self.data, self.log = data, log
@@ -190,7 +192,7 @@ class SkipUnreadable(Dataset):
                 self.seen.add(e.path)
                 if self.log is not None:
                     with open(self.log, "a") as f:
-                        f.write(f"{e.path}\n")
+                        f.write(json.dumps({"path": e.path}) + "\n")
             return None
 
 
@@ -202,7 +204,7 @@ def skipping_collate(batch: list):
     return default_collate(kept)
 
 
-SKIPPED_LOG: Path | None = None  # the run's skipped_files.txt while a run with stream.skip_unreadable is going
+SKIPPED_LOG: Path | None = None  # the run's skipped_files.jsonl while a run with stream.skip_unreadable is going
 
 
 def _loader(data: Dataset, cfg: DictConfig, persistent: bool = False, **kwargs) -> DataLoader:

@@ -123,6 +123,7 @@ class SessionCheckpoint(NamedTuple):
     state_dict: dict
     records: list[SessionRecord]
     rebuilt_digest: str | None
+    stream_fingerprint: str | None = None  # the data the run was built from (checkpoints of older runs: None)
 
 
 class RunFolder:
@@ -155,8 +156,8 @@ class RunFolder:
 
     @property
     def skipped_files(self) -> Path:
-        """``stream.skip_unreadable``: the files that could not be read."""
-        return self.path / "skipped_files.txt"
+        """``stream.skip_unreadable``: the files that could not be read, one JSON line each (``{"path": ...}``)."""
+        return self.path / "skipped_files.jsonl"
 
     @property
     def config(self) -> Path:
@@ -245,12 +246,18 @@ class RunFolder:
         return handle
 
     def save_session(
-        self, k: int, state_dict: dict, records: Sequence[SessionRecord], rebuilt_digest: str | None = None
+        self,
+        k: int,
+        state_dict: dict,
+        records: Sequence[SessionRecord],
+        rebuilt_digest: str | None = None,
+        stream_fingerprint: str | None = None,
     ) -> None:
         """``state_dict`` may leave out tensors the config rebuilds (``CILModule.checkpoint_state``); their digest
-        goes with it."""
+        goes with it, and the fingerprint of the data the run was built from (``cil.features.stream_fingerprint``)."""
         payload = {"session": k, "state_dict": state_dict, "records": [vars(r) for r in records]}
         payload["rebuilt_digest"] = rebuilt_digest
+        payload["stream_fingerprint"] = stream_fingerprint
         atomic_write(self.session_checkpoint(k), lambda p: torch.save(payload, p))
 
     def load_session(self, k: int) -> SessionCheckpoint:
@@ -258,7 +265,9 @@ class RunFolder:
         rebuilt_digest)`` before loading it into a strategy."""
         payload = load_checkpoint(self.session_checkpoint(k))
         records = [SessionRecord(**r) for r in payload["records"]]
-        return SessionCheckpoint(payload["state_dict"], records, payload.get("rebuilt_digest"))
+        return SessionCheckpoint(
+            payload["state_dict"], records, payload.get("rebuilt_digest"), payload.get("stream_fingerprint")
+        )
 
     # ---- results -------------------------------------------------------------------------------------
     def write_results(
@@ -270,7 +279,7 @@ class RunFolder:
         eval_unseen: bool = True,
         plots: bool = True,
     ) -> dict[str, Any]:
-        """Tables, summary and (``plots``) plots from the sessions done so far; returns the summary."""
+        """Tables, (``plots``) plots and summary from the sessions done so far; returns the summary."""
         R = accuracy_matrix(records, classes_per_session, eval_unseen)
         T = R.shape[1]
         done = R.shape[0]
@@ -290,9 +299,10 @@ class RunFolder:
             "metrics": {k: {"value": _num(v), "definition": M.DEFINITIONS[k]} for k, v in final.items()},
             "sessions": [{k: v for k, v in vars(r).items() if k != "confusion"} for r in records],
         }
-        atomic_write(self.path / self.SUMMARY, json.dumps(summary, indent=2))
         if plots:
             plot_run(self.plots, square, counts[:done])
+        # last: its "complete" is what marks a finished run, so everything it stands for is written before it
+        atomic_write(self.path / self.SUMMARY, json.dumps(summary, indent=2))
         return summary
 
 

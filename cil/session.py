@@ -11,6 +11,7 @@ run did.
 
 from __future__ import annotations
 
+import json
 import os
 import resource
 import time
@@ -24,8 +25,9 @@ from omegaconf import DictConfig
 from pytorch_lightning.callbacks import Callback
 
 from cil import distributed, loaders
+from cil.errors import ConfigError
 from cil.evaluation import evaluate
-from cil.features import FeatureStore
+from cil.features import FeatureStore, stream_fingerprint
 from cil.loaders import EpochSeed, derived_seed, seed_all, stats_loader, stream_transforms, train_loader
 from cil.module import Session, create_strategy
 from cil.progress import note
@@ -90,8 +92,19 @@ def run_experiment(
 def _run(folder, resume, cfg, strategy, stream, unlabelled, device, callbacks) -> Path:
     """The loop of :func:`run_experiment` once its run folder is held."""
     start, records = 0, []
+    fingerprint = stream_fingerprint(stream)
     if resume:
         start, done = newest_intact_session(folder)
+        if (
+            done is not None
+            and None not in (done.stream_fingerprint, fingerprint)
+            and done.stream_fingerprint != fingerprint
+        ):
+            raise ConfigError(
+                f"the data of run folder '{folder.path}' changed since it was interrupted (files under "
+                "stream.data_root added, deleted or modified): a resumed run would mix two data sets; restore the "
+                "data or start a new run"
+            )
         if done is not None:
             strategy.load_checked(strategy.complete_state(done.state_dict, done.rebuilt_digest))
             strategy.session_index = start - 1
@@ -116,10 +129,15 @@ def _run(folder, resume, cfg, strategy, stream, unlabelled, device, callbacks) -
                 raise
             try:
                 with stop.deferred():  # a whole session's checkpoint and results, or none
-                    _save_session(strategy, k, records, stream, cfg, folder, info, plotted)
+                    _save_session(strategy, k, records, stream, cfg, folder, info, plotted, fingerprint)
             except KeyboardInterrupt:
                 raise stop.interrupted(folder.path, k) from None
             distributed.barrier()
+    if start == stream.n_sessions and records and distributed.is_rank_zero():
+        # every session was done before this resume: rebuild the results from the checkpoint's records (a summary
+        # truncated by a crash, plots a kill interrupted)
+        folder.write_results(records, stream.classes_per_session, stream.eval_counts(), info, cfg.trainer.eval_unseen)
+        note(f"every session was done: results rebuilt from {folder.session_checkpoint(start - 1).name}")
     if store is not None:
         store.clear()  # the run is complete: its stored features are no longer needed
     return folder.path
@@ -169,12 +187,12 @@ def _session(strategy, stream, k, cfg, folder, callbacks, unlabelled, device, st
     )
 
 
-def _save_session(strategy, k, records, stream, cfg, folder, info, plotted: list[float]) -> None:
+def _save_session(strategy, k, records, stream, cfg, folder, info, plotted: list[float], fingerprint=None) -> None:
     """Session ``k``'s checkpoint, then the run's results so far (rank 0); the mid-session resume point goes."""
     if not distributed.is_rank_zero():
         return
     state, digest = strategy.checkpoint_state()  # without the frozen tensors the config rebuilds
-    folder.save_session(k, state, records, digest)
+    folder.save_session(k, state, records, digest, fingerprint)
     keep = cfg.run.keep_session_checkpoints
     for j, old in folder.session_checkpoints().items():
         if not keep and j != k:
@@ -195,7 +213,7 @@ def _save_session(strategy, k, records, stream, cfg, folder, info, plotted: list
 def _note_skipped(k: int) -> None:
     log = loaders.SKIPPED_LOG
     if log is not None and log.is_file():
-        skipped = set(log.read_text().splitlines())
+        skipped = {json.loads(line)["path"] for line in log.read_text().splitlines() if line.strip()}
         note(f"session {k + 1}: {len(skipped)} unreadable file(s) skipped so far (listed in {log})")
 
 

@@ -16,9 +16,11 @@ from __future__ import annotations
 import random
 import warnings
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import numpy as np
+from PIL import Image
 from torch.utils.data import Dataset
 
 from cil.backbones import Transforms
@@ -95,11 +97,42 @@ def sample_path(data: Any, i: int) -> str | None:
     return None
 
 
+# PIL's modes of more than 8 bits per sample, and the largest value each can hold
+_WIDE_MODES = {"I;16": 65535, "I;16B": 65535, "I;16L": 65535, "I;16N": 65535}
+# what an image that cannot be decoded raises: PIL's UnidentifiedImageError (OSError), truncated files, bad headers,
+# and a decompression bomb (an image whose pixel count would exhaust memory; PIL's guard refuses it)
+UNREADABLE_IMAGE = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """An RGB image of any PIL mode, converted by value range: 16-bit grey is scaled from 0..65535 to 0..255 (PIL's
+    own ``convert("RGB")`` clips it, so that nearly every pixel saturates at 255), 32-bit integer grey from its
+    bit depth, float grey from 0..1; palette images with transparency go through RGBA (alpha dropped, as for RGBA)."""
+    if image.mode in _WIDE_MODES or image.mode == "I":
+        values = np.asarray(image).astype(np.float64)
+        top = _WIDE_MODES.get(image.mode) or (65535.0 if values.max(initial=0) > 255 else 255.0)
+        image = Image.fromarray(np.clip(np.rint(values * (255.0 / top)), 0, 255).astype(np.uint8), mode="L")
+    elif image.mode == "F":
+        values = np.asarray(image, dtype=np.float64)
+        image = Image.fromarray(np.clip(np.rint(values * 255.0), 0, 255).astype(np.uint8), mode="L")
+    elif image.mode == "P" and "transparency" in image.info:
+        image = image.convert("RGBA")
+    return image if image.mode == "RGB" else image.convert("RGB")
+
+
+def read_rgb(path: str | Path) -> Image.Image:
+    """An image file as RGB (:func:`to_rgb`), read whole before the file is closed."""
+    with open(path, "rb") as f:
+        image = Image.open(f)
+        image.load()
+    return to_rgb(image)
+
+
 def read_sample(data: Any, i: int) -> Any:
     """``data[i]``, or an UnreadableSample naming the file when it cannot be decoded."""
     try:
         return data[i]
-    except (OSError, ValueError, SyntaxError) as e:  # PIL: UnidentifiedImageError, truncated files, bad headers
+    except UNREADABLE_IMAGE as e:
         path = sample_path(data, i)
         if path is None:
             raise

@@ -7,6 +7,7 @@ backbone's own transform resizes them to its input size (without a centre crop, 
 
 from __future__ import annotations
 
+import math
 from typing import Any, Callable
 
 import numpy as np
@@ -14,6 +15,7 @@ from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 
 from cil.backbones import Transforms
+from cil.errors import ConfigError
 from cil.registry import register_stream
 from cil.streams.common import GreyImages, Stream, build_stream
 
@@ -27,6 +29,14 @@ class DigitsImages(GreyImages):
 
 def digits_sets(test_size: float, seed: int) -> tuple[DigitsImages, DigitsImages]:
     data = load_digits()
+    n, classes = len(data.target), len(np.unique(data.target))
+    n_test = math.ceil(test_size * n)  # scikit-learn's rounding of a fractional test size
+    if min(n_test, n - n_test) < classes:  # a stratified split needs every class on both sides
+        raise ConfigError(
+            f"stream.test_size={test_size} leaves {n - n_test} training and {n_test} test images of {n}; each side "
+            f"needs at least one per class ({classes}): choose a test_size between {classes / n:.4f} and "
+            f"{1 - classes / n:.4f}"
+        )
     x_train, x_test, y_train, y_test = train_test_split(
         data.images, data.target, test_size=test_size, random_state=seed, stratify=data.target
     )

@@ -17,13 +17,14 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
+from PIL import Image
 from torch.utils.data import Dataset, random_split
 from torchvision import datasets as tv
 
 from cil.backbones import Transforms
 from cil.config import ConfigError
 from cil.registry import register_stream
-from cil.streams.common import Stream, make_benchmark, per_class_subset, read_sample
+from cil.streams.common import Stream, make_benchmark, per_class_subset, read_sample, to_rgb
 from cil.streams.vision import SafeCIFAR100, _root, _torchvision_pair
 
 ORDER_I = [
@@ -54,7 +55,7 @@ class LabeledSubset(Dataset):
 
     def __getitem__(self, i: int):
         image = read_sample(self.data, self.indices[i])[0]
-        return (image.convert("RGB") if hasattr(image, "convert") else image), self.targets[i]
+        return (to_rgb(image) if isinstance(image, Image.Image) else image), self.targets[i]
 
 
 class _UncheckedFlowers102(tv.Flowers102):

@@ -15,6 +15,7 @@ import numpy as np
 from torch.utils.data import Dataset
 
 from cil.errors import ConfigError
+from cil.streams.common import UNREADABLE_IMAGE, read_rgb
 
 CAPTION_COLUMNS = ("title", "caption", "captions", "text")
 
@@ -64,9 +65,6 @@ class ImageFiles(Dataset):
     """
 
     def __init__(self, root: str | Path, transform: Callable | None = None):
-        from PIL import Image
-
-        self._open = Image.open
         self.root, self.transform = Path(root), transform
         if not self.root.is_dir():
             raise ConfigError(f"reference image folder '{root}' not found (strategy.reference_images)")
@@ -86,9 +84,8 @@ class ImageFiles(Dataset):
 
     def __getitem__(self, i: int):
         try:
-            with self._open(self.path(i)) as image:
-                image = image.convert("RGB")
-        except (OSError, ValueError, SyntaxError) as e:  # a corrupt or truncated image, a non-image file
+            image = read_rgb(self.path(i))
+        except UNREADABLE_IMAGE as e:  # a corrupt or truncated image, a non-image file, a decompression bomb
             from cil.errors import UnreadableSample
 
             advice = "replace or delete the file (strategy.reference_images)"

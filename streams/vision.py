@@ -29,14 +29,13 @@ from typing import Any, Callable
 import numpy as np
 from torch.utils.data import Dataset
 from torchvision.datasets import CIFAR10, CIFAR100, SVHN, FGVCAircraft, ImageFolder, StanfordCars
-from torchvision.datasets.folder import default_loader
 from torchvision.datasets.vision import VisionDataset
 
 from cil.backbones import Transforms
 from cil.config import ConfigError
 from cil.io import UnsafePickle, safe_unpickle
 from cil.registry import register_stream
-from cil.streams.common import Stream, build_stream
+from cil.streams.common import Stream, build_stream, read_rgb
 
 CIFAR_LAYOUT = "<root>/cifar-100-python/{meta,train,test} (torchvision's CIFAR-100 python format)"
 FOLDER_LAYOUT = "<root>/train/<class>/<image> and <root>/test/<class>/<image> (LAMDA-PILOT layout)"
@@ -196,7 +195,7 @@ def _image_folders(cfg: Any, stream: str) -> tuple[ImageFolder, ImageFolder]:
         if not folder.is_dir() or not any(p.is_dir() for p in folder.iterdir()):
             raise ConfigError(f"stream.data_root='{root}' has no class folders in {split}/; expected {FOLDER_LAYOUT}")
         try:
-            sets.append(ImageFolder(str(folder)))
+            sets.append(ImageFolder(str(folder), loader=read_rgb))  # by value range: 16-bit PNGs too
         except (FileNotFoundError, RuntimeError) as e:
             raise ConfigError(f"stream.data_root='{root}': {e}; expected layout: {FOLDER_LAYOUT}") from None
     train, test = sets
@@ -245,7 +244,7 @@ class ImageList(Dataset):
         return len(self.files)
 
     def __getitem__(self, i: int):
-        return default_loader(str(self.files[i])), self.targets[i]
+        return read_rgb(self.files[i]), self.targets[i]
 
 
 class LabeledFiles(Dataset):
@@ -258,7 +257,7 @@ class LabeledFiles(Dataset):
         return len(self.files)
 
     def __getitem__(self, i: int):
-        return default_loader(str(self.files[i])), self.targets[i]
+        return read_rgb(self.files[i]), self.targets[i]
 
 
 def build_tinyimagenet(cfg: Any, make_transforms: Callable[..., Transforms]) -> Stream:

@@ -207,31 +207,42 @@ def test_a_cifar_pickle_with_a_payload_is_one_line_and_never_runs(tmp_path, caps
     assert not (tmp_path / "ran").exists() and not (tmp_path / "runs").exists()
 
 
-def _folder_stream_with_bad_files(root, kind: str):
+def _folder_stream_with_bad_files(root, kind: str, monkeypatch=None):
+    """Two bad files among good ones: a JPEG cut short, a web page saved under an image name, or a decompression
+    bomb (here: over PIL's pixel limit, lowered for the test); the training one's name holds a newline."""
+    from PIL import Image
+
     from tests.writers import write_image_folders
 
-    write_image_folders(root, ["a", "b", "c", "d"], train=3, test=2)
-    bad = [root / "train" / "b" / "b_1.jpg", root / "test" / "c" / "c_t0.jpg"]
+    write_image_folders(root, ["a", "b", "c", "d"], train=3, test=2)  # 20x20 images
+    (root / "train" / "b" / "b_1.jpg").rename(root / "train" / "b" / "b_1\nmore.jpg")  # a name with a newline
+    bad = [root / "train" / "b" / "b_1\nmore.jpg", root / "test" / "c" / "c_t0.jpg"]
     for path in bad:
         if kind == "truncated":
             path.write_bytes(path.read_bytes()[:200])  # a JPEG cut short (a crawl interrupted mid-file)
+        elif kind == "bomb":
+            Image.new("RGB", (64, 64)).save(path, format="JPEG")  # 4096 pixels: over twice the limit set below
         else:
             path.write_text("<html>404 not found</html>")  # a web page saved under an image name
+    if kind == "bomb":
+        monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # the good images (400 pixels) stay under it
     return bad
 
 
 FOLDER_RUN = ["stream.name=imagenet_r", "stream.split=B0-Inc2", "trainer.enable_progress_bar=false"]
 
 
-@pytest.mark.parametrize("kind", ["truncated", "not-an-image"])
+@pytest.mark.parametrize("kind", ["truncated", "not-an-image", "bomb"])
 @pytest.mark.parametrize("workers", [0, 1])
-def test_an_unreadable_image_mid_run_stops_with_one_line_naming_it(tmp_path, capsys, kind, workers):
-    bad = _folder_stream_with_bad_files(tmp_path / "data", kind)
+def test_an_unreadable_image_mid_run_stops_with_one_line_naming_it(tmp_path, capsys, monkeypatch, kind, workers):
+    bad = _folder_stream_with_bad_files(tmp_path / "data", kind, monkeypatch)
     args = ["run", str(CONFIGS / "simplecil" / "digits.yaml"), f"stream.data_root={tmp_path / 'data'}", *FOLDER_RUN]
     args += [f"run.output_dir={tmp_path / 'runs'}", f"stream.num_workers={workers}", "backbone.image_size=16"]
     code, err = run_cli(args, capsys)
     assert code == 1 and len(err.splitlines()) == 1, err  # a DataError: bad data, not a bad config
-    assert any(f"cannot read {path} (" in err for path in bad) and "stream.skip_unreadable=true" in err
+    from cil.errors import printable
+
+    assert any(f"cannot read {printable(path)} (" in err for path in bad) and "stream.skip_unreadable=true" in err
     # the half-made run folder is skipped by cil report, with a note, not an abort
     runs = list((tmp_path / "runs").glob("*/*"))
     assert len(runs) == 1
@@ -239,15 +250,18 @@ def test_an_unreadable_image_mid_run_stops_with_one_line_naming_it(tmp_path, cap
     assert code == 2 and "no run folder with results" in err
 
 
-def test_skip_unreadable_skips_and_counts_the_files(tmp_path, capsys):
-    bad = _folder_stream_with_bad_files(tmp_path / "data", "truncated")
+@pytest.mark.parametrize("kind", ["truncated", "bomb"])
+def test_skip_unreadable_skips_and_counts_the_files(tmp_path, capsys, monkeypatch, kind):
+    import json
+
+    bad = _folder_stream_with_bad_files(tmp_path / "data", kind, monkeypatch)
     args = ["run", str(CONFIGS / "simplecil" / "digits.yaml"), f"stream.data_root={tmp_path / 'data'}", *FOLDER_RUN]
     args += [f"run.output_dir={tmp_path / 'runs'}", "stream.skip_unreadable=true", "backbone.image_size=16"]
     assert main(args) == 0
     out = capsys.readouterr().out
     (run,) = list((tmp_path / "runs").glob("*/*"))
-    listed = (run / "skipped_files.txt").read_text().splitlines()
-    assert sorted(set(listed)) == sorted(map(str, bad))
+    listed = [json.loads(line)["path"] for line in (run / "skipped_files.jsonl").read_text().splitlines()]
+    assert sorted(set(listed)) == sorted(map(str, bad))  # the name with a newline too, whole
     assert "session 2: 2 unreadable file(s) skipped so far" in out
     result = load_run(run)
     assert result.summary["complete"] and np.isfinite(result.accuracy_matrix.to_numpy()).all()
@@ -338,3 +352,13 @@ def test_a_config_read_through_a_pipe_loads_as_the_file_does(tmp_path):
     piped = load_config(fifo)
     writer.join()
     assert piped == load_config(tmp_path / "my.yaml") and piped.run.seed == 3
+
+
+@pytest.mark.parametrize("test_size", ["0.999", "0.001"])
+def test_a_test_size_that_leaves_a_side_without_every_class_is_refused_up_front(tmp_path, capsys, test_size):
+    code, err = run_cli(
+        ["run", "simplecil/digits", f"stream.test_size={test_size}", f"run.output_dir={tmp_path}"], capsys
+    )
+    assert code == 2 and len(err.splitlines()) == 1, err
+    assert f"stream.test_size={test_size} leaves " in err and "at least one per class (10)" in err
+    assert not any(tmp_path.iterdir())

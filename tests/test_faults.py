@@ -273,3 +273,36 @@ def test_under_slurm_nothing_is_read_or_written_outside_the_run_folder(tmp_path,
     assert not list(folder.rglob("hpc_ckpt_*"))
     assert main(["run", "--resume", str(folder)]) == 0
     same(folder, full)
+
+
+def test_a_complete_run_with_a_truncated_summary_rebuilds_its_results_on_resume(tmp_path, capsys, full):
+    """A crash while summary.json was written (or plots a kill interrupted): the run is not taken for complete,
+    and --resume rebuilds every result from the last session checkpoint without training again."""
+    import shutil
+
+    folder = tmp_path / "run"
+    shutil.copytree(full, folder)
+    summary = folder / "summary.json"
+    summary.write_text(summary.read_text()[:200])
+    shutil.rmtree(folder / "plots")
+    assert main(["run", "--resume", str(folder)]) == 0
+    assert "results rebuilt from session_2.ckpt" in capsys.readouterr().out
+    assert load_run(folder).summary["complete"] and sorted(p.name for p in (folder / "plots").iterdir())
+    same(folder, full)
+
+
+def test_a_resume_whose_data_changed_since_the_interruption_is_refused(tmp_path, capsys):
+    """The run folder records what its data were built from: a file deleted or changed under stream.data_root
+    after the interruption is refused in one line, where the resumed run would otherwise mix two data sets."""
+    from tests.writers import image, write_image_folders
+
+    write_image_folders(tmp_path / "data", ["a", "b", "c", "d"], train=3, test=2)
+    cfg_args = [f"stream.data_root={tmp_path / 'data'}", "stream.name=imagenet_r", "stream.split=B0-Inc2"]
+    cfg = tiny_config("finetune", tmp_path / "runs", *cfg_args, "strategy.epochs=2", "stream.batch_size=4")
+    with pytest.raises(RunInterrupted):
+        run_experiment(cfg, callbacks=[CtrlC(session=1, epoch=1)])
+    folder = next((tmp_path / "runs" / "finetune-imagenet_r").iterdir())
+    image(tmp_path / "data" / "train" / "a" / "a_0.jpg", 99)  # another picture under the same name
+    assert main(["run", "--resume", str(folder)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and f"the data of run folder '{folder}' changed since it was interrupted" in err

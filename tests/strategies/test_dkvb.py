@@ -448,6 +448,7 @@ def test_selection_counters_are_summed_across_processes(tmp_path):
         assert torch.equal(torch.load(tmp_path / f"rank{r}.pt"), single.counter)
 
 
+@pytest.mark.slow  # about 50 s on 2 cores; the other strategies' resume tests are slow too
 def test_resume_mid_session_gives_the_same_values(tmp_path):
     from tests.helpers import Fault
 
