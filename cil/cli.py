@@ -201,8 +201,8 @@ def _run_seeds(args: argparse.Namespace) -> int:
 
 def check_before_running(cfg) -> None:
     """What only the file system, timm and Lightning can say about a config, asked before any data is loaded: the
-    output folder must be a writable folder, the backbone a model timm or open_clip knows, and Lightning must accept
-    the trainer settings on this machine."""
+    output folder and a strategy's cache folders must be writable folders, the backbone a model timm or open_clip
+    knows, and Lightning must accept the trainer settings on this machine."""
     out = Path(cfg.run.output_dir)
     existing = next((p for p in [out, *out.parents] if p.exists()), None)
     if out.exists() and not out.is_dir():
@@ -210,7 +210,9 @@ def check_before_running(cfg) -> None:
     if existing is not None and not os.access(existing, os.W_OK | os.X_OK):
         raise ConfigError(f"run.output_dir='{out}' cannot be created or written ('{existing}' is not writable)")
     from cil.backbones import check_backbone_name
+    from cil.config import check_folders
 
+    check_folders(cfg)  # caches a strategy writes into (DKVB's feature cache)
     check_backbone_name(cfg.backbone.name)
     quiet_lightning()
     from cil.trainers import check_loggers, make_trainer

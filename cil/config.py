@@ -30,9 +30,13 @@ from cil import registry
 from cil.errors import ConfigError
 
 
-def param(default: Any, *, ge=None, gt=None, le=None, lt=None, choices=None, pattern=None, help: str = ""):
-    """A dataclass field with validation metadata (range, allowed values, regex) and a help string."""
+def param(
+    default: Any, *, ge=None, gt=None, le=None, lt=None, choices=None, pattern=None, help: str = "", folder=False
+):
+    """A dataclass field with validation metadata (range, allowed values, regex) and a help string. ``folder``: a
+    folder the run writes into (a cache), which ``cil run`` creates and checks before any work."""
     meta = {"ge": ge, "gt": gt, "le": le, "lt": lt, "choices": choices, "pattern": pattern, "help": help}
+    meta["folder"] = folder
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda: type(default)(default), metadata=meta)
     return field(default=default, metadata=meta)
@@ -376,6 +380,28 @@ def strategy_settings(config: type, settings: typing.Mapping[str, Any]) -> Any:
     for name, f in fields.items():
         _check_one(f"strategy.{name}", getattr(made, name), f.metadata)
     return made
+
+
+def check_folders(cfg: DictConfig) -> None:
+    """Every strategy setting declared ``param(folder=True)`` (a cache the run writes into) is created now, or a
+    ConfigError names it: one line before any work, not a traceback when the first entry is written."""
+    import tempfile
+
+    config = registry.strategy_config(str(cfg.strategy.name))
+    for f in dataclasses.fields(config):
+        value = cfg.strategy.get(f.name)
+        if not f.metadata.get("folder") or value is None:
+            continue
+        folder = Path(str(value)).expanduser()
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            tempfile.TemporaryFile(dir=folder).close()  # writable, not merely present
+        except OSError as e:
+            why = e.strerror or type(e).__name__
+            raise ConfigError(
+                f"strategy.{f.name}='{_cut(value)}' cannot be created or written ({why}); give a writable folder"
+                " (or null to keep nothing)"
+            ) from None
 
 
 def _check_keys(node: DictConfig, schema: Any, prefix: str) -> None:

@@ -195,6 +195,8 @@ class DKVBConfig(StrategyConfig):
     allow_nonlocal_updates: bool = param(False, help="accept momentum, weight decay or Adam (they break locality)")
     clip_grad_norm: Optional[float] = param(1.0, gt=0.0, help="global gradient-norm clip")
     label_smoothing: float = param(0.1, ge=0.0, lt=1.0)
-    feature_cache: Optional[str] = param("~/.cache/cil/features", help="folder of cached encoder features; null: off")
+    feature_cache: Optional[str] = param(
+        "~/.cache/cil/features", folder=True, help="folder of cached encoder features; null: off"
+    )
     feature_batch_size: int = param(256, ge=1, help="images per encoder call when features are extracted")
     feature_num_workers: int = param(0, ge=0, help="loader workers when features are extracted")

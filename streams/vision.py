@@ -22,6 +22,7 @@ A missing or malformed root is a config error that shows the expected layout.
 from __future__ import annotations
 
 import csv
+import os
 import pickle
 from pathlib import Path
 from typing import Any, Callable
@@ -60,7 +61,18 @@ def _root(cfg: Any, stream: str, layout: str) -> Path:
     root = Path(cfg.data_root).expanduser()
     if not root.is_dir():
         raise ConfigError(f"stream.data_root='{root}' is not a folder; expected layout: {layout}")
+    _readable(root)
     return root
+
+
+def _readable(folder: Path) -> None:
+    """A folder that can be listed, or one line saying permission is denied (``os.walk``, which torchvision's
+    ImageFolder uses, would skip it silently and report "no valid file")."""
+    try:
+        with os.scandir(folder):
+            pass
+    except PermissionError:
+        raise ConfigError(f"permission denied: '{folder}' cannot be read (check its permissions)") from None
 
 
 class SafeCIFAR100(CIFAR100):
@@ -192,8 +204,12 @@ def _image_folders(cfg: Any, stream: str) -> tuple[ImageFolder, ImageFolder]:
     sets = []
     for split in ("train", "test"):
         folder = root / split
+        if folder.is_dir():
+            _readable(folder)
         if not folder.is_dir() or not any(p.is_dir() for p in folder.iterdir()):
             raise ConfigError(f"stream.data_root='{root}' has no class folders in {split}/; expected {FOLDER_LAYOUT}")
+        for class_folder in sorted(p for p in folder.iterdir() if p.is_dir()):
+            _readable(class_folder)
         try:
             sets.append(ImageFolder(str(folder), loader=read_rgb))  # by value range: 16-bit PNGs too
         except (FileNotFoundError, RuntimeError) as e:

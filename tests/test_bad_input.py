@@ -362,3 +362,15 @@ def test_a_test_size_that_leaves_a_side_without_every_class_is_refused_up_front(
     assert code == 2 and len(err.splitlines()) == 1, err
     assert f"stream.test_size={test_size} leaves " in err and "at least one per class (10)" in err
     assert not any(tmp_path.iterdir())
+
+
+def test_a_cache_folder_that_cannot_be_created_is_one_line_before_any_work(tmp_path, capsys):
+    (tmp_path / "a-file").write_text("")  # a file where the cache's parent folder should be: no user can mkdir it
+    args = ["run", "dkvb/digits", f"strategy.feature_cache={tmp_path / 'a-file' / 'cache'}"]
+    code, err = run_cli([*args, f"run.output_dir={tmp_path / 'runs'}"], capsys)
+    assert code == 2 and len(err.splitlines()) == 1, err
+    assert (
+        f"strategy.feature_cache='{tmp_path / 'a-file' / 'cache'}' cannot be created or written (Not a directory)"
+        in err
+    )
+    assert not (tmp_path / "runs").exists()

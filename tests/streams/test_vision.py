@@ -193,3 +193,23 @@ def test_cifar10_real_format(tmp_path):
     assert [len(d) for d in stream.train_data] == [6] * 5 and [len(d) for d in stream.eval_data] == [4] * 5
     with pytest.raises(ConfigError, match="could not read|verify_checksums"):
         stream_of("cifar10", tmp_path)  # the md5 of these tiny files is not the real one
+
+
+@pytest.mark.parametrize("where", ["data root", "class folder"])
+def test_a_folder_this_user_may_not_read_is_one_line_saying_so(tmp_path, monkeypatch, where):
+    """Permission denied, as the OS reports it for a folder of another user (simulated: the tests run as root, whom
+    no permission stops), is named as such, not as an empty class ("no valid file") or a traceback."""
+    import os
+
+    write_image_folders(tmp_path, ["a", "b"], train=2, test=1)
+    denied = tmp_path if where == "data root" else tmp_path / "train" / "b"
+    scandir = os.scandir
+
+    def guarded(path="."):
+        if os.fspath(path) == str(denied):
+            raise PermissionError(13, "Permission denied", str(path))
+        return scandir(path)
+
+    monkeypatch.setattr(os, "scandir", guarded)
+    with pytest.raises(ConfigError, match=rf"permission denied: '{denied}' cannot be read"):
+        stream_of("imagenet_r", tmp_path, "stream.split=B0-Inc2")
