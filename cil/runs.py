@@ -9,6 +9,7 @@
       accuracy_matrix.csv    R[i, j]: accuracy on session j's test classes after training session i
       summary.json           final metrics with their definitions; per-session wall time, memory, parameters
       plots/                 accuracy_curve.png, accuracy_matrix.png, forgetting.png
+      .lock                  while a process works in the folder (cil run, cil run --resume): who holds it
       checkpoints/           session_<k>.ckpt after each session (resume point); last.ckpt, Lightning's
                              mid-session resume point, at an epoch end at most every run.checkpoint_every minutes
       logs/                  Lightning's CSV and TensorBoard logs of the training steps, one version per session
@@ -114,6 +115,19 @@ def load_checkpoint(path: Path, mmap: bool = False) -> dict:
             f"{path} is refused: {what}which a cil checkpoint never holds (loaded with weights_only=True); "
             "delete it to resume from the checkpoint before it"
         ) from None
+
+
+class _Hold:
+    """A held run folder: ``close()`` removes ``.lock`` and lets go (a process that dies lets go too: the OS drops
+    its lock, and the file it leaves names a process that no longer holds anything)."""
+
+    def __init__(self, handle: Any, path: Path):
+        self.handle, self.path = handle, path
+
+    def close(self) -> None:
+        if not self.handle.closed:
+            self.path.unlink(missing_ok=True)
+            self.handle.close()
 
 
 class SessionCheckpoint(NamedTuple):
@@ -243,7 +257,7 @@ class RunFolder:
         handle.truncate()
         handle.write(f"process {os.getpid()} on {socket.gethostname()}\n")
         handle.flush()
-        return handle
+        return _Hold(handle, self.path / ".lock")
 
     def save_session(
         self,

@@ -31,7 +31,8 @@ def session_state(run, k):
     from cil.config import load_config
 
     folder = RunFolder(run)
-    state, _, digest = folder.load_session(k)
+    done = folder.load_session(k)
+    state, digest = done.state_dict, done.rebuilt_digest
     if digest is None:
         return state
     return initial_strategy(load_config(run / "config.yaml")).complete_state(state, digest)
