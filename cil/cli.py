@@ -240,12 +240,16 @@ def _complete(run_dir: Path) -> bool:
 def _report(args: argparse.Namespace) -> int:
     from cil.runs import compare, load_run, over_seeds, plot_comparison
 
+    if args.plot is not None:  # a plot path that cannot be written is said before any table
+        _check_plot_path(Path(args.plot))
     runs, skipped = [], []
     for path in args.runs:
         try:
             runs.append(load_run(path))
         except FileNotFoundError as e:  # a run stopped before its first session's results: skipped, said so
             skipped.append(str(e))
+        except (OSError, ValueError, KeyError) as e:  # a truncated summary.json or table: the other runs still count
+            skipped.append(f"'{path}' has unreadable results ({type(e).__name__}: {str(e).splitlines()[0][:120]})")
     for note in skipped:
         print(f"[cil] skipped: {note}", file=sys.stderr)
     if not runs:
@@ -255,11 +259,29 @@ def _report(args: argparse.Namespace) -> int:
     seeds = over_seeds(runs)
     if (seeds["seeds"].map(len) > 1).any():  # runs of one config over several seeds: as papers report them
         columns = ["seeds", "avg_incremental_acc", "last_acc", "forgetting"]
-        print("\nmean ± std over seeds (%):")
+        print("\nmean ± std over seeds (%), runs whose configs differ in the seed alone:")
         print(seeds[columns].to_string())
-    plot = args.plot or runs[0].path.parent / "cil_report.png"
-    print(f"[cil] comparison plot: {plot_comparison(runs, plot)}")
+    plot = Path(args.plot) if args.plot else runs[0].path.parent / "cil_report.png"
+    try:
+        print(f"[cil] comparison plot: {plot_comparison(runs, plot)}")
+    except (OSError, ValueError) as e:
+        why = e.strerror if isinstance(e, OSError) and e.strerror else str(e).splitlines()[0]
+        print(f"[cil] comparison plot not written to {plot} ({why}); give a writable path with --plot", file=sys.stderr)
+        return 2 if args.plot else 0  # the default place may be a read-only copy of the runs: the tables stand
     return 0
+
+
+def _check_plot_path(plot: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib.figure import Figure
+
+    formats = Figure().canvas.get_supported_filetypes()
+    if plot.is_dir():
+        raise ConfigError(f"--plot '{plot}' is a folder; give a file name such as {plot / 'report.png'}")
+    if plot.suffix.lstrip(".").lower() not in formats:
+        raise ConfigError(f"--plot '{plot}': unknown image format '{plot.suffix}'; use one of {sorted(formats)}")
 
 
 if __name__ == "__main__":

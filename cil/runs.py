@@ -487,6 +487,21 @@ def compare(runs: Sequence[Run], columns: Sequence[str] | None = None) -> pd.Dat
     return pd.DataFrame(rows)
 
 
+def _without_seed(config: Any) -> str:
+    """A run's config as text without what differs between repeats over seeds."""
+    plain = OmegaConf.to_container(config, resolve=False)
+    seed = plain.get("run", {}).pop("seed", None)
+    plain.get("run", {}).pop("output_dir", None)
+    stream = plain.get("stream", {})
+    if stream.get("seed") in (seed, "${run.seed}"):
+        stream.pop("seed", None)
+    return json.dumps(plain, sort_keys=True, default=str)
+
+
+def _complete(run: Run) -> bool:
+    return bool(run.summary.get("complete", True))
+
+
 def plot_comparison(runs: Sequence[Run], path: str | Path) -> Path:
     """Accuracy on all seen classes per session, one line per run."""
 
@@ -506,19 +521,24 @@ def plot_comparison(runs: Sequence[Run], path: str | Path) -> Path:
 
 
 def over_seeds(runs: Sequence[Run], columns: Sequence[str] = ("avg_incremental_acc", "last_acc", "forgetting")):
-    """Mean ± std over seeds (in %), one row per group of runs that differ only in ``run.seed``.
+    """Mean ± std over seeds (in %), one row per group of complete runs whose configs differ in the seed alone.
 
-    Runs are grouped by ``run.name`` (``<strategy>-<stream>`` unless a config names it), so name runs after what
-    varies between them (e.g. ``run.name=simplecil-pretrained``). Returns a DataFrame with ``<metric>_mean`` and
-    ``<metric>_std`` columns (population std, as numpy's default), the seeds, and a ``<metric>`` column formatted as
-    "mean ± std".
+    Two runs are repeats only if everything but ``run.seed`` (and the stream seed that follows it, and the output
+    folder) is the same: runs with the same name but another split or learning rate form groups of their own, and an
+    incomplete run (``summary.json`` not ``complete``) is a row of its own, marked so, never averaged with finished
+    ones. A row is labelled by ``run.name``, with `` #2``, `` #3``... for further groups of one name. Returns
+    ``<metric>_mean`` and ``<metric>_std`` columns (population std, as numpy's default), the seeds, and a
+    ``<metric>`` column formatted as "mean ± std".
     """
-    groups: dict[str, list[Run]] = {}
+    groups: dict[tuple[str, str, bool], list[Run]] = {}
     for run in runs:
-        groups.setdefault(str(run.config.run.name), []).append(run)
-    rows = []
-    for name, members in groups.items():
-        row: dict[str, Any] = {"run": name, "seeds": sorted(int(r.config.run.seed) for r in members)}
+        groups.setdefault((str(run.config.run.name), _without_seed(run.config), _complete(run)), []).append(run)
+    rows, labels = [], {}  # (name, complete): groups so far
+    for (name, _, complete), members in groups.items():
+        labels[name, complete] = labels.get((name, complete), 0) + 1
+        label = name if labels[name, complete] == 1 else f"{name} #{labels[name, complete]}"
+        label += "" if complete else " (incomplete)"
+        row: dict[str, Any] = {"run": label, "seeds": sorted(int(r.config.run.seed) for r in members)}
         for c in columns:
             values = np.array([100 * (r.metric(c) if r.metric(c) is not None else np.nan) for r in members])
             row[f"{c}_mean"], row[f"{c}_std"] = float(values.mean()), float(values.std())
