@@ -209,6 +209,12 @@ def check_before_running(cfg) -> None:
         raise ConfigError(f"run.output_dir='{out}' is a file, not a folder")
     if existing is not None and not os.access(existing, os.W_OK | os.X_OK):
         raise ConfigError(f"run.output_dir='{out}' cannot be created or written ('{existing}' is not writable)")
+    # the cheap checks first: a missing data folder is said before a model is built or weights are downloaded
+    for key in ("data_root", "index_dir", "unlabelled_root"):
+        value = cfg.stream.get(key)
+        if value is not None and not Path(str(value)).expanduser().exists():
+            raise ConfigError(f"stream.{key}='{value}' does not exist")
+    _check_input_size(cfg)
     from cil.backbones import check_backbone_name
     from cil.config import check_folders
 
@@ -226,6 +232,25 @@ def check_before_running(cfg) -> None:
             f"trainer (accelerator={cfg.trainer.accelerator}, strategy={cfg.trainer.strategy}, "
             f"devices={cfg.trainer.devices}): {first}"
         ) from None
+
+
+def _check_input_size(cfg) -> None:
+    """An input size whose first batch of images alone cannot fit in this machine's memory (a mistyped
+    ``backbone.image_size=100000``) is one line now, not a MemoryError after the model is built."""
+    size = cfg.backbone.image_size
+    if size is None:
+        return
+    batch = max(int(cfg.stream.batch_size), int(cfg.stream.eval_batch_size))
+    needed = batch * 3 * int(size) ** 2 * 4  # one float32 batch of inputs, before any activation
+    try:
+        available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError):
+        return
+    if needed > available:
+        raise ConfigError(
+            f"backbone.image_size={size}: one batch of {batch} inputs alone takes {needed / 2**30:.1f} GiB, more than "
+            f"the {available / 2**30:.1f} GiB of memory available; use a smaller backbone.image_size or batch size"
+        )
 
 
 def _complete(run_dir: Path) -> bool:

@@ -374,3 +374,40 @@ def test_a_cache_folder_that_cannot_be_created_is_one_line_before_any_work(tmp_p
         in err
     )
     assert not (tmp_path / "runs").exists()
+
+
+def test_an_input_size_whose_first_batch_cannot_fit_is_one_line_before_the_model_is_built(tmp_path, capsys):
+    code, err = run_cli(["run", "simplecil/digits", "backbone.image_size=100000", f"run.output_dir={tmp_path}"], capsys)
+    assert code == 2 and len(err.splitlines()) == 1, err
+    assert "backbone.image_size=100000: one batch of 256 inputs alone takes" in err and "GiB of memory available" in err
+
+
+def test_a_missing_data_root_is_said_before_weights_are_downloaded(tmp_path, capsys, monkeypatch):
+    import timm
+
+    monkeypatch.setattr(timm, "create_model", lambda *a, **k: pytest.fail("the model was built first"))
+    args = ["run", "simplecil/digits", "stream.name=cifar100", f"stream.data_root={tmp_path / 'nowhere'}"]
+    code, err = run_cli([*args, "backbone.pretrained=true", f"run.output_dir={tmp_path}"], capsys)
+    assert code == 2 and err == f"cil: error: stream.data_root='{tmp_path / 'nowhere'}' does not exist"
+
+
+def test_a_failed_weights_download_is_one_line_saying_how_to_give_them_locally(monkeypatch):
+    import timm
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    from cil.backbones import create_backbone
+    from cil.config import ConfigError
+
+    def offline(*args, pretrained=False, **kwargs):
+        if pretrained:
+            raise LocalEntryNotFoundError(
+                "Cannot find the requested files in the disk cache and outgoing traffic has been disabled."
+            )
+        raise AssertionError("not reached")
+
+    monkeypatch.setattr(timm, "create_model", offline)
+    with pytest.raises(ConfigError) as caught:
+        create_backbone("resnet10t", pretrained=True)
+    message = str(caught.value)
+    assert message.startswith("backbone.pretrained=true: timm's weights of 'resnet10t' could not be downloaded")
+    assert "backbone.weights=FILE" in message and "HF_HOME" in message and len(message.splitlines()) == 1

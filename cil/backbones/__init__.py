@@ -107,6 +107,13 @@ def _few(items: list[str], n: int = 5) -> str:
     return "[" + ", ".join(items[:n]) + "]" + more
 
 
+def _download_failure(error: BaseException) -> bool:
+    """Whether timm's ``pretrained=True`` failed to fetch its weights (no network, a hub error, no cache entry)."""
+    module = type(error).__module__ or ""
+    network = ("huggingface_hub", "urllib", "requests", "http", "socket", "ssl", "urllib3")
+    return isinstance(error, (OSError, ConnectionError, TimeoutError)) or module.startswith(network)
+
+
 def create_backbone(
     name: str, pretrained: bool = False, weights: str | Path | None = None, **timm_kwargs: Any
 ) -> nn.Module:
@@ -120,7 +127,17 @@ def create_backbone(
         raise ConfigError("set either backbone.pretrained=true or backbone.weights=FILE, not both")
     try:
         model = timm.create_model(name, pretrained=pretrained, num_classes=0, **timm_kwargs)
-    except (TypeError, ValueError, RuntimeError, AssertionError) as e:  # a value the model's layers refuse
+    except Exception as e:
+        if pretrained and _download_failure(e):
+            first = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
+            raise ConfigError(
+                f"backbone.pretrained=true: timm's weights of '{name}' could not be downloaded ({type(e).__name__}: "
+                f"{first}); without network, give a local file with backbone.weights=FILE (a torch.save'd state "
+                "dict) or put the weights in the Hugging Face cache (HF_HOME) on a machine with network first"
+            ) from None
+        if not isinstance(e, (TypeError, ValueError, RuntimeError, AssertionError)):
+            raise
+
         if not timm_kwargs and not isinstance(e, TypeError):
             raise
         first = str(e).splitlines()[0] if str(e) else type(e).__name__
