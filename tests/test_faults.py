@@ -94,6 +94,7 @@ def test_a_truncated_session_checkpoint_falls_back_to_the_one_before(tmp_path, c
     same(folder, full)
 
 
+@pytest.mark.slow  # builds the module's 60 s reference run
 def test_report_skips_a_run_stopped_before_any_result(tmp_path, capsys, full):
     stopped = tmp_path / "stopped"
     stopped.mkdir()
@@ -170,8 +171,8 @@ STOPS = [
 
 
 @pytest.mark.parametrize(
-    "name, phase", [pytest.param(*stop, marks=[] if stop == STOPS[1] else [pytest.mark.slow]) for stop in STOPS]
-)
+    "name, phase", [pytest.param(*stop, marks=[pytest.mark.slow]) for stop in STOPS]
+)  # each about 30 s on 2 cores (a run, then its resume): the slow suite, which CI runs too
 def test_every_stop_signal_in_every_phase_is_one_line_and_resumes_exactly(
     tmp_path, capsys, monkeypatch, full, name, phase
 ):
@@ -275,6 +276,7 @@ def test_under_slurm_nothing_is_read_or_written_outside_the_run_folder(tmp_path,
     same(folder, full)
 
 
+@pytest.mark.slow  # builds the module's 60 s reference run
 def test_a_complete_run_with_a_truncated_summary_rebuilds_its_results_on_resume(tmp_path, capsys, full):
     """A crash while summary.json was written (or plots a kill interrupted): the run is not taken for complete,
     and --resume rebuilds every result from the last session checkpoint without training again."""
