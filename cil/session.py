@@ -102,8 +102,8 @@ def _run(folder, resume, cfg, strategy, stream, unlabelled, device, callbacks) -
         ):
             raise ConfigError(
                 f"the data of run folder '{folder.path}' changed since it was interrupted (files under "
-                "stream.data_root added, deleted or modified): a resumed run would mix two data sets; restore the "
-                "data or start a new run"
+                "stream.data_root added, deleted or modified, or their preprocessing after a package upgrade): a "
+                "resumed run would mix two data sets; restore them or start a new run"
             )
         if done is not None:
             strategy.load_checked(strategy.complete_state(done.state_dict, done.rebuilt_digest))
