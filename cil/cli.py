@@ -213,6 +213,8 @@ def check_before_running(cfg) -> None:
     for key in ("data_root", "index_dir", "unlabelled_root"):
         value = cfg.stream.get(key)
         if value is not None and not Path(str(value)).expanduser().exists():
+            if key == "data_root":  # the stream's own message shows the layout it expects; it reads nothing else
+                _stream_error(cfg)
             raise ConfigError(f"stream.{key}='{value}' does not exist")
     _check_input_size(cfg)
     from cil.backbones import check_backbone_name
@@ -232,6 +234,19 @@ def check_before_running(cfg) -> None:
             f"trainer (accelerator={cfg.trainer.accelerator}, strategy={cfg.trainer.strategy}, "
             f"devices={cfg.trainer.devices}): {first}"
         ) from None
+
+
+def _stream_error(cfg) -> None:
+    """The ConfigError a stream gives for its missing data folder (with the layout it expects), if it gives one
+    before it needs transforms; nothing otherwise."""
+    from cil import registry
+
+    try:
+        registry.stream_builder(str(cfg.stream.name))(cfg.stream, None)
+    except ConfigError:
+        raise
+    except Exception:  # a stream that needs more before it looks at its folder: the generic line follows
+        return
 
 
 def _check_input_size(cfg) -> None:

@@ -388,7 +388,8 @@ def test_a_missing_data_root_is_said_before_weights_are_downloaded(tmp_path, cap
     monkeypatch.setattr(timm, "create_model", lambda *a, **k: pytest.fail("the model was built first"))
     args = ["run", "simplecil/digits", "stream.name=cifar100", f"stream.data_root={tmp_path / 'nowhere'}"]
     code, err = run_cli([*args, "backbone.pretrained=true", f"run.output_dir={tmp_path}"], capsys)
-    assert code == 2 and err == f"cil: error: stream.data_root='{tmp_path / 'nowhere'}' does not exist"
+    assert code == 2 and len(err.splitlines()) == 1, err
+    assert err.startswith(f"cil: error: stream.data_root='{tmp_path / 'nowhere'}'") and "cifar-100-python" in err
 
 
 def test_a_failed_weights_download_is_one_line_saying_how_to_give_them_locally(monkeypatch):
