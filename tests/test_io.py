@@ -1,4 +1,4 @@
-"""cil.io: the restricted unpickler for data formats that are pickles (atomic writes are tested with the runs)."""
+"""cil.io: atomic, synced writes and the restricted unpickler for data formats that are pickles."""
 
 from __future__ import annotations
 
@@ -78,3 +78,24 @@ def test_a_full_disk_is_one_line_and_the_previous_file_stays(tmp_path, failure):
     assert "free space there and resume" in message and len(message.splitlines()) == 1
     assert (tmp_path / "session_0.ckpt").read_bytes() == b"the previous checkpoint"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["session_0.ckpt"]  # no temporary file left behind
+
+
+def test_atomic_write_replaces_whole_file(tmp_path):
+    path = tmp_path / "a.json"
+    atomic_write(path, "old")
+    atomic_write(path, b"new")
+    assert path.read_text() == "new"
+
+
+def test_failed_write_keeps_the_old_file_and_leaves_no_temporary(tmp_path):
+    path = tmp_path / "a.ckpt"
+    atomic_write(path, "old")
+
+    def broken(tmp):
+        tmp.write_text("half")
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        atomic_write(path, broken)
+    assert path.read_text() == "old"
+    assert [p.name for p in tmp_path.iterdir()] == ["a.ckpt"]
