@@ -168,6 +168,12 @@ class BackboneConfig:
     bn_momentum: Optional[float] = param(
         None, gt=0.0, le=1.0, help="momentum of every BatchNorm layer (PyTorch's convention: TF's decay 0.99 is 0.01)"
     )
+    bn_group_size: Optional[int] = param(
+        None,
+        ge=2,
+        help="BatchNorm statistics per group of this many samples in training, as N GPUs without synchronised "
+        "BatchNorm compute them (cil.backbones.batchnorm); running statistics from the first group",
+    )
     kwargs: dict[str, Any] = param({}, help="extra keyword arguments for timm.create_model")
 
 

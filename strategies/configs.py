@@ -97,7 +97,9 @@ class MambaFSCILConfig(StrategyConfig):
     dt_rank: Optional[int] = param(None, ge=1, help="rank of dt (default: d_state, as the code)")
     layers: int = param(2, ge=2, le=3, help="MLP layers of the base branch")
     layers_new: int = param(2, ge=2, le=3, help="MLP layers of the new branch")
-    faithful_quirks: bool = param(True, help="reproduce the code's gate flip and re-added unmixed loss")
+    faithful_quirks: bool = param(
+        True, help="reproduce the code's gate flip, re-added unmixed loss and one-step-ahead incremental schedule"
+    )
     dr_weight: float = param(10.0, gt=0.0)
     momentum: float = param(0.9, ge=0.0, lt=1.0)
     weight_decay: float = param(5e-4, ge=0.0)

@@ -17,10 +17,12 @@ cited below. Sessions:
   (§1): suppression of the new branch's gate on base samples, enhancement on novel ones, and separation of the
   base/novel means of its dt, B, C.
 
-``faithful_quirks`` (default on) reproduces two things the code does that look unintended: the gate map flips the
-reversed directions along the channel axis (see :class:`cil.layers.ssm.FourDirectionSSM`), and with image-level mixing
+``faithful_quirks`` (default on) reproduces three things the code does that look unintended: the gate map flips the
+reversed directions along the channel axis (see :class:`cil.layers.ssm.FourDirectionSSM`); with image-level mixing
 the unmixed loss of the first labels is added again on mixup/cutmix batches (``λ L(y_a) + (1 - λ) L(y_b) + L(y_a)``;
-the identity branch, which mmcls' ``IdentityTwoLabel`` gives no second label, is ``L(y)`` once).
+the identity branch, which mmcls' ``IdentityTwoLabel`` gives no second label, is ``L(y)`` once); and the incremental
+sessions' learning-rate schedule runs one step ahead (the code's loop advances its runner before the LR hook reads
+it, so step i trains at the rate of step i + 1 and the warm-up starts at 0.28 x the rate, not 0.1 x).
 
 Differences from the code: the "cycled" incremental loader is a shuffled multiset in which every cached map appears
 equally often (``inc_steps[i] x inc_batch_size`` draws), and the base session runs ``base_epochs`` over the stream
@@ -28,9 +30,12 @@ equally often (``inc_steps[i] x inc_batch_size`` draws), and the base session ru
 the code loads its ``best.pth`` (the base epoch with the best *test* accuracy: a choice on the test split that a
 class-incremental protocol should not make). One device reproduces the code's 8 GPUs with ``loss_group_size: 8``
 (the class-sensitive losses and the feature-mixup pairing per group of 8 maps, averaged; the dot-regression loss
-is a per-sample mean, equal either way), except that feature mixup is decided once per step for all groups where
-each GPU draws its own coin. Needs from the user: a backbone with ``forward_features`` returning the
-last feature map (timm models, ``resnet12``), ``feat_size`` matching it, and ``Session.loader_fn``.
+is a per-sample mean, equal either way); feature mixup is decided once per step for all groups, as on the code's
+GPUs (its scripts seed every rank alike: no ``--diff-seed``). ``backbone.bn_group_size: 64`` gives the base
+session's BatchNorm the code's per-GPU statistics (8 GPUs x 64 images, plain BatchNorm); the base session's image
+mixup / cutmix still pairs images across the whole batch, where each GPU pairs its own 64. Needs from the user: a
+backbone with ``forward_features`` returning the last feature map (timm models, ``resnet12``), ``feat_size`` matching
+it, and ``Session.loader_fn``.
 
 The losses work without a process group; under DDP the presence checks take the minimum over processes (the
 code's ``all_reduce(MIN)``) and the dot-regression class counts use the labels gathered from every process.
@@ -428,8 +433,13 @@ class MambaFSCIL(CILModule):
                 base = [*self.projector.base.parameters(), *self.projector.residual.parameters()]
                 groups.append({"params": base, "lr": hp.inc_lr * hp.base_branch_lr_scale})
 
-            def factor(step):  # the code's incremental schedule: warm-up 5, cosine to 0.01, cool-down 5
-                return cosine_cooldown(step, total, 5, 0.1, 0.01, 5)
+            # the code's incremental schedule: warm-up 5, cosine to 0.01, cool-down 5; its loop advances the runner's
+            # iteration before the LR hook reads it (mmfscil/apis/fscil.py, `runner.step()` then
+            # `lr_scheduler.before_train_iter`), so step i trains at the rate of step i + 1 (a faithful quirk)
+            ahead = 1 if hp.faithful_quirks else 0
+
+            def factor(step):
+                return cosine_cooldown(step + ahead, total, 5, 0.1, 0.01, 5)
 
         groups = [g for g in groups if g["params"]]
         optimizer = torch.optim.SGD(groups, lr=groups[0]["lr"], momentum=hp.momentum, weight_decay=hp.weight_decay)

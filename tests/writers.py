@@ -268,3 +268,34 @@ def write_idx(folder: Path, per_class=(3, 2), gz: bool = True, seed: int = 0) ->
             (folder / (name + ".gz" if gz else name)).write_bytes(gzip.compress(data) if gz else data)
             arrays[name] = array
     return arrays
+
+
+def fscil_index_entries(name: str, root: Path, base: int, way: int, shots: int) -> list[list[str]]:
+    """The standard FSCIL index lists (CEC's ``session_<t>.txt``) for data written by the writers above: every
+    training sample of the first ``base`` classes, then ``way`` classes of ``shots`` samples per session. CIFAR-100's
+    lines are integer indices into the training set, miniImageNet's and CUB's image paths as CEC ships them (the
+    reader matches their file names)."""
+    by_class: dict[str, list[str]] = {}
+    if name == "cifar100":
+        labels = pickle.loads((root / "cifar-100-python" / "train").read_bytes())["fine_labels"]
+        for i, c in enumerate(labels):
+            by_class.setdefault(f"{c:03d}", []).append(str(i))
+    elif name == "miniimagenet":
+        for row in (root / "split" / "train.csv").read_text().splitlines()[1:]:
+            file, wnid = row.split(",")
+            by_class.setdefault(wnid, []).append(f"MINI-ImageNet/train/{wnid}/{file}")
+    else:  # CUB in PILOT's class folders; CEC's lines name CUB_200_2011/images/<class>/<file>
+        for folder in sorted((root / "train").iterdir()):
+            files = sorted(p.name for p in folder.iterdir())
+            by_class[folder.name] = [f"CUB_200_2011/images/{folder.name}/{f}" for f in files]
+    classes = sorted(by_class)
+    sessions = [[e for c in classes[:base] for e in by_class[c]]]
+    for first in range(base, len(classes), way):
+        sessions.append([e for c in classes[first : first + way] for e in by_class[c][:shots]])
+    return sessions
+
+
+def write_fscil_index(folder: Path, sessions: list[list[str]]) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    for t, entries in enumerate(sessions, 1):
+        (folder / f"session_{t}.txt").write_text("\n".join(entries) + "\n")

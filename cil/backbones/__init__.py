@@ -225,6 +225,10 @@ def backbone_from_config(cfg: Any) -> nn.Module:
         model = create_backbone(cfg.name, pretrained=cfg.pretrained, weights=cfg.weights, **kwargs)
     if cfg.get("bn_momentum") is not None:
         set_bn_momentum(model, cfg.bn_momentum)
+    if cfg.get("bn_group_size") is not None:
+        from cil.backbones.batchnorm import group_batch_norm
+
+        group_batch_norm(model, cfg.bn_group_size)
     return model
 
 

@@ -510,3 +510,29 @@ def test_cifar10_paper_config_orders_classes_as_the_official_sweep(tmp_path, see
     assert [[stream.original_class_ids[c] for c in s] for s in stream.classes_per_session] == [
         official[i : i + 2] for i in range(0, 10, 2)
     ]
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_cifar100_paper_config_orders_classes_as_the_official_sweep(tmp_path, seed):
+    """The CIFAR-100 sweep (sweeps/icml2023/cifar100_split2_*: seeds 1, 2, 3): for seeds other than 0 and 42 the
+    script (scripts/train.py, ``training_mode == "ood"``) shuffles ``list(range(num_classes))`` — all 100 — with
+    Python's ``random`` and cuts ``num_classes // split_size`` = 50 tasks of 2. Transcribed here; only seeds 0 and 42
+    take the fixed 5 pairs of classes 0-9."""
+    import random as python_random
+
+    from cil.backbones import create_backbone, data_transforms
+    from cil.streams import create_stream
+    from tests.writers import write_cifar100
+
+    python_random.seed(seed)
+    class_split = list(range(100))
+    python_random.shuffle(class_split)
+    official = [class_split[i * 2 : (i + 1) * 2] for i in range(100 // 2)]
+    write_cifar100(tmp_path)
+    cfg = load_config(
+        CONFIGS / "dkvb" / "cifar100_resnet50.yaml",
+        [f"run.seed={seed}", f"stream.data_root={tmp_path}", "stream.verify_checksums=false", "stream.unlabelled=null"],
+    )
+    backbone = create_backbone("resnet10t")
+    stream = create_stream(cfg.stream, lambda **kw: data_transforms(backbone, 16, False, **kw))
+    assert [[stream.original_class_ids[c] for c in s] for s in stream.classes_per_session] == official

@@ -544,3 +544,47 @@ def test_paper_configs_build_the_codes_test_pipeline(name, resize, crop, interpo
     }[name]
     assert np.allclose(np.asarray(norm.mean) * 255, official[0], atol=1e-4)
     assert np.allclose(np.asarray(norm.std) * 255, official[1], atol=1e-4)
+
+
+def official_incremental_lrs(base_lr: float, num_steps: int) -> list[float]:
+    """The code's incremental loop (mmfscil/apis/fscil.py): ``runner.step()`` (iter += 1) and then
+    ``lr_scheduler.before_train_iter(runner)`` before each step; the hook is mmcls' CosineAnnealingCooldownLrUpdaterHook
+    (min_lr_ratio 0.01, cool_down_ratio 0.1, cool_down_time 5, by iteration) with mmcv's linear warm-up (5 iterations,
+    ratio 0.1). Transcribed."""
+
+    def get_lr(progress, max_progress):
+        target = base_lr * 1e-2
+        if progress > max_progress - 5:
+            return target * 0.1
+        factor = progress / (max_progress - 5)
+        return target + 0.5 * (base_lr - target) * (math.cos(math.pi * factor) + 1)
+
+    lrs, it = [], 0
+    for _ in range(num_steps):
+        it += 1  # runner.step()
+        regular = get_lr(it, num_steps)
+        lrs.append(regular if it >= 5 else regular * (1 - (1 - it / 5) * (1 - 0.1)))
+    return lrs
+
+
+@pytest.mark.parametrize("quirks", [True, False])
+def test_incremental_schedule_is_the_codes_one_step_ahead(quirks):
+    from types import SimpleNamespace
+
+    strategy = tiny_strategy(faithful_quirks=quirks, inc_lr=0.25)
+    strategy.session_index = 1
+    strategy.projector.add_new_branch()
+    strategy._trainer = SimpleNamespace(estimated_stepping_batches=40)
+    configured = strategy.configure_optimizers()
+    optimizer, scheduler = configured["optimizer"], configured["lr_scheduler"]["scheduler"]
+    lrs = []
+    for _ in range(40):
+        lrs.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    official = official_incremental_lrs(0.25, 40)
+    if quirks:
+        np.testing.assert_allclose(lrs, official, rtol=1e-12)
+    else:  # the schedule as intended: step i at iteration i (warm-up from 0.1 x)
+        np.testing.assert_allclose(lrs[1:], official[:-1], rtol=1e-12)
+        assert lrs[0] == pytest.approx(0.025)
