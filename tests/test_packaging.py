@@ -29,6 +29,10 @@ def test_wheel_installs_one_package_that_runs_a_packaged_config(tmp_path):
     assert "cil/configs/simplecil/digits.yaml" in names and "cil/configs/base/digits.yaml" in names
     assert "cil/strategies/mos.py" in names and "cil/streams/vision.py" in names
     assert "cil/ops/selective_scan/csrc/selective_scan_cuda.cu" in names
+    assert "cil/ops/selective_scan/csrc/selective_scan_kernels.cuh" in names
+    assert {"cil/ops/selective_scan/harness/cuda_on_cpu.h", "cil/ops/selective_scan/harness/scan_harness.cpp"} <= set(
+        names
+    )
     assert "cil/backbones/clip_configs/cil-tiny-clip.json" in names and "cil/layers/lda.py" in names
 
     # a fresh environment: the project's dependencies (torch, Lightning, ...) through a path entry to this

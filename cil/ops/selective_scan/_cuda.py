@@ -96,8 +96,12 @@ def unavailable_reason(*tensors: Optional[torch.Tensor]) -> Optional[str]:
 
 
 class CUDASelectiveScan(torch.autograd.Function):
+    """``kernels``: the compiled extension (:func:`load`), or the same kernels on the CPU harness
+    (:mod:`cil.ops.selective_scan.harness`), which exposes the same ``fwd`` / ``bwd``."""
+
     @staticmethod
-    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, delta_softplus):
+    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, delta_softplus, kernels=None):
+        kernels = kernels if kernels is not None else load()
         dtype = u.dtype
         time_major = [M.transpose(-1, -2).contiguous() if M.dim() == 4 else M.contiguous() for M in (B, C)]
         f32 = [
@@ -106,7 +110,8 @@ class CUDASelectiveScan(torch.autograd.Function):
         A32, D32, bias32 = f32
         u_, delta_, z_ = (t.to(dtype).contiguous() if t is not None else u.new_empty(0) for t in (u, delta, z))
         B_, C_ = (M.to(dtype) for M in time_major)
-        out, y, last = load().fwd(u_, delta_, A32, B_, C_, D32, z_, bias32, delta_softplus)
+        out, y, last = kernels.fwd(u_, delta_, A32, B_, C_, D32, z_, bias32, delta_softplus)
+        ctx.kernels = kernels
         ctx.save_for_backward(u_, delta_, A32, B_, C_, D32, z_, bias32, y)
         ctx.softplus = delta_softplus
         ctx.has = (D is not None, z is not None, delta_bias is not None)
@@ -119,13 +124,15 @@ class CUDASelectiveScan(torch.autograd.Function):
         has_D, has_z, has_bias = ctx.has
         dout = dout if dout is not None else torch.zeros_like(u)
         dlast = dlast.float().contiguous() if dlast is not None else u.new_empty(0, dtype=torch.float32)
-        du, ddelta, dA, dB, dC, dD, dbias, dz = load().bwd(
+        du, ddelta, dA, dB, dC, dD, dbias, dz = ctx.kernels.bwd(
             u, delta, A, B, C, D, z, bias, ctx.softplus, y, dout.contiguous(), dlast
         )
         dB, dC = (g.transpose(-1, -2) if g.dim() == 4 else g for g in (dB, dC))
+        if has_z and dz.shape != u.shape:  # L = 0: an empty z reads as "no z" to the launcher (found by the harness)
+            dz = torch.zeros(u.shape, dtype=torch.float32, device=u.device)
         grads = [du, ddelta, dA, dB, dC, dD if has_D else None, dz if has_z else None, dbias if has_bias else None]
         cast = [g.to(t) if g is not None else None for g, t in zip(grads, ctx.input_dtypes)]
-        return (*cast, None)
+        return (*cast, None, None)
 
 
 def selective_scan_cuda(
