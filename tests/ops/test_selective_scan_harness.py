@@ -228,3 +228,34 @@ def test_the_sanitizers_catch_a_seeded_off_by_one_and_a_missing_barrier(tmp_path
     missing = seeded_copy(tmp_path / "race", SYNC_AFTER_STAGING, SYNC_AFTER_STAGING.replace("__syncthreads();", ""))
     done = sanitized(tmp_path, "tsan", missing)
     assert done.returncode != 0 and "ThreadSanitizer: data race" in done.stderr, done.stderr[-3000:]
+
+
+def test_the_last_state_is_written_and_its_gradient_read_only_when_asked():
+    """Without ``return_last_state`` the launcher allocates no (batch, dim, dstate) state, the kernel writes none and
+    the backward gets no dlast (not a tensor of zeros), and the gradients still equal the reference's."""
+    from cil.ops.selective_scan.harness import load, selective_scan_harness
+
+    kernels, calls = load(), []
+
+    class Spy:
+        def fwd(self, *args):
+            out, y, last = kernels.fwd(*args)
+            calls.append(("fwd", last.shape))
+            return out, y, last
+
+        def bwd(self, *args):
+            calls.append(("bwd", args[-1].shape))
+            return kernels.bwd(*args)
+
+    inputs = make_inputs(2, 8, 66, 4, "varying", 2, True, True, True)
+    fresh = as_dtype(inputs, torch.float32)
+    out = selective_scan_harness(**fresh, delta_softplus=True, kernels=Spy())
+    weights = torch.linspace(-1, 1, out.numel()).view_as(out)
+    grads = torch.autograd.grad((out * weights).sum(), list(fresh.values()))
+    assert calls == [("fwd", (0,)), ("bwd", (0,))]
+    ref_inputs = as_dtype(inputs, torch.float32)
+    ref = selective_scan_reference(**ref_inputs, delta_softplus=True)
+    ref_grads = torch.autograd.grad((ref * weights).sum(), list(ref_inputs.values()))
+    assert_close(out, ref, 1e-4, 1e-4, "out")
+    for name, g, r in zip(fresh, grads, ref_grads):
+        assert_close(g, r, 1e-4, 1e-4, name)

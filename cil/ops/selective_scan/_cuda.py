@@ -100,7 +100,10 @@ class CUDASelectiveScan(torch.autograd.Function):
     (:mod:`cil.ops.selective_scan.harness`), which exposes the same ``fwd`` / ``bwd``."""
 
     @staticmethod
-    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, delta_softplus, kernels=None):
+    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, delta_softplus, want_last=True, kernels=None):
+        # the last state is written only when asked, and an unused output's gradient is not materialised as
+        # zeros (the backward then never reads dlast): (batch, dim, dstate) float32 each way, 1 GB at CUB's batch 256
+        ctx.set_materialize_grads(False)
         kernels = kernels if kernels is not None else load()
         dtype = u.dtype
         time_major = [M.transpose(-1, -2).contiguous() if M.dim() == 4 else M.contiguous() for M in (B, C)]
@@ -110,7 +113,7 @@ class CUDASelectiveScan(torch.autograd.Function):
         A32, D32, bias32 = f32
         u_, delta_, z_ = (t.to(dtype).contiguous() if t is not None else u.new_empty(0) for t in (u, delta, z))
         B_, C_ = (M.to(dtype) for M in time_major)
-        out, y, last = kernels.fwd(u_, delta_, A32, B_, C_, D32, z_, bias32, delta_softplus)
+        out, y, last = kernels.fwd(u_, delta_, A32, B_, C_, D32, z_, bias32, delta_softplus, want_last)
         ctx.kernels = kernels
         ctx.save_for_backward(u_, delta_, A32, B_, C_, D32, z_, bias32, y)
         ctx.softplus = delta_softplus
@@ -132,7 +135,7 @@ class CUDASelectiveScan(torch.autograd.Function):
             dz = torch.zeros(u.shape, dtype=torch.float32, device=u.device)
         grads = [du, ddelta, dA, dB, dC, dD if has_D else None, dz if has_z else None, dbias if has_bias else None]
         cast = [g.to(t) if g is not None else None for g, t in zip(grads, ctx.input_dtypes)]
-        return (*cast, None, None)
+        return (*cast, None, None, None)
 
 
 def selective_scan_cuda(
@@ -143,7 +146,7 @@ def selective_scan_cuda(
     if reason is not None:
         raise RuntimeError(f"selective_scan: impl='cuda' is unavailable: {reason}")
     B, C = (M.unsqueeze(1) if M.dim() == 3 else M for M in (B, C))  # one group; autograd undoes the view
-    out, last = CUDASelectiveScan.apply(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
+    out, last = CUDASelectiveScan.apply(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
     return (out, last) if return_last_state else out
 
 

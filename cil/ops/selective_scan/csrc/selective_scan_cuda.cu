@@ -58,20 +58,22 @@ Inputs<T> make_inputs(const torch::Tensor& u, const torch::Tensor& delta, const 
 }  // namespace
 
 // u, delta, z: (batch, dim, L) of one dtype; A (dim, N), D, bias (dim,) float32; B, C varying time-major
-// (batch, groups, L, N) in u's dtype, or fixed (dim, N). Returns out (u's dtype), pre-gate y and last state (fp32).
+// (batch, groups, L, N) in u's dtype, or fixed (dim, N). Returns out (u's dtype), pre-gate y and the last state
+// (fp32; written only when want_last, else an empty tensor).
 std::vector<torch::Tensor> fwd(torch::Tensor u, torch::Tensor delta, torch::Tensor A, torch::Tensor B, torch::Tensor C,
-                               torch::Tensor D, torch::Tensor z, torch::Tensor bias, bool softplus) {
+                               torch::Tensor D, torch::Tensor z, torch::Tensor bias, bool softplus, bool want_last) {
   const at::cuda::OptionalCUDAGuard guard(u.device());
   Params p = make_params(u, A, B, C, D.numel() > 0, z.numel() > 0, bias.numel() > 0, softplus);
   auto out = torch::empty_like(u);
   auto y = torch::empty(u.sizes(), u.options().dtype(torch::kFloat32));
-  auto last = torch::empty({p.batch, p.dim, p.dstate}, u.options().dtype(torch::kFloat32));
+  auto last = want_last ? torch::empty({p.batch, p.dim, p.dstate}, u.options().dtype(torch::kFloat32))
+                        : torch::empty({0}, u.options().dtype(torch::kFloat32));
   if (u.numel() == 0) return {out, y, last.zero_()};
   auto stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, u.scalar_type(), "selective_scan_fwd", [&] {
     forward_kernel<scalar_t><<<p.batch * p.dim, threads_for(p.dstate), 0, stream>>>(
         p, make_inputs<scalar_t>(u, delta, A, B, C, D, z, bias), out.data_ptr<scalar_t>(), y.data_ptr<float>(),
-        last.data_ptr<float>());
+        want_last ? last.data_ptr<float>() : nullptr);
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return {out, y, last};

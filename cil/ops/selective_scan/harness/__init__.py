@@ -116,17 +116,17 @@ class HarnessKernels:
     def tile_for(self, group_size: int) -> int:
         return self.lib.cil_tile_for(group_size)
 
-    def fwd(self, u, delta, A, B, C, D, z, bias, softplus):
+    def fwd(self, u, delta, A, B, C, D, z, bias, softplus, want_last):
         shape, flags, (batch, dim, _, dstate, *_) = self._params(u, A, B, C, D, z, bias, softplus)
         out = torch.empty_like(u)
         y = torch.empty(u.shape, dtype=torch.float32)
-        last = torch.empty(batch, dim, dstate, dtype=torch.float32)
+        last = torch.empty(batch, dim, dstate, dtype=torch.float32) if want_last else torch.empty(0)
         if u.numel() == 0:
             return out, y, last.zero_()
         inputs = self._pointers([u, delta, B, C, z, A, D, bias])
         code = self.lib.cil_scan_fwd(
             DTYPES[u.dtype], shape, flags, inputs, ctypes.c_void_p(out.data_ptr()),
-            ctypes.c_void_p(y.data_ptr()), ctypes.c_void_p(last.data_ptr()),
+            ctypes.c_void_p(y.data_ptr()), ctypes.c_void_p(last.data_ptr() if want_last else None),
         )  # fmt: skip
         self._check(code)
         return out, y, last
@@ -206,7 +206,7 @@ def selective_scan_harness(
 
     kernels = kernels or load()
     B, C = (M.unsqueeze(1) if M.dim() == 3 else M for M in (B, C))
-    out, last = CUDASelectiveScan.apply(u, delta, A, B, C, D, z, delta_bias, delta_softplus, kernels)
+    out, last = CUDASelectiveScan.apply(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state, kernels)
     return (out, last) if return_last_state else out
 
 
