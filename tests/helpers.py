@@ -155,6 +155,13 @@ def run(fn, inputs, softplus, **kwargs):
     return out, last, dict(zip(present, grads))
 
 
+def assert_bitwise_equal(first, second):
+    """Two results of :func:`run` (output, final state, gradients) bit for bit."""
+    assert torch.equal(first[0], second[0]) and torch.equal(first[1], second[1])
+    for name in first[2]:
+        assert torch.equal(first[2][name], second[2][name]), name
+
+
 def assert_close(a, b, rtol, atol_rel, name):
     scale = max(b.abs().max().item(), 1.0)
     torch.testing.assert_close(a.double(), b.double(), rtol=rtol, atol=atol_rel * scale, msg=name)

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from cil.ops.selective_scan import cuda_unavailable_reason, selective_scan, selective_scan_reference
-from tests.helpers import VARIANTS, assert_close, make_inputs, run
+from tests.helpers import VARIANTS, assert_bitwise_equal, assert_close, make_inputs, run
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -70,9 +70,7 @@ def test_long_sequences_and_large_state(length, n):
 def test_two_runs_are_bitwise_identical():
     inputs = make_inputs(4, 64, 300, 16, "varying", 4, True, True, True)
     first, second = cuda_run(inputs, True, torch.float32), cuda_run(inputs, True, torch.float32)
-    assert torch.equal(first[0], second[0]) and torch.equal(first[1], second[1])
-    for name in first[2]:
-        assert torch.equal(first[2][name], second[2][name]), name
+    assert_bitwise_equal(first, second)
 
 
 def test_without_cuda_forcing_the_kernel_says_why():

@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from cil.ops.selective_scan import selective_scan_reference
-from tests.helpers import ROOT, VARIANTS, assert_close, make_inputs, run
+from tests.helpers import ROOT, VARIANTS, assert_bitwise_equal, assert_close, make_inputs, run
 
 pytestmark = pytest.mark.skipif(shutil.which("g++") is None, reason="the CPU harness needs g++")
 TOLERANCE = {torch.float32: (1e-4, 1e-4, 1e-4), torch.float16: (1e-2, 1e-2, 3e-2), torch.bfloat16: (2e-2, 2e-2, 6e-2)}
@@ -117,9 +117,7 @@ def test_several_channel_tiles_per_group_at_the_real_state_size():
 def test_two_runs_are_bitwise_identical_and_empty_sequences_work():
     inputs = make_inputs(2, 8, 70, 8, "varying", 2, True, True, True)
     first, second = harness_run(inputs, True, torch.float32), harness_run(inputs, True, torch.float32)
-    assert torch.equal(first[0], second[0]) and torch.equal(first[1], second[1])
-    for name in first[2]:
-        assert torch.equal(first[2][name], second[2][name]), name
+    assert_bitwise_equal(first, second)
     empty = harness_run(make_inputs(2, 4, 0, 4, "varying", 2, True, True, True), True, torch.float32)
     assert empty[0].shape == (2, 4, 0) and not empty[1].any()
 
