@@ -412,3 +412,60 @@ def test_a_failed_weights_download_is_one_line_saying_how_to_give_them_locally(m
     message = str(caught.value)
     assert message.startswith("backbone.pretrained=true: timm's weights of 'resnet10t' could not be downloaded")
     assert "backbone.weights=FILE" in message and "HF_HOME" in message and len(message.splitlines()) == 1
+
+
+def test_without_network_a_weights_download_fails_at_once_instead_of_retrying_for_45_seconds(monkeypatch):
+    """huggingface_hub retries each file five times with back-off; one refused connection is enough to know."""
+    import socket
+    import time
+
+    import timm
+
+    from cil.backbones import create_backbone
+    from cil.config import ConfigError
+
+    def refused(*args, **kwargs):
+        raise OSError("[Errno 101] Network is unreachable")
+
+    def no_download(*args, pretrained=False, **kwargs):
+        raise AssertionError("timm was asked to download") if pretrained else None
+
+    monkeypatch.setattr(socket, "create_connection", refused)
+    monkeypatch.setattr(timm, "create_model", no_download)
+    start = time.monotonic()
+    with pytest.raises(ConfigError) as caught:
+        create_backbone("resnet10t", pretrained=True)
+    assert time.monotonic() - start < 5
+    message = str(caught.value)
+    assert "huggingface.co unreachable: [Errno 101] Network is unreachable" in message, message
+    assert "not in the Hugging Face cache" in message and "backbone.weights=FILE" in message
+    assert len(message.splitlines()) == 1
+
+
+def test_without_network_weights_in_the_hugging_face_cache_are_loaded_from_it(tmp_path):
+    """The offline fallback: the cached file is loaded (its values, not timm's initialisation), with no retries."""
+    import subprocess
+    import sys
+
+    script = f"""
+import socket, time, timm, torch
+from safetensors.torch import save_file
+snapshot = {str(tmp_path)!r} + "/models--timm--resnet10t.c3_in1k/snapshots/0123"
+import os; os.makedirs(snapshot); os.makedirs({str(tmp_path)!r} + "/models--timm--resnet10t.c3_in1k/refs")
+open({str(tmp_path)!r} + "/models--timm--resnet10t.c3_in1k/refs/main", "w").write("0123")
+torch.manual_seed(5)
+state = {{k: v.contiguous() for k, v in timm.create_model("resnet10t").state_dict().items()}}
+save_file(state, snapshot + "/model.safetensors")
+def refused(*a, **k): raise OSError("unreachable")
+socket.create_connection = refused
+from cil.backbones import create_backbone
+start = time.monotonic()
+model = create_backbone("resnet10t", pretrained=True)
+assert time.monotonic() - start < 10
+assert torch.equal(model.conv1[0].weight, state["conv1.0.weight"])
+from huggingface_hub import constants; assert not constants.HF_HUB_OFFLINE  # restored
+print("ok")
+"""
+    env = {**__import__("os").environ, "HF_HUB_CACHE": str(tmp_path)}
+    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]

@@ -114,6 +114,55 @@ def _download_failure(error: BaseException) -> bool:
     return isinstance(error, (OSError, ConnectionError, TimeoutError)) or module.startswith(network)
 
 
+def _hub_offline_check(name: str) -> bool:
+    """Before timm downloads ``name``'s weights from the Hugging Face Hub: whether to load them offline.
+
+    Without network, huggingface_hub retries each file five times with back-off (about 45 s) before it fails or
+    falls back to its cache. One connection attempt with a short timeout tells first: unreachable and cached →
+    load from the cache in offline mode (True); unreachable and not cached → one-line error now.
+    """
+    import socket
+    from urllib.parse import urlparse
+
+    import huggingface_hub
+    from huggingface_hub import constants
+    from timm.models import get_pretrained_cfg
+
+    try:
+        cfg = get_pretrained_cfg(name)
+    except Exception:  # a model registered without pretrained configs (e.g. our resnet12): timm decides
+        return False
+    if constants.HF_HUB_OFFLINE or cfg is None or not cfg.hf_hub_id:
+        return False  # offline already, or weights from a plain URL (torch.hub fails at once without network)
+    endpoint = urlparse(constants.ENDPOINT)
+    try:
+        socket.create_connection((endpoint.hostname, endpoint.port or 443), timeout=5).close()
+        return False
+    except OSError as e:
+        reason = f"{endpoint.hostname} unreachable: {e}"
+    files = [cfg.hf_hub_filename] if cfg.hf_hub_filename else ["model.safetensors", "pytorch_model.bin"]
+    repo = cfg.hf_hub_id.split("@")[0]
+    if any(isinstance(huggingface_hub.try_to_load_from_cache(repo, f), str) for f in files):
+        return True
+    raise ConfigError(
+        f"backbone.pretrained=true: timm's weights of '{name}' could not be downloaded ({reason}) and are not in "
+        f"the Hugging Face cache; without network, give a local file with backbone.weights=FILE (a torch.save'd "
+        "state dict) or put the weights in the Hugging Face cache (HF_HOME) on a machine with network first"
+    )
+
+
+def _timm_model(name: str, pretrained: bool, **timm_kwargs: Any) -> nn.Module:
+    if not (pretrained and _hub_offline_check(name)):
+        return timm.create_model(name, pretrained=pretrained, num_classes=0, **timm_kwargs)
+    from huggingface_hub import constants
+
+    constants.HF_HUB_OFFLINE = True  # read at call time by huggingface_hub: no retries, the cache only
+    try:
+        return timm.create_model(name, pretrained=pretrained, num_classes=0, **timm_kwargs)
+    finally:
+        constants.HF_HUB_OFFLINE = False
+
+
 def create_backbone(
     name: str, pretrained: bool = False, weights: str | Path | None = None, **timm_kwargs: Any
 ) -> nn.Module:
@@ -126,7 +175,9 @@ def create_backbone(
     if pretrained and weights is not None:
         raise ConfigError("set either backbone.pretrained=true or backbone.weights=FILE, not both")
     try:
-        model = timm.create_model(name, pretrained=pretrained, num_classes=0, **timm_kwargs)
+        model = _timm_model(name, pretrained, **timm_kwargs)
+    except ConfigError:
+        raise
     except Exception as e:
         if pretrained and _download_failure(e):
             first = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
