@@ -221,6 +221,9 @@ def check_before_running(cfg) -> None:
     from cil.config import check_folders
 
     check_folders(cfg)  # caches a strategy writes into (DKVB's feature cache)
+    from cil import registry
+
+    registry.strategy_class(str(cfg.strategy.name)).check_config(cfg)  # what needs the strategy's own libraries
     check_backbone_name(cfg.backbone.name)
     quiet_lightning()
     from cil.trainers import check_loggers, make_trainer

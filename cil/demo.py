@@ -1,5 +1,6 @@
 """``make demo``: finetune (lower bound), joint (upper bound), SimpleCIL, FSA, MOS, Mamba-FSCIL, ZSCL (a
-tiny random CLIP) and DKVB on the embedded digits stream (Mamba-FSCIL on its few-shot variant).
+tiny random CLIP), DKVB and Avalanche's Replay (trained by Avalanche's own code, ``avalanche/digits``) on the
+embedded digits stream (Mamba-FSCIL on its few-shot variant).
 
 Prints one row per strategy (average incremental accuracy, last accuracy, forgetting) and the run folders.
 Extra ``key=value`` arguments apply to every run (e.g. ``python -m cil.demo run.seed=1``).

@@ -52,6 +52,7 @@ class Session:
     session_classes: list[list[int]] = field(default_factory=list)
     templates: list[list[str]] = field(default_factory=list)
     unlabelled_data: Optional[Dataset] = None
+    batch_size: int = 32  # the stream's training batch size (stream.batch_size)
 
     @property
     def num_seen(self) -> int:
@@ -81,6 +82,11 @@ class CILModule(pl.LightningModule):
         self.classifier = GrowingClassifier(self.num_features)
         self.session_index = -1
 
+    @classmethod
+    def check_config(cls, cfg: Any) -> None:
+        """Checks of a validated config that need the strategy's own libraries, asked by ``cil run`` before a model
+        is built or any data loads (the config schema has checked the rest). Nothing by default."""
+
     def save_settings(self, config: type, settings: dict[str, Any], exclude: Sequence[str] = ()) -> Any:
         """``config`` (a dataclass) built from the keyword ``settings`` and checked (:func:`cil.config.
         strategy_settings`), saved as Lightning hyper-parameters (``self.hparams``, every field); ``exclude``:
@@ -102,6 +108,11 @@ class CILModule(pl.LightningModule):
     def epochs_for(self, session: Session) -> int:
         """Epochs to train in ``session``; 0 skips ``fit`` (the hooks still run)."""
         return int(self.hparams.get("epochs", 0))
+
+    def epochs_trained(self, session: Session) -> int:
+        """The epochs the run records for ``session``: those of ``fit``, unless the strategy trains by other
+        means (Avalanche's own loop)."""
+        return self.epochs_for(session)
 
     def steps_for(self, session: Session) -> Optional[int]:
         """Optimiser steps to train in ``session`` (``Trainer(max_steps=...)``, cycling the data); None: epochs."""

@@ -32,6 +32,7 @@ BUILTIN_STRATEGIES = {
     "mamba_fscil": ("cil.strategies.mamba_fscil:MambaFSCIL", "cil.strategies.configs:MambaFSCILConfig"),
     "zscl": ("cil.strategies.zscl:ZSCL", "cil.strategies.configs:ZSCLConfig"),
     "dkvb": ("cil.strategies.dkvb:DKVB", "cil.strategies.configs:DKVBConfig"),
+    "avalanche": ("cil.strategies.avalanche:AvalancheStrategy", "cil.strategies.configs:AvalancheConfig"),
 }
 # built-in stream name -> the module whose import registers it
 BUILTIN_STREAMS = {

@@ -431,8 +431,14 @@ class Run:
     accuracy_matrix: pd.DataFrame
 
     @property
+    def strategy(self) -> str:
+        """The strategy as tables and plots name it; Avalanche's strategies by their class (``avalanche:Replay``)."""
+        strategy = self.config.strategy
+        return f"avalanche:{strategy.avalanche}" if strategy.name == "avalanche" else str(strategy.name)
+
+    @property
     def name(self) -> str:
-        return f"{self.config.strategy.name}@{self.path.name}"
+        return f"{self.strategy}@{self.path.name}"
 
     @property
     def seen_accuracy(self) -> pd.Series:
@@ -477,7 +483,7 @@ def compare(runs: Sequence[Run], columns: Sequence[str] | None = None) -> pd.Dat
     rows = []
     for run in runs:
         # the run's name and timestamp folder: short, and unique among runs of one output folder
-        row = {"run": f"{run.path.parent.name}/{run.path.name}", "strategy": run.config.strategy.name}
+        row = {"run": f"{run.path.parent.name}/{run.path.name}", "strategy": run.strategy}
         row["stream"] = run.config.stream.name
         row["sessions"] = f"{run.summary['completed_sessions']}/{run.summary['n_sessions']}"
         for c in columns:
@@ -508,9 +514,7 @@ def plot_comparison(runs: Sequence[Run], path: str | Path) -> Path:
     fig, ax = _subplots(figsize=(5.5, 3.8))
     for run in runs:
         seen = run.seen_accuracy
-        ax.plot(
-            np.asarray(seen.index) + 1, 100 * seen.values, "o-", label=f"{run.config.strategy.name} ({run.path.name})"
-        )
+        ax.plot(np.asarray(seen.index) + 1, 100 * seen.values, "o-", label=f"{run.strategy} ({run.path.name})")
     from matplotlib.ticker import MaxNLocator
 
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # sessions 1, 2, ... as the CLI numbers them

@@ -158,6 +158,7 @@ def _session(strategy, stream, k, cfg, folder, callbacks, unlabelled, device, st
         session_classes=[list(c) for c in stream.classes_per_session],
         templates=[list(t) for t in stream.templates] if stream.templates else [],
         unlabelled_data=unlabelled,
+        batch_size=cfg.stream.batch_size,
     )
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
@@ -178,7 +179,7 @@ def _session(strategy, stream, k, cfg, folder, callbacks, unlabelled, device, st
     return SessionRecord(
         session=k,
         confusion=confusion.tolist(),
-        epochs=epochs,
+        epochs=strategy.epochs_trained(session),
         trainable_params=trainable,
         wall_time_s=round(wall, 3),
         eval_time_s=round(time.perf_counter() - began, 3),

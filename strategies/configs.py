@@ -8,7 +8,7 @@ its own; ``cil.registry.BUILTIN_STRATEGIES`` pairs each with its strategy.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Any, Optional
 
 from cil.config import STORAGES, StrategyConfig, TrainingConfig, param
 
@@ -202,3 +202,15 @@ class DKVBConfig(StrategyConfig):
     )
     feature_batch_size: int = param(256, ge=1, help="images per encoder call when features are extracted")
     feature_num_workers: int = param(0, ge=0, help="loader workers when features are extracted")
+
+
+@dataclass
+class AvalancheConfig(TrainingConfig):
+    name: str = "avalanche"
+    avalanche: str = param(
+        "Naive", help="a strategy class exported by avalanche.training (Naive, Replay, LwF, EWC, ICaRL, GDumb, ...)"
+    )
+    kwargs: dict[str, Any] = param(
+        {}, help="its keyword arguments (mem_size, alpha, ...), checked against its signature before data loads"
+    )
+    epochs: int = param(5, ge=0, help="epochs per session (train_epochs)")
