@@ -25,6 +25,7 @@ import statistics
 import sys
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -89,7 +90,7 @@ def main() -> None:
         for r in range(args.repeats):
             order = ["cil", "avalanche"] if r % 2 == 0 else ["avalanche", "cil"]
             for side in order:
-                wall, cpu, R = timed(lambda: cil_side(out) if side == "cil" else avalanche_side())
+                wall, cpu, R = timed(partial(cil_side, out) if side == "cil" else avalanche_side)
                 times[side].append((wall, cpu))
                 accuracy[side] = (average_incremental_accuracy(R, counts), last_accuracy(R, counts))
                 print(f"repeat {r + 1} {side}: wall {wall:.1f} s, CPU {cpu:.1f} s", flush=True)
