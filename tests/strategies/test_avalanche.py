@@ -12,7 +12,7 @@ import torch
 from cil.config import ConfigError, load_config
 from cil.runs import load_run
 from cil.session import run_experiment
-from tests.helpers import CONFIGS, TINY
+from tests.helpers import CONFIGS, TINY, needs_debian, needs_lite0
 
 FAST = ["strategy.epochs=1", "stream.batch_size=64"]
 
@@ -253,3 +253,21 @@ def test_seeds_report_and_labels_treat_avalanche_runs_as_any_other(tmp_path, cap
     assert main(["report", *map(str, runs)]) == 0
     out = capsys.readouterr().out
     assert "avalanche:LwF" in out and "±" in out, out
+
+
+@pytest.mark.slow
+@needs_debian
+@needs_lite0
+@pytest.mark.parametrize("name", CLASSIC)
+def test_every_fashion_mnist_config_runs_on_the_real_images_and_the_imagenet_lite0(tmp_path, name):
+    """The shipped Fashion-MNIST configs as they are (Lite0's ImageNet weights, 64 px), on a few images per class:
+    each is accepted by ``cil run``'s checks and trains two sessions to a complete run folder."""
+    from cil.cli import check_before_running
+
+    overrides = [f"run.output_dir={tmp_path}", "stream.split=B0-Inc5", "stream.train_per_class=6",
+                 "stream.test_per_class=3", "trainer.enable_progress_bar=false", "strategy.epochs=1"]  # fmt: skip
+    cfg = load_config(CONFIGS / "avalanche" / f"{name}_fashion_mnist.yaml", overrides)
+    check_before_running(cfg)
+    run = load_run(run_experiment(cfg))
+    assert run.summary["complete"] and run.summary["n_sessions"] == 2
+    assert cfg.backbone.name == "tf_efficientnet_lite0" and cfg.strategy.avalanche == run.strategy.split(":")[1]
