@@ -45,6 +45,15 @@ def seed_all(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def seed_item(seed: int) -> None:
+    """Seed what an item's augmentation draws from: Python's and NumPy's generators and torch's CPU generator (the
+    same CPU draws as :func:`seed_all`). ``torch.manual_seed`` also seeds every device's generator, lazily, which
+    costs about 0.2 ms per call (it records a traceback for the lazy CUDA call): 10x the rest, paid per item."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.default_generator.manual_seed(seed)
+
+
 class EpochSeededSampler(RandomSampler):
     """A shuffling sampler whose order depends only on (seed, epoch); Lightning calls ``set_epoch``.
 
@@ -134,7 +143,7 @@ class SeededItems(Dataset):
 
     def __getitem__(self, item):
         epoch, index = item if isinstance(item, tuple) else (0, item)
-        seed_all(derived_seed(self.seed, self.session, int(epoch), int(index)))
+        seed_item(derived_seed(self.seed, self.session, int(epoch), int(index)))
         return self.data[index]
 
 

@@ -99,3 +99,35 @@ def test_ddp_shares_are_disjoint_padded_and_keep_the_folding(tmp_path, monkeypat
     assert set(shares[0]).isdisjoint(shares[1]) and set(shares[0]) | set(shares[1]) == set(range(18))
     padded = [batches(train_loader(indices(7), cfg, session=0))]
     assert sum(len(b) for b in padded[0]) == 4  # ceil(7 / 2): the shorter share is padded
+
+
+def test_per_item_seeding_draws_what_seeding_everything_drew(tmp_path):
+    """``SeededItems`` seeds only the CPU generators an augmentation reads (not every device's, which costs 10x):
+    the augmented items are the very tensors that a full ``seed_all`` per item gave, so runs and resumes written
+    before the change replay exactly."""
+    import random
+
+    import numpy as np
+    import torchvision.transforms as T
+
+    from cil.loaders import SeededItems, derived_seed, seed_all
+
+    class Augmented(torch.utils.data.Dataset):  # torch's generator (crops, flips), Python's and NumPy's
+        crop = T.Compose([T.RandomResizedCrop(8), T.RandomHorizontalFlip()])
+
+        def __len__(self):
+            return 6
+
+        def __getitem__(self, i):
+            x = self.crop(torch.arange(3 * 16 * 16, dtype=torch.float32).reshape(3, 16, 16) + i)
+            return x + random.random() + float(np.random.rand()), i
+
+    data = Augmented()
+    items = SeededItems(data, seed=3, session=1)
+    for epoch in (0, 2):
+        for i in range(len(data)):
+            seed_all(derived_seed(3, 1, epoch, i))
+            expected = data[i][0]
+            torch.manual_seed(99), random.seed(99), np.random.seed(99)  # whatever came before does not matter
+            assert torch.equal(items[(epoch, i)][0], expected)
+    assert not torch.equal(items[(0, 1)][0], items[(2, 1)][0])  # other epochs draw other augmentations
