@@ -174,6 +174,12 @@ class BackboneConfig:
         help="BatchNorm statistics per group of this many samples in training, as N GPUs without synchronised "
         "BatchNorm compute them (cil.backbones.batchnorm); running statistics from the first group",
     )
+    memory_format: str = param(
+        "auto",
+        choices=["auto", "channels_last", "contiguous"],
+        help="the body's memory format; auto: channels_last for convolutional bodies at inputs of 64 px and more "
+        "(faster on CPU, benchmarks/train_step.py), contiguous otherwise",
+    )
     kwargs: dict[str, Any] = param({}, help="extra keyword arguments for timm.create_model")
 
 

@@ -280,7 +280,27 @@ def backbone_from_config(cfg: Any) -> nn.Module:
         from cil.backbones.batchnorm import group_batch_norm
 
         group_batch_norm(model, cfg.bn_group_size)
+    if memory_format(model, cfg.get("memory_format", "contiguous"), cfg.get("image_size")) == "channels_last":
+        model.to(memory_format=torch.channels_last)  # the parameters in place: optimisers built later see them
     return model
+
+
+# channels_last is faster for convolutional bodies from this input size on (benchmarks/train_step.py); below it the
+# feature maps are too small for the NHWC kernels to pay, and the embedded digits demo (32 px) keeps its numbers
+CHANNELS_LAST_MIN_SIZE = 64
+
+
+def memory_format(model: nn.Module, setting: str, image_size: int | None) -> str:
+    """The memory format ``backbone.memory_format`` selects for ``model``: ``auto`` picks channels_last for a
+    convolutional body (more 3x3-or-larger convolutions than anything else of weight) at inputs of
+    ``CHANNELS_LAST_MIN_SIZE`` px or more, contiguous otherwise (a ViT's one patch convolution does not count).
+    The two formats give the same function; the kernels' summation order differs, so results differ in the last
+    bits, as with another thread count."""
+    if setting != "auto":
+        return setting
+    convs = [m for m in model.modules() if isinstance(m, nn.Conv2d) and max(m.kernel_size) > 1]
+    size = image_size or getattr(model, "pretrained_cfg", {}).get("input_size", (3, 0, 0))[-1]
+    return "channels_last" if len(convs) >= 8 and size >= CHANNELS_LAST_MIN_SIZE else "contiguous"
 
 
 def set_bn_momentum(model: nn.Module, momentum: float) -> None:
