@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import sys
 import tempfile
 import time
@@ -75,9 +76,13 @@ def build_stream(overrides: list[str]):
 
 
 def lite0(cfg) -> torch.nn.Module:
+    """Avalanche's Lite0: the same weights, in PyTorch's default (contiguous) memory format, as a model built for
+    Avalanche is; cil's own runs pick channels_last for it (``backbone.memory_format=auto``)."""
+    from omegaconf import OmegaConf
+
     from cil.backbones import backbone_from_config
 
-    return backbone_from_config(cfg.backbone)
+    return backbone_from_config(OmegaConf.merge(cfg.backbone, {"memory_format": "contiguous"}))
 
 
 def task_aware(stream):
@@ -250,6 +255,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--data-root", default=None, help="default: the config's (Debian's path)")
     parser.add_argument("--rows", nargs="+", default=None, help="labels' first words to run (default: all)")
+    parser.add_argument("--repeats", type=int, default=1, help="runs of each side, interleaved (median and range)")
     parser.add_argument("--readme", action="store_true", help="rewrite the peers table in README.md")
     args = parser.parse_args()
     os.environ.setdefault("CIL_QUIET", "1")
@@ -277,30 +283,41 @@ def main() -> None:
     def metrics(R: np.ndarray) -> tuple[float, float, float]:
         return average_incremental_accuracy(R, counts), last_accuracy(R, counts), forgetting(R)
 
-    lines = []
+    lines, spreads = [], []
     began = time.perf_counter()
     with tempfile.TemporaryDirectory() as out:
         for label, config, avalanche_name, extra in ROWS:
             if args.rows and not any(label.lower().startswith(r.lower()) for r in args.rows):
                 continue
-            cells, times = [], []
-            for side in ("ours", "theirs"):
-                if (config if side == "ours" else avalanche_name) is None:
-                    cells.append("—")
-                    times.append(None)
-                    continue
-                t0 = time.perf_counter()
-                if side == "ours":
-                    trained = training if "finetune" in config or "joint" in config else []
-                    R, _ = ours(config, [*shared, f"run.output_dir={out}", *trained, *extra])
-                else:
-                    s, c = build_stream(shared)
-                    R = theirs(avalanche_name, s, c, args)
-                times.append(time.perf_counter() - t0)
-                a, last, f = metrics(R)
-                cells.append(f"{100 * a:.2f} / {100 * last:.2f} / {100 * f:.2f}")
-                print(f"{label} [{side}]: avg {100 * a:.2f} last {100 * last:.2f} forgetting {100 * f:.2f} "
-                      f"in {times[-1]:.0f} s", flush=True)  # fmt: skip
+            cells, times, cpu = ["—", "—"], [None, None], [None, None]
+            runs = {0: [], 1: []}  # (wall, cpu) per repeat
+            sides = [i for i, v in enumerate((config, avalanche_name)) if v is not None]
+            for r in range(args.repeats):
+                for i in sides if r % 2 == 0 else sides[::-1]:  # interleaved, the first side swapped each repeat
+                    t0, c0 = time.perf_counter(), time.process_time()
+                    if i == 0:
+                        trained = training if "finetune" in config or "joint" in config else []
+                        R, _ = ours(config, [*shared, f"run.output_dir={out}", *trained, *extra])
+                    else:
+                        s, c = build_stream(shared)
+                        R = theirs(avalanche_name, s, c, args)
+                    runs[i].append((time.perf_counter() - t0, time.process_time() - c0))
+                    a, last, f = metrics(R)
+                    cells[i] = f"{100 * a:.2f} / {100 * last:.2f} / {100 * f:.2f}"
+                    side = ("ours", "theirs")[i]
+                    print(f"{label} [{side}]: avg {100 * a:.2f} last {100 * last:.2f} forgetting {100 * f:.2f} "
+                          f"in {runs[i][-1][0]:.0f} s (CPU {runs[i][-1][1]:.0f} s)", flush=True)  # fmt: skip
+            for i in sides:
+                times[i] = statistics.median(w for w, _ in runs[i])
+                cpu[i] = statistics.median(c for _, c in runs[i])
+            if len(sides) == 2 and args.repeats > 1:
+                wall_ratios = [o[0] / t[0] for o, t in zip(runs[0], runs[1])]
+                cpu_ratios = [o[1] / t[1] for o, t in zip(runs[0], runs[1])]
+                spreads.append(
+                    f"{label}: cil/Avalanche wall {statistics.median(wall_ratios):.2f} ({min(wall_ratios):.2f}-"
+                    f"{max(wall_ratios):.2f}), CPU {statistics.median(cpu_ratios):.2f} ({min(cpu_ratios):.2f}-"
+                    f"{max(cpu_ratios):.2f}) over {args.repeats} interleaved pairs"
+                )
             ratio = f"{times[0] / times[1]:.2f}" if None not in times else "—"
             wall = " | ".join(f"{t:.0f}" if t is not None else "—" for t in times)
             names = f"`{config.split('/')[0]}`" if config else "—"
@@ -325,6 +342,8 @@ def main() -> None:
         f"{time.perf_counter() - began:.0f} s in all."
     )
     text = "\n".join(header + lines) + "\n" + note
+    if spreads:
+        text += "\n\nMedians of interleaved repeats; time ratios: " + "; ".join(spreads) + "."
     print(text)
     if args.readme:
         write_block("peers-table", text)

@@ -9,7 +9,13 @@ approximation: the backward costs about twice the forward); the ceiling is an fp
 timed here. Printed: ms per step (median, range), images/s, achieved GFLOP/s and its fraction of the matmul's, and
 the ratio contiguous / channels_last per step with its range.
 
-    python benchmarks/train_step.py [--repeats 5] [--steps 10] [--batch 64] [--readme]
+With ``--runs``: end to end, ``cil run finetune/fashion_mnist`` (Lite0 at 64 px; 300 train / 100 test images per
+class) in each format for seeds 0 and 1, alternating: accuracy within seed noise, and the wall time of each run.
+
+With ``--compile``: ``torch.compile`` of the Lite0 step at 64 px (channels_last), its compile time (the first
+step) beside the eager and compiled steady-state step, and the steps a run must take before compiling pays.
+
+    python benchmarks/train_step.py [--repeats 5] [--steps 10] [--batch 64] [--runs] [--compile] [--readme]
 """
 
 from __future__ import annotations
@@ -27,7 +33,7 @@ from _readme import write_block
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-CASES = [("resnet10t", 32), ("tf_efficientnet_lite0", 64), ("resnet18", 112)]
+CASES = [("resnet10t", 32), ("resnet10t", 64), ("tf_efficientnet_lite0", 64), ("resnet18", 112)]
 
 
 def matmul_gflops(n: int = 1024, repeats: int = 20) -> float:
@@ -65,13 +71,20 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--steps", type=int, default=10, help="steps per timed block")
     parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--runs", action="store_true", help="finetune/fashion_mnist end to end in both formats")
+    parser.add_argument("--compile", action="store_true", help="torch.compile of the Lite0 step: compile time and gain")
     parser.add_argument("--readme", action="store_true")
     args = parser.parse_args()
+    if args.runs:
+        return end_to_end(args)
+    if args.compile:
+        return compiled(args)
     from cil.backbones import create_backbone
 
     peak = matmul_gflops()
     lines = [
-        "| backbone @ px | format | ms / step (median, range) | images/s | GFLOP/s | of matmul | contiguous / channels_last |",
+        "| backbone @ px | format | ms / step (median, range) | images/s | GFLOP/s | of matmul "
+        "| contiguous / channels_last |",
         "|---|---|---|---|---|---|---|",
     ]
     for name, size in CASES:
@@ -86,7 +99,7 @@ def main() -> None:
             params = [*model.parameters(), *head.parameters()]
             steps[fmt] = step_fn(model, head, x, y, torch.optim.SGD(params, lr=0.01, momentum=0.9))
             if flops is None:
-                flops = 3 * forward_flops(model, x[:1]) * args.batch
+                flops = 3 * forward_flops(model, x)  # the whole batch: BatchNorm needs more than one sample
             for _ in range(3):
                 steps[fmt]()
         times = {f: [] for f in steps}
@@ -96,15 +109,15 @@ def main() -> None:
                 for _ in range(args.steps):
                     steps[fmt]()
                 times[fmt].append((time.perf_counter() - t) / args.steps)
-        ratios = [c / l for c, l in zip(times["contiguous"], times["channels_last"])]
+        ratios = [a / b for a, b in zip(times["contiguous"], times["channels_last"])]
         for fmt in steps:
             med = statistics.median(times[fmt])
             gflops = flops / med / 1e9
-            ratio = (
-                f"{statistics.median(ratios):.2f} ({min(ratios):.2f}-{max(ratios):.2f})" if fmt == "channels_last" else ""
-            )
+            spread = f"({min(ratios):.2f}-{max(ratios):.2f})"
+            ratio = f"{statistics.median(ratios):.2f} {spread}" if fmt == "channels_last" else ""
+            low, high = 1e3 * min(times[fmt]), 1e3 * max(times[fmt])
             lines.append(
-                f"| {name} @ {size} | {fmt} | {1e3 * med:.1f} ({1e3 * min(times[fmt]):.1f}-{1e3 * max(times[fmt]):.1f}) "
+                f"| {name} @ {size} | {fmt} | {1e3 * med:.1f} ({low:.1f}-{high:.1f}) "
                 f"| {args.batch / med:.0f} | {gflops:.1f} | {100 * gflops / peak:.0f}% | {ratio} |"
             )
         print(lines[-2], lines[-1], sep="\n", flush=True)
@@ -116,6 +129,78 @@ def main() -> None:
     print(text)
     if args.readme:
         write_block("train-step", text)
+
+
+def compiled(args) -> None:
+    from cil.backbones import create_backbone
+
+    torch.manual_seed(0)
+    results = {}
+    for mode in ("eager", "compiled"):
+        model = create_backbone("tf_efficientnet_lite0").train().to(memory_format=torch.channels_last)
+        head = torch.nn.Linear(model.num_features, 10)
+        x = torch.randn(args.batch, 3, 64, 64)
+        y = torch.randint(0, 10, (args.batch,))
+        optimizer = torch.optim.SGD([*model.parameters(), *head.parameters()], lr=0.01, momentum=0.9)
+        body = torch.compile(model) if mode == "compiled" else model
+        step = step_fn(body, head, x, y, optimizer)
+        began = time.perf_counter()
+        step()  # compiles the forward and backward graphs
+        first = time.perf_counter() - began
+        for _ in range(2):
+            step()
+        times = []
+        for _ in range(args.repeats):
+            began = time.perf_counter()
+            for _ in range(args.steps):
+                step()
+            times.append((time.perf_counter() - began) / args.steps)
+        results[mode] = (first, statistics.median(times))
+        print(f"{mode}: first step {first:.1f} s, then {1e3 * results[mode][1]:.0f} ms per step", flush=True)
+    saved = results["eager"][1] - results["compiled"][1]
+    overhead = results["compiled"][0] - results["eager"][0]
+    pays = f"after {overhead / saved:.0f} steps" if saved > 0 else "never (the compiled step is not faster)"
+    text = (
+        f"torch.compile of the Lite0 training step at 64 px (channels_last, batch {args.batch}): first step "
+        f"{results['compiled'][0]:.1f} s against {results['eager'][0]:.1f} s eager; steady state "
+        f"{1e3 * results['compiled'][1]:.0f} ms against {1e3 * results['eager'][1]:.0f} ms per step: compiling pays "
+        f"{pays}. {machine()}."
+    )
+    print(text)
+    if args.readme:
+        write_block("train-step-compile", text)
+
+
+def end_to_end(args) -> None:
+    import os
+    import tempfile
+
+    os.environ.setdefault("CIL_QUIET", "1")
+    from cil.cli import quiet_lightning
+    from cil.config import load_config
+    from cil.runs import load_run
+    from cil.session import run_experiment
+
+    quiet_lightning()
+    rows = ["| seed | memory format | avg / last accuracy (%) | wall s |", "|---|---|---|---|"]
+    with tempfile.TemporaryDirectory() as out:
+        for seed in (0, 1):
+            formats = ["contiguous", "channels_last"] if seed == 0 else ["channels_last", "contiguous"]
+            for fmt in formats:
+                overrides = [f"run.output_dir={out}", f"run.seed={seed}", f"backbone.memory_format={fmt}",
+                             "stream.train_per_class=300", "stream.test_per_class=100",
+                             "trainer.enable_progress_bar=false"]  # fmt: skip
+                began = time.perf_counter()
+                run = load_run(run_experiment(load_config("finetune/fashion_mnist", overrides)))
+                wall = time.perf_counter() - began
+                avg, last = (100 * run.metric(m) for m in ("avg_incremental_acc", "last_acc"))
+                rows.append(f"| {seed} | {fmt} | {avg:.2f} / {last:.2f} | {wall:.0f} |")
+                print(rows[-1], flush=True)
+    setting = "`finetune/fashion_mnist` (2 epochs, batch 64), 300 / 100 images per class"
+    text = "\n".join(rows) + f"\n\n{setting}; {machine()}."
+    print(text)
+    if args.readme:
+        write_block("memory-format-runs", text)
 
 
 if __name__ == "__main__":

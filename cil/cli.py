@@ -129,6 +129,17 @@ def _dispatch(args: argparse.Namespace) -> int:
     return _run(args)
 
 
+def _settings_added_since(config: Path) -> list[str]:
+    """Overrides that keep a run folder written by an older cil computing as it did: settings added since, whose
+    new default would change its numbers mid-run (``backbone.memory_format``: run folders before it were
+    contiguous)."""
+    import yaml
+
+    saved = yaml.safe_load(config.read_text()) or {}
+    backbone = saved.get("backbone") or {}
+    return [] if "memory_format" in backbone else ["backbone.memory_format=contiguous"]
+
+
 def _run(args: argparse.Namespace) -> int:
     from cil.config import load_config
 
@@ -140,7 +151,7 @@ def _run(args: argparse.Namespace) -> int:
         run_dir = Path(args.resume)
         if not RunFolder(run_dir).config.is_file():
             raise ConfigError(f"--resume '{run_dir}' is not a run folder (no {RunFolder.CONFIG})")
-        cfg = load_config(RunFolder(run_dir).config)
+        cfg = load_config(RunFolder(run_dir).config, _settings_added_since(RunFolder(run_dir).config))
     else:
         if args.config is None:
             raise ConfigError("give a config file (cil run CONFIG [key=value ...]) or --resume RUN_DIR")

@@ -285,17 +285,18 @@ def backbone_from_config(cfg: Any) -> nn.Module:
     return model
 
 
-# channels_last is faster for convolutional bodies from this input size on (benchmarks/train_step.py); below it the
-# feature maps are too small for the NHWC kernels to pay, and the embedded digits demo (32 px) keeps its numbers
+# channels_last is faster on CPU for convolutional bodies from this input size on (benchmarks/train_step.py: Lite0 at
+# 64 px 1.86x per training step, resnet18 at 112 px 1.19x, resnet10t at 64 px 1.08x, at 32 px 0.97x): below it the
+# feature maps are too small for the NHWC kernels to pay, and the digits demo (32 px) keeps its numbers
 CHANNELS_LAST_MIN_SIZE = 64
 
 
 def memory_format(model: nn.Module, setting: str, image_size: int | None) -> str:
     """The memory format ``backbone.memory_format`` selects for ``model``: ``auto`` picks channels_last for a
-    convolutional body (more 3x3-or-larger convolutions than anything else of weight) at inputs of
-    ``CHANNELS_LAST_MIN_SIZE`` px or more, contiguous otherwise (a ViT's one patch convolution does not count).
-    The two formats give the same function; the kernels' summation order differs, so results differ in the last
-    bits, as with another thread count."""
+    convolutional body (at least 8 convolutions with kernels larger than 1x1: a ViT's single patch convolution
+    does not count) at inputs of ``CHANNELS_LAST_MIN_SIZE`` px or more, contiguous otherwise. The two formats
+    compute the same function; the convolution kernels sum in another order, so results differ in the last bits
+    (as with another thread count), and a run keeps its format on resume (it is in its config.yaml)."""
     if setting != "auto":
         return setting
     convs = [m for m in model.modules() if isinstance(m, nn.Conv2d) and max(m.kernel_size) > 1]

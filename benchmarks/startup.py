@@ -1,0 +1,82 @@
+"""A run's fixed cost: the wall time of a process that imports cil's session loop, and of a tiny complete run
+(``cil run simplecil/digits`` on 16 px images, one session's worth of work per session), each in a fresh process,
+repeated; and what the imports are (``python -X importtime``: the largest top-level packages).
+
+    python benchmarks/startup.py [--repeats 5] [--readme]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from _machine import machine
+from _readme import write_block
+
+ROOT = Path(__file__).resolve().parent.parent
+CIL = (
+    [str(ROOT / ".venv" / "bin" / "cil")]
+    if (ROOT / ".venv" / "bin" / "cil").exists()
+    else [sys.executable, "-m", "cil.cli"]
+)
+
+
+def wall(command: list[str], env: dict) -> float:
+    began = time.perf_counter()
+    subprocess.run(command, check=True, capture_output=True, env=env)
+    return time.perf_counter() - began
+
+
+def top_imports(env: dict) -> list[tuple[str, float]]:
+    """Cumulative import time of each top-level package imported by the session loop, largest first."""
+    out = subprocess.run(
+        [sys.executable, "-X", "importtime", "-c", "import cil.session"], capture_output=True, text=True, env=env
+    ).stderr
+    totals = {}
+    for line in out.splitlines():
+        m = re.match(r"import time:\s+\d+ \|\s+(\d+) \| (\s*)(\S+)", line)
+        if m and len(m.group(2)) == 1:  # top level: one space of indent
+            totals[m.group(3)] = int(m.group(1)) / 1e6
+    return sorted(totals.items(), key=lambda kv: -kv[1])[:6]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--readme", action="store_true")
+    args = parser.parse_args()
+    env = {**os.environ, "CIL_QUIET": "1"}
+    imports, runs = [], []
+    with tempfile.TemporaryDirectory() as out:
+        tiny = [*CIL, "run", "simplecil/digits", f"run.output_dir={out}", "backbone.image_size=16",
+                "trainer.enable_progress_bar=false"]  # fmt: skip
+        for _ in range(args.repeats):
+            imports.append(wall([sys.executable, "-c", "import cil.session"], env))
+            runs.append(wall(tiny, env))
+    top = top_imports(env)
+
+    def spread(v: list[float]) -> str:
+        return f"{statistics.median(v):.1f} s ({min(v):.1f}-{max(v):.1f})"
+
+    text = (
+        f"| fresh process | median (range) over {args.repeats} |\n|---|---|\n"
+        f"| `import cil.session` (torch, Lightning, timm, Avalanche's stream types) | {spread(imports)} |\n"
+        f"| `cil run simplecil/digits` at 16 px, 5 sessions, run folder and plots | {spread(runs)} |\n\n"
+        "Largest imports (`python -X importtime`, cumulative): "
+        + ", ".join(f"{name} {seconds:.1f} s" for name, seconds in top)
+        + f". {machine()}."
+    )
+    print(text)
+    if args.readme:
+        write_block("startup", text)
+
+
+if __name__ == "__main__":
+    main()
