@@ -30,7 +30,7 @@ def run_cli(args, capsys) -> tuple[int, str]:
         ("run.name=../outside", "is not a plain name"),
         ("run.name=a/b", "is not a plain name"),
         ("stream.name=cifar11", "unknown stream 'cifar11' (did you mean cifar10, cifar100?); registered streams:"),
-        ("strategy.name=fsaa", "registered strategies: dkvb"),
+        ("strategy.name=fsaa", "registered strategies: avalanche, dkvb"),
     ],
 )
 def test_bad_values_stop_before_anything_runs(override, message, tmp_path, capsys):
@@ -84,7 +84,7 @@ def test_run_folders_of_the_same_second_do_not_collide(tmp_path):
     "argv, expected",
     [
         (["--help"], None),
-        (["list"], "strategies: dkvb, finetune, fsa, joint, mamba_fscil, mos, simplecil, zscl"),
+        (["list"], "strategies: avalanche, dkvb, finetune, fsa, joint, mamba_fscil, mos, simplecil, zscl"),
         (["run", str(CONFIGS / "simplecil" / "digits.yaml"), "strategy.lr=3"], "unknown key 'strategy.lr'"),
         (["run", str(CONFIGS / "fsa" / "digits.yaml"), "strategy.lr=-1"], "strategy.lr=-1"),
         (["run", str(CONFIGS / "fsa" / "digits.yaml"), "stream.name=cifar"], "unknown stream 'cifar'"),
