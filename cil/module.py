@@ -53,6 +53,8 @@ class Session:
     templates: list[list[str]] = field(default_factory=list)
     unlabelled_data: Optional[Dataset] = None
     batch_size: int = 32  # the stream's training batch size (stream.batch_size)
+    # the session's Lightning loggers (trainer.loggers) for a strategy that trains outside Lightning's fit
+    make_loggers: Optional[Callable[[], list]] = None
 
     @property
     def num_seen(self) -> int:

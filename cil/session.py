@@ -159,6 +159,7 @@ def _session(strategy, stream, k, cfg, folder, callbacks, unlabelled, device, st
         templates=[list(t) for t in stream.templates] if stream.templates else [],
         unlabelled_data=unlabelled,
         batch_size=cfg.stream.batch_size,
+        make_loggers=partial(_session_loggers, cfg, folder, k),
     )
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
@@ -218,21 +219,26 @@ def _note_skipped(k: int) -> None:
         note(f"session {k + 1}: {len(skipped)} unreadable file(s) skipped so far (listed in {log})")
 
 
+def _session_loggers(cfg, folder, k: int, resumed: bool = False) -> list:
+    """Session ``k``'s Lightning loggers under the run folder's logs/, in a version of their own: a resumed or
+    restarted session writes a new version, so the interrupted attempt's logs stay (Lightning would delete a
+    reused version's)."""
+    base = f"session_{k}" + ("-resumed" if resumed else "")
+    version, n = base, 1
+    while any((folder.logs / kind / version).exists() for kind in ("csv", "tb")):
+        n += 1
+        version = f"{base}-{n}"
+    return make_loggers(cfg, folder.logs, version)
+
+
 def _fit(
     strategy, session, epochs, cfg, folder, callbacks, resume_from: ResumePoint | None, steps=None, began=None
 ) -> None:
-    logs = folder.logs
-    # a new version for each resumed fit: the interrupted fit's logs stay (Lightning would delete a reused version's)
-    base = f"session_{session.index}" + ("-resumed" if resume_from is not None else "")
-    version, n = base, 1
-    while any((logs / kind / version).exists() for kind in ("csv", "tb")):
-        n += 1
-        version = f"{base}-{n}"
     trainer = make_trainer(
         cfg,
         folder.path,
         max_epochs=epochs if steps is None else -1,  # a step budget cycles the data as often as it needs
-        logger=make_loggers(cfg, logs, version),
+        logger=_session_loggers(cfg, folder, session.index, resumed=resume_from is not None),
         callbacks=[
             # one rolling "last.ckpt" at most every run.checkpoint_every minutes: the mid-session resume point
             IntervalCheckpoint(folder.last_checkpoint, cfg.run.checkpoint_every),

@@ -271,8 +271,14 @@ class AvalancheStrategy(CILModule):
             # session's own draws, as they would in a resumed run that builds the strategy at a later session
             with torch.random.fork_rng(devices=[]):
                 self._build(session)
+        progress = next(p for p in self.trainer_.plugins if getattr(p, "cil_progress", False))
+        progress.loggers = session.make_loggers() if session.make_loggers is not None else []
         with _expected_warnings():
             self.trainer_.train(experience, num_workers=0)
+        for logger in progress.loggers:  # as Lightning ends a fit's loggers
+            logger.save()
+            logger.finalize("success")
+        progress.loggers = []
         self.model = self.trainer_.model  # a strategy may have replaced it (GDumb retrains a fresh copy)
 
     def epochs_for(self, session: Session) -> int:
@@ -344,7 +350,11 @@ def _progress_plugin():
     from cil.progress import progress
 
     class Progress(SupervisedPlugin):
+        """The bar, and the loss of every step for the session's Lightning loggers (``trainer.loggers``), as a
+        Lightning fit logs ``train/loss``."""
+
         cil_progress = True
+        loggers: list = []
 
         def before_training_epoch(self, strategy, **kwargs):
             clock = strategy.clock
@@ -354,8 +364,13 @@ def _progress_plugin():
 
         def after_training_iteration(self, strategy, **kwargs):
             self.bar.update(1)
-            if not self.bar.disable:  # the loss read back (a device sync) only for a bar that is shown
-                self.bar.set_postfix(loss=f"{float(strategy.loss.detach()):.3f}", refresh=False)
+            if self.bar.disable and not self.loggers:
+                return  # the loss is read back (a device sync) only for a bar or a logger
+            loss = float(strategy.loss.detach())
+            self.bar.set_postfix(loss=f"{loss:.3f}", refresh=False)
+            step = strategy.clock.train_exp_iterations  # the Clock (a later plugin) counts this step after us
+            for logger in self.loggers:
+                logger.log_metrics({"train/loss": loss, "epoch": strategy.clock.train_exp_epochs}, step=step)
 
         def after_training_epoch(self, strategy, **kwargs):
             self.bar.close()

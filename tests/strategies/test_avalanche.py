@@ -271,3 +271,21 @@ def test_every_fashion_mnist_config_runs_on_the_real_images_and_the_imagenet_lit
     run = load_run(run_experiment(cfg))
     assert run.summary["complete"] and run.summary["n_sessions"] == 2
     assert cfg.backbone.name == "tf_efficientnet_lite0" and cfg.strategy.avalanche == run.strategy.split(":")[1]
+
+
+def test_the_sessions_loggers_get_avalanches_training_loss_step_by_step(tmp_path):
+    """``trainer.loggers`` as for a Lightning fit: logs/csv/session_<k>/metrics.csv, one train/loss row per step."""
+    import pandas as pd
+
+    cfg = avalanche_config("naive", tmp_path, "trainer.loggers=[csv]", "stream.split=B0-Inc5")
+    from cil.backbones import backbone_from_config
+    from cil.loaders import stream_transforms
+    from cil.streams import create_stream
+
+    folder = run_experiment(cfg)
+    stream = create_stream(cfg.stream, partial(stream_transforms, backbone_from_config(cfg.backbone), cfg))
+    for k in (0, 1):
+        rows = pd.read_csv(folder / "logs" / "csv" / f"session_{k}" / "metrics.csv")
+        steps = -(-len(stream.train_data[k]) // 64)  # one epoch in batches of 64, the ragged last one included
+        assert list(rows["step"]) == list(range(steps))
+        assert rows["train/loss"].notna().all() and (rows["train/loss"] > 0).all()
