@@ -125,7 +125,7 @@ __global__ void backward_kernel(Params p, Inputs<T> in, const float* __restrict_
   __shared__ float s_u[kChunk], s_dt[kChunk], s_raw[kChunk], s_gy[kChunk];
   __shared__ float s_du[kWarps][kChunk], s_ddt[kWarps][kChunk];
   __shared__ float s_red[kWarps];
-  float hist[kChunk];  // this thread's states over the current chunk
+  float hist[kChunk];  // this thread's states over the current chunk (registers: indexed by constants only)
   // dB / dC of this tile: varying ones into the tile's own slice (batch, tiles, L, dstate); fixed ones per row
   float* dB_tile = dB_tiles + ((int64_t)b * tiles_per_row + tile_index) * p.length * p.dstate;
   float* dC_tile = dC_tiles + ((int64_t)b * tiles_per_row + tile_index) * p.length * p.dstate;
@@ -174,18 +174,23 @@ __global__ void backward_kernel(Params p, Inputs<T> in, const float* __restrict_
         dD_acc += g * uv;
       }
       __syncthreads();
-      // recompute this chunk's states from its start state
+      // recompute this chunk's states from its start state. Both loops are unrolled over the whole chunk with
+      // `steps` as a guard (the same for every thread of the block, so the shuffles below stay uniform): every index
+      // of hist is then a constant and hist lives in registers, not in local memory
       float h = (c == 0 || !active) ? 0.f : starts[c * p.dstate + n];
       const float h_start = h;
-      for (int i = 0; i < steps; ++i) {
-        if (active) {
+#pragma unroll
+      for (int i = 0; i < kChunk; ++i) {
+        if (i < steps && active) {
           const float dt = s_dt[i];
           const float bv = to_float(in.B[bc_index(p.varying_B, p, b, d, t0 + i, n)]);
           h = expf(dt * a) * h + dt * bv * s_u[i];
         }
         hist[i] = h;
       }
-      for (int i = steps - 1; i >= 0; --i) {
+#pragma unroll
+      for (int i = kChunk - 1; i >= 0; --i) {
+        if (i >= steps) continue;
         float du_part = 0.f, ddt_part = 0.f;
         if (active) {
           const int t = t0 + i;
