@@ -227,11 +227,18 @@ class AvalancheStrategy(CILModule):
                 eval_every=-1,
                 **kwargs,
             )
-        self.model = self.trainer_.model
+        self._adopt_model()
         if self._pending is not None:
             _restore(self.trainer_, self._pending, self._sessions)
-            self.model = self.trainer_.model
+            self._adopt_model()
             self._pending = None
+
+    def _adopt_model(self) -> None:
+        """The Avalanche strategy's model (a restored checkpoint's, or GDumb's fresh copy of every experience) as
+        this module's ``model``, and its body as ``backbone``: the replaced ones are not kept alive beside it."""
+        self.model = self.trainer_.model
+        icarl = hasattr(self.model, "feature_extractor")  # iCaRL's TrainEvalModel, else our Sequential
+        self.backbone = self.model.feature_extractor if icarl else self.model[0]
 
     def _experience(self, session: Session):
         """Session ``k`` as experience ``k`` of a benchmark of the sessions seen so far (task label 0)."""
@@ -279,7 +286,7 @@ class AvalancheStrategy(CILModule):
             logger.save()
             logger.finalize("success")
         progress.loggers = []
-        self.model = self.trainer_.model  # a strategy may have replaced it (GDumb retrains a fresh copy)
+        self._adopt_model()  # a strategy may have replaced it (GDumb retrains a fresh copy)
 
     def epochs_for(self, session: Session) -> int:
         return 0  # Avalanche trained in begin_session; Lightning fits nothing

@@ -123,7 +123,15 @@ def test_replay_resumes_after_an_interruption_with_its_buffer_to_the_uninterrupt
     assert sorted(p.name for p in (folder / "checkpoints").iterdir()) == ["session_1.ckpt"]
     state = torch.load(folder / "checkpoints" / "session_1.ckpt", weights_only=True)  # the safe loader reads it
     assert "ReplayPlugin" in str(state)
+    bodies = []
+
+    def checked(self, session):  # the restored model's body is the module's backbone: no second copy kept alive
+        begin(self, session)
+        bodies.append(self.backbone is self.model[0] and self.model is self.trainer_.model)
+
+    monkeypatch.setattr(AvalancheStrategy, "begin_session", checked)
     resumed = load_run(run_experiment(cfg, run_dir=folder))
+    assert bodies == [True, True, True]
     assert resumed.summary["complete"]
     np.testing.assert_array_equal(resumed.accuracy_matrix.to_numpy(), full.accuracy_matrix.to_numpy())
 
