@@ -111,8 +111,9 @@ def main() -> None:
         f"{summary(ratios(0))}, process CPU {summary(ratios(1))}. 5 sessions x 2 classes, {args.train_per_class} "
         f"train / {args.test_per_class} test images per class, tf_efficientnet_lite0 ImageNet weights at 64 px, "
         f"{args.epochs} epochs, SGD lr 0.01 momentum 0.9, cosine per session, batch 64, memory {args.memory}; both "
-        f"sides evaluate every session's test set after every session; accuracies differ only by the order of random "
-        f"draws (cil seeds each session). {machine()}."
+        f"sides make the same passes through the body (Avalanche's training, then every session's test set after "
+        f"every session), so the floor of the ratio is 1.0 and what is above it is cil's run folder and evaluation "
+        f"set-up; accuracies differ only by the order of random draws (cil seeds each session). {machine()}."
     )
     print(text)
     if args.readme:

@@ -56,14 +56,25 @@ def forward_flops(model: torch.nn.Module, x: torch.Tensor) -> int:
     return counter.get_total_flops()
 
 
-def step_fn(model, head, x, y, optimizer):
+def make_step(name: str, size: int, batch: int, memory_format: str, compiled: bool = False):
+    """(step, body, batch of inputs): one SGD-with-momentum step of the timm body + a linear head on a fixed batch."""
+    from cil.backbones import create_backbone
+
+    memory = torch.channels_last if memory_format == "channels_last" else torch.contiguous_format
+    model = create_backbone(name).train().to(memory_format=memory)
+    head = torch.nn.Linear(model.num_features, 10)
+    x = torch.randn(batch, 3, size, size).to(memory_format=memory)
+    y = torch.randint(0, 10, (batch,))
+    optimizer = torch.optim.SGD([*model.parameters(), *head.parameters()], lr=0.01, momentum=0.9)
+    body = torch.compile(model) if compiled else model
+
     def step() -> None:
         optimizer.zero_grad(set_to_none=True)
-        loss = torch.nn.functional.cross_entropy(head(model(x)), y)
+        loss = torch.nn.functional.cross_entropy(head(body(x)), y)
         loss.backward()
         optimizer.step()
 
-    return step
+    return step, model, x
 
 
 def main() -> None:
@@ -79,8 +90,6 @@ def main() -> None:
         return end_to_end(args)
     if args.compile:
         return compiled(args)
-    from cil.backbones import create_backbone
-
     peak = matmul_gflops()
     lines = [
         "| backbone @ px | format | ms / step (median, range) | images/s | GFLOP/s | of matmul "
@@ -91,13 +100,7 @@ def main() -> None:
         torch.manual_seed(0)
         steps, flops = {}, None
         for fmt in ("contiguous", "channels_last"):
-            memory = torch.channels_last if fmt == "channels_last" else torch.contiguous_format
-            model = create_backbone(name).train().to(memory_format=memory)
-            head = torch.nn.Linear(model.num_features, 10)
-            x = torch.randn(args.batch, 3, size, size).to(memory_format=memory)
-            y = torch.randint(0, 10, (args.batch,))
-            params = [*model.parameters(), *head.parameters()]
-            steps[fmt] = step_fn(model, head, x, y, torch.optim.SGD(params, lr=0.01, momentum=0.9))
+            steps[fmt], model, x = make_step(name, size, args.batch, fmt)
             if flops is None:
                 flops = 3 * forward_flops(model, x)  # the whole batch: BatchNorm needs more than one sample
             for _ in range(3):
@@ -132,18 +135,10 @@ def main() -> None:
 
 
 def compiled(args) -> None:
-    from cil.backbones import create_backbone
-
     torch.manual_seed(0)
     results = {}
     for mode in ("eager", "compiled"):
-        model = create_backbone("tf_efficientnet_lite0").train().to(memory_format=torch.channels_last)
-        head = torch.nn.Linear(model.num_features, 10)
-        x = torch.randn(args.batch, 3, 64, 64)
-        y = torch.randint(0, 10, (args.batch,))
-        optimizer = torch.optim.SGD([*model.parameters(), *head.parameters()], lr=0.01, momentum=0.9)
-        body = torch.compile(model) if mode == "compiled" else model
-        step = step_fn(body, head, x, y, optimizer)
+        step, _, _ = make_step("tf_efficientnet_lite0", 64, args.batch, "channels_last", compiled=mode == "compiled")
         began = time.perf_counter()
         step()  # compiles the forward and backward graphs
         first = time.perf_counter() - began
