@@ -44,8 +44,19 @@ def as_dtype(inputs, dtype, keep_dtype=True):
     return out
 
 
+def largest_tiles(root=None):
+    """The harness's kernels with the backward's tiles as large as the group allows (up to 64 channels): the
+    launcher's own policy keeps 2,048 blocks in the grid, which at shapes this small means one channel per block
+    and would leave the summing of dB / dC over a tile's channels untested."""
+    from cil.ops.selective_scan.harness import load
+
+    return load(root=root).with_min_blocks(1)
+
+
 def harness_run(inputs, softplus, dtype, kernels=None):
     from cil.ops.selective_scan.harness import selective_scan_harness
+
+    kernels = kernels or largest_tiles()
 
     def scan(**kwargs):
         return selective_scan_harness(**kwargs, kernels=kernels)
@@ -53,9 +64,9 @@ def harness_run(inputs, softplus, dtype, kernels=None):
     return run(scan, as_dtype(inputs, dtype), softplus)
 
 
-def compare(inputs, softplus, dtype):
+def compare(inputs, softplus, dtype, kernels=None):
     ref = run(selective_scan_reference, as_dtype(inputs, dtype, keep_dtype=False), softplus)
-    fast = harness_run(inputs, softplus, dtype)
+    fast = harness_run(inputs, softplus, dtype, kernels)
     rtol, atol, grad_tol = TOLERANCE[dtype]
     assert fast[0].dtype == dtype
     assert_close(fast[0], ref[0], rtol, atol, "out")
@@ -76,9 +87,13 @@ DEFAULT_CASES = [  # (variant, dstate, length, dtype): partial warps, a chunk bo
     "variant, n, length, dtype", DEFAULT_CASES, ids=[f"{c[0]}-{c[1]}-{c[2]}" for c in DEFAULT_CASES]
 )
 def test_harness_equals_reference(variant, n, length, dtype):
+    from cil.ops.selective_scan.harness import load
+
     form, groups, z, D, bias, softplus = VARIANTS[variant]
     inputs = make_inputs(2, 8, length, n, form, groups, z, D, bias, positive_delta=not softplus)
-    compare(inputs, softplus, dtype)
+    assert largest_tiles().tile_for(8 // groups, 16) == 8 // groups and load().tile_for(8 // groups, 16) == 1
+    compare(inputs, softplus, dtype)  # one tile per group
+    compare(inputs, softplus, dtype, load())  # the launcher's policy: one channel per block at this size
 
 
 LENGTHS, STATES, DTYPES = [0, 1, 7, 64, 65, 257], [1, 4, 16, 256], [torch.float32, torch.float16, torch.bfloat16]
@@ -108,10 +123,14 @@ def test_harness_grid(variant, n, length, dtype):
 
 @pytest.mark.slow
 def test_several_channel_tiles_per_group_at_the_real_state_size():
-    """Mamba-FSCIL's real shapes have 32-40 channel tiles per group and 256 states: here 64 channels in one group
-    (4 tiles of 16) at dstate 256, across a chunk boundary."""
+    """Mamba-FSCIL's real shapes have 16-64 channel tiles per group and 256 states: here 64 channels in one group
+    (4 tiles of 16: at least 4 blocks) at dstate 256, across a chunk boundary."""
+    from cil.ops.selective_scan.harness import load
+
+    kernels = load().with_min_blocks(4)
+    assert kernels.tile_for(64, 64) == 16
     inputs = make_inputs(1, 64, 66, 256, "varying", 1, True, True, True)
-    compare(inputs, True, torch.float32)
+    compare(inputs, True, torch.float32, kernels)
 
 
 def test_two_runs_are_bitwise_identical_and_empty_sequences_work():
@@ -145,7 +164,7 @@ SYNC_AFTER_STAGING = """      s_u[i] = to_float(in.u[base + t0 + i]);
 
 @pytest.mark.slow
 def test_a_divergent_barrier_or_shuffle_is_an_error(tmp_path, monkeypatch):
-    from cil.ops.selective_scan.harness import HarnessError, load
+    from cil.ops.selective_scan.harness import HarnessError
 
     monkeypatch.setenv("CIL_HARNESS_TIMEOUT_S", "2")
     inputs = make_inputs(1, 2, 5, 4, "varying", 1, False, False, False)  # 4 states: 4 active threads of 32
@@ -157,12 +176,12 @@ def test_a_divergent_barrier_or_shuffle_is_an_error(tmp_path, monkeypatch):
     # the 4 active lanes wait at one barrier and the 28 others at the next one: whichever times out first names it
     divergence = r"(__syncthreads|__shfl_down_sync): only (4|28) of 32 threads arrived"
     with pytest.raises(HarnessError, match=divergence):
-        harness_run(inputs, False, torch.float32, kernels=load(root=divergent_sync))
+        harness_run(inputs, False, torch.float32, kernels=largest_tiles(divergent_sync))
     divergent_shuffle = seeded_copy(
         tmp_path / "shfl", "      part = warp_sum(part);", "      if (active) part = warp_sum(part);"
     )
     with pytest.raises(HarnessError, match=divergence):
-        harness_run(inputs, False, torch.float32, kernels=load(root=divergent_shuffle))
+        harness_run(inputs, False, torch.float32, kernels=largest_tiles(divergent_shuffle))
 
 
 SANITIZED_CASE = textwrap.dedent(
@@ -175,7 +194,7 @@ SANITIZED_CASE = textwrap.dedent(
     from cil.ops.selective_scan.harness import load, selective_scan_harness
     from tests.helpers import assert_close, make_inputs, run
     root = sys.argv[2] if len(sys.argv) > 2 else None
-    kernels = load(sys.argv[1], None if root is None else Path(root))
+    kernels = load(sys.argv[1], None if root is None else Path(root)).with_min_blocks(1)  # 2-channel tiles
     inputs = make_inputs(1, 4, 70, 33, "varying", 2, True, True, True)
     fresh = lambda: {{k: (v.detach().requires_grad_() if v is not None else None) for k, v in inputs.items()}}
     ref = run(selective_scan_reference, fresh(), True)
@@ -233,7 +252,7 @@ def test_the_last_state_is_written_and_its_gradient_read_only_when_asked():
     the backward gets no dlast (not a tensor of zeros), and the gradients still equal the reference's."""
     from cil.ops.selective_scan.harness import load, selective_scan_harness
 
-    kernels, calls = load(), []
+    kernels, calls = largest_tiles(), []
 
     class Spy:
         def fwd(self, *args):

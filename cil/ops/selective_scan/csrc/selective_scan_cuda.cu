@@ -8,13 +8,14 @@
 // warp-shuffle reduction per step whose warp partials meet in shared memory once per chunk. Long sequences are
 // fine: the state is carried from chunk to chunk in registers.
 //
-// Backward recomputes the forward states chunk by chunk instead of storing them: a block first runs the forward
-// recurrence and writes only the state at each chunk start (none at all when L <= kChunk, the Mamba-FSCIL case),
-// then walks the chunks backwards, recomputing each chunk's states from its start state.
+// Backward recomputes the forward states chunk by chunk instead of storing them: a block owns a tile of channels
+// of one group, runs each channel's forward recurrence writing only the state at each chunk start (none at all
+// when L <= kChunk, the Mamba-FSCIL case), then walks the chunks backwards and, in each, the tile's channels,
+// recomputing the chunk's states from its start state.
 //
 // Determinism: no floating-point atomics. Per-row partial sums of dA, dD, dbias (and dB/dC for fixed B/C) go to
-// scratch rows summed afterwards in a fixed order by the caller; varying dB/dC are accumulated by blocks that own
-// a tile of channels of one (batch, group) and walk its channels in order, each tile writing its own partial.
+// scratch rows summed afterwards in a fixed order by the caller; varying dB/dC are summed over the tile's channels
+// in registers, in order, and each tile stores its partial once; the caller sums the tiles of a group in order.
 
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -86,18 +87,20 @@ std::vector<torch::Tensor> bwd(torch::Tensor u, torch::Tensor delta, torch::Tens
   const at::cuda::OptionalCUDAGuard guard(u.device());
   Params p = make_params(u, A, B, C, D.numel() > 0, z.numel() > 0, bias.numel() > 0, softplus);
   auto f32 = u.options().dtype(torch::kFloat32);
-  const int tile = tile_for(p.dim / p.groups);
+  const int tile = tile_for(p.dim / p.groups, (int64_t)p.batch * p.dim);
   const int tiles = p.dim / tile;
   const int n_chunks = (p.length + kChunk - 1) / kChunk;
   auto du = torch::empty(u.sizes(), f32), ddelta = torch::empty(u.sizes(), f32);
   auto dz = p.has_z ? torch::empty(u.sizes(), f32) : torch::empty({0}, f32);
   auto dA_rows = torch::empty({p.batch, p.dim, p.dstate}, f32);
   auto dD_rows = torch::empty({p.batch, p.dim}, f32), dbias_rows = torch::empty({p.batch, p.dim}, f32);
-  auto dB_tiles = p.varying_B ? torch::zeros({p.batch, tiles, p.length, p.dstate}, f32)
+  // every element of these is written by the kernel (no zeroing pass): varying dB / dC once per (tile, t, n)
+  auto dB_tiles = p.varying_B ? torch::empty({p.batch, tiles, p.length, p.dstate}, f32)
                               : torch::empty({p.batch, p.dim, p.dstate}, f32);
-  auto dC_tiles = p.varying_C ? torch::zeros({p.batch, tiles, p.length, p.dstate}, f32)
+  auto dC_tiles = p.varying_C ? torch::empty({p.batch, tiles, p.length, p.dstate}, f32)
                               : torch::empty({p.batch, p.dim, p.dstate}, f32);
-  auto starts = torch::empty({n_chunks > 1 ? (int64_t)p.batch * tiles * n_chunks * p.dstate : 1}, f32);
+  // chunk-start states and the adjoint carried between chunks, per row: only for L > kChunk
+  auto carry = torch::empty({n_chunks > 1 ? (int64_t)p.batch * p.dim * n_chunks * p.dstate : 1}, f32);
   auto dout32 = dout.to(torch::kFloat32).contiguous();
   auto dlast32 = dlast.numel() ? dlast.to(torch::kFloat32).contiguous() : dlast;
   if (u.numel() > 0) {
@@ -105,7 +108,7 @@ std::vector<torch::Tensor> bwd(torch::Tensor u, torch::Tensor delta, torch::Tens
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, u.scalar_type(), "selective_scan_bwd", [&] {
       backward_kernel<scalar_t><<<p.batch * tiles, threads_for(p.dstate), 0, stream>>>(
           p, make_inputs<scalar_t>(u, delta, A, B, C, D, z, bias), y_pre.data_ptr<float>(), dout32.data_ptr<float>(),
-          dlast32.numel() ? dlast32.data_ptr<float>() : nullptr, tile, starts.data_ptr<float>(),
+          dlast32.numel() ? dlast32.data_ptr<float>() : nullptr, tile, carry.data_ptr<float>(),
           du.data_ptr<float>(), ddelta.data_ptr<float>(), p.has_z ? dz.data_ptr<float>() : nullptr,
           dA_rows.data_ptr<float>(), dD_rows.data_ptr<float>(), dbias_rows.data_ptr<float>(),
           dB_tiles.data_ptr<float>(), dC_tiles.data_ptr<float>());

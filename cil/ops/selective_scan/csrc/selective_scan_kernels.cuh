@@ -108,11 +108,18 @@ __global__ void forward_kernel(Params p, Inputs<T> in, T* __restrict__ out, floa
 }
 
 // ---- backward --------------------------------------------------------------------------------------------------
-// One block per (batch, tile of `tile` channels of one group); the block walks its channels in order. For each
-// channel: forward sweep storing chunk-start states (global scratch, only when L > kChunk), then chunks in reverse.
+// One block per (batch, tile of `tile` channels of one group). Chunks of time in reverse; inside a chunk the block
+// walks the tile's channels in order. The gradients of varying B and C at (t, n) are sums over the group's channels,
+// so each thread sums the tile's channels for its state n over the chunk in registers and stores the sum once per
+// (tile, chunk): no zeroed scratch and no global read-modify-write per channel. dB needs the adjoint and dC only the
+// states, so dB is summed in the adjoint pass and dC in a second, forward-only pass over the tile's channels: one
+// 64-float array fewer per thread (a 64-step history and both sums would take every register and spill).
+// Per-channel quantities that cross a chunk boundary live in global scratch, used only when L > kChunk (never at
+// Mamba-FSCIL's L <= 49): `carry` (rows, n_chunks, N) holds the state at each chunk start and, in slot 0 (chunk 0
+// starts at zero), the adjoint handed from one chunk to the one before; dA and fixed dB/dC run on in their rows.
 template <typename T>
 __global__ void backward_kernel(Params p, Inputs<T> in, const float* __restrict__ y_pre, const float* __restrict__ dout,
-                                const float* __restrict__ dlast, int tile, float* __restrict__ chunk_states,
+                                const float* __restrict__ dlast, int tile, float* __restrict__ carry,
                                 float* __restrict__ du, float* __restrict__ ddelta, float* __restrict__ dz,
                                 float* __restrict__ dA_rows, float* __restrict__ dD_rows, float* __restrict__ dbias_rows,
                                 float* __restrict__ dB_tiles, float* __restrict__ dC_tiles) {
@@ -125,59 +132,96 @@ __global__ void backward_kernel(Params p, Inputs<T> in, const float* __restrict_
   __shared__ float s_u[kChunk], s_dt[kChunk], s_raw[kChunk], s_gy[kChunk];
   __shared__ float s_du[kWarps][kChunk], s_ddt[kWarps][kChunk];
   __shared__ float s_red[kWarps];
-  float hist[kChunk];  // this thread's states over the current chunk (registers: indexed by constants only)
-  // dB / dC of this tile: varying ones into the tile's own slice (batch, tiles, L, dstate); fixed ones per row
+  // registers, not local memory: every index below is a constant (the time loops are unrolled over the whole chunk
+  // with the chunk's length as a guard, the same for every thread of the block, so the shuffles stay uniform)
+  float hist[kChunk];  // one channel's states over the chunk
+  float acc[kChunk];   // the tile's dB (adjoint pass), then its dC (second pass), over the chunk
+  // varying dB / dC of this tile: its own slice (batch, tiles, L, dstate); fixed ones: per row (batch, dim, dstate)
   float* dB_tile = dB_tiles + ((int64_t)b * tiles_per_row + tile_index) * p.length * p.dstate;
   float* dC_tile = dC_tiles + ((int64_t)b * tiles_per_row + tile_index) * p.length * p.dstate;
-  for (int k = 0; k < tile; ++k) {
-    const int d = tile_index * tile + k;
-    const int row = b * p.dim + d;
-    const int64_t base = (int64_t)row * p.length;
-    const float a = active ? in.A[(int64_t)d * p.dstate + n] : 0.f;
+  auto dt_of = [&](float raw) { return p.softplus ? softplus(raw) : raw; };
+  auto store_acc = [&](float* dst, int t0, int steps) {
+#pragma unroll
+    for (int i = 0; i < kChunk; ++i)
+      if (i < steps && active) dst[(int64_t)(t0 + i) * p.dstate + n] = acc[i];
+  };
+  // Stage channel d's chunk in shared memory: raw and softplus'd delta, u, and gy, the gradient reaching y (dout
+  // through the z gate, writing dz when asked). Returns this thread's partial of sum(gy * u) for dD. Every thread
+  // of the block calls it (it has barriers).
+  auto stage = [&](int d, int t0, int steps, bool write_dz) {
+    const int64_t base = ((int64_t)b * p.dim + d) * p.length;
     const float bias = p.has_bias ? in.bias[d] : 0.f;
-    const float Dd = p.has_D ? in.D[d] : 0.f;
-    float* starts = chunk_states + (int64_t)blockIdx.x * n_chunks * p.dstate;
-    // 1. forward sweep: the state at each chunk start (chunk 0 starts at 0 and is never stored)
-    if (n_chunks > 1) {
+    float dD_part = 0.f;
+    __syncthreads();  // the previous channel's staged values may still be read
+    for (int j = n; j < steps; j += blockDim.x) {
+      const int64_t at = base + t0 + j;
+      const float raw = to_float(in.delta[at]) + bias;
+      s_raw[j] = raw;
+      s_dt[j] = dt_of(raw);
+      const float uv = to_float(in.u[at]);
+      s_u[j] = uv;
+      float g = dout[at];
+      if (p.has_z) {  // out = y * silu(z): dz from the saved pre-gate y, and the gradient reaching y
+        const float zv = to_float(in.z[at]), sg = sigmoid(zv);
+        if (write_dz) dz[at] = g * y_pre[at] * sg * (1.f + zv * (1.f - sg));
+        g *= zv * sg;
+      }
+      s_gy[j] = g;
+      dD_part += g * uv;
+    }
+    __syncthreads();
+    return dD_part;
+  };
+
+  // 1. forward sweep per channel: the state at each chunk start (each thread writes and later reads only its own n)
+  if (n_chunks > 1 && active) {
+    for (int k = 0; k < tile; ++k) {
+      const int d = tile_index * tile + k;
+      const int64_t row = (int64_t)b * p.dim + d, base = row * p.length;
+      const float a = in.A[(int64_t)d * p.dstate + n], bias = p.has_bias ? in.bias[d] : 0.f;
       float h = 0.f;
       for (int t = 0; t < p.length; ++t) {
-        if (t % kChunk == 0 && active) starts[(t / kChunk) * p.dstate + n] = h;
-        if (active) {
-          const float raw = to_float(in.delta[base + t]) + bias;
-          const float dt = p.softplus ? softplus(raw) : raw;
-          const float bv = to_float(in.B[bc_index(p.varying_B, p, b, d, t, n)]);
-          h = expf(dt * a) * h + dt * bv * to_float(in.u[base + t]);
-        }
+        if (t % kChunk == 0 && t > 0) carry[(row * n_chunks + t / kChunk) * p.dstate + n] = h;
+        const float dt = dt_of(to_float(in.delta[base + t]) + bias);
+        const float bv = to_float(in.B[bc_index(p.varying_B, p, b, d, t, n)]);
+        h = expf(dt * a) * h + dt * bv * to_float(in.u[base + t]);
       }
     }
-    // 2. chunks in reverse; lambda carries across chunk boundaries (it starts as the last state's gradient)
-    float lam = (active && dlast != nullptr) ? dlast[(int64_t)row * p.dstate + n] : 0.f;
-    float a_next = 1.f;  // exp(dt[t+1] A): with lam = dlast at t = L, a_next * lam adds dlast to lambda[L-1]
-    float dA_acc = 0.f, dBfix = 0.f, dCfix = 0.f, dD_acc = 0.f, dbias_acc = 0.f;
-    for (int c = n_chunks - 1; c >= 0; --c) {
-      const int t0 = c * kChunk, steps = min(kChunk, p.length - t0);
-      __syncthreads();
-      for (int j = n; j < steps; j += blockDim.x) {
-        const int64_t at = base + t0 + j;
-        const float raw = to_float(in.delta[at]) + bias;
-        s_raw[j] = raw;
-        s_dt[j] = p.softplus ? softplus(raw) : raw;
-        const float uv = to_float(in.u[at]);
-        s_u[j] = uv;
-        float g = dout[at];
-        if (p.has_z) {  // out = y * silu(z): dz from the saved pre-gate y, and the gradient reaching y
-          const float zv = to_float(in.z[at]), sg = sigmoid(zv);
-          dz[at] = g * y_pre[at] * sg * (1.f + zv * (1.f - sg));
-          g *= zv * sg;
+  }
+
+  // 2. chunks in reverse
+  for (int c = n_chunks - 1; c >= 0; --c) {
+    const int t0 = c * kChunk, steps = min(kChunk, p.length - t0);
+    const bool last_chunk = c == n_chunks - 1;
+    // 2a. the adjoint pass over the tile's channels: du, ddelta, dz, dA, dD, dbias, dB (and a fixed C's dC)
+#pragma unroll
+    for (int i = 0; i < kChunk; ++i) acc[i] = 0.f;
+    for (int k = 0; k < tile; ++k) {
+      const int d = tile_index * tile + k;
+      const int row = b * p.dim + d;
+      const int64_t base = (int64_t)row * p.length;
+      const float a = active ? in.A[(int64_t)d * p.dstate + n] : 0.f;
+      const float Dd = p.has_D ? in.D[d] : 0.f;
+      const float dD_part = stage(d, t0, steps, true);
+      float dbias_part = 0.f;
+      // lambda enters the chunk from the one after it (from dlast, or zero, at the sequence's end); a_next is
+      // exp(dt[t0 + steps] A), the decay of the step after the chunk (1 at the end: then lambda[L-1] gets dlast)
+      float lam = 0.f, a_next = 1.f, dA_acc = 0.f, dBfix = 0.f, dCfix = 0.f;
+      const int64_t lam_slot = (int64_t)row * n_chunks * p.dstate + n;  // slot 0: chunk 0's start is never stored
+      if (active) {
+        if (!last_chunk) {
+          const float bias = p.has_bias ? in.bias[d] : 0.f;
+          lam = carry[lam_slot];
+          a_next = expf(dt_of(to_float(in.delta[base + t0 + steps]) + bias) * a);
+          dA_acc = dA_rows[(int64_t)row * p.dstate + n];  // the later chunks' sums run on, in the same order
+          if (!p.varying_B) dBfix = dB_tiles[(int64_t)row * p.dstate + n];
+          if (!p.varying_C) dCfix = dC_tiles[(int64_t)row * p.dstate + n];
+        } else if (dlast != nullptr) {
+          lam = dlast[(int64_t)row * p.dstate + n];
         }
-        s_gy[j] = g;
-        dD_acc += g * uv;
       }
-      __syncthreads();
-      // recompute this chunk's states from its start state. Both loops are unrolled over the whole chunk with
-      // `steps` as a guard (the same for every thread of the block, so the shuffles below stay uniform): every index
-      // of hist is then a constant and hist lives in registers, not in local memory
-      float h = (c == 0 || !active) ? 0.f : starts[c * p.dstate + n];
+      // recompute this chunk's states from its start state
+      float h = (c == 0 || !active) ? 0.f : carry[((int64_t)row * n_chunks + c) * p.dstate + n];
       const float h_start = h;
 #pragma unroll
       for (int i = 0; i < kChunk; ++i) {
@@ -195,17 +239,17 @@ __global__ void backward_kernel(Params p, Inputs<T> in, const float* __restrict_
         if (active) {
           const int t = t0 + i;
           const float dt = s_dt[i], uv = s_u[i], gy = s_gy[i];
-          const int64_t ib = bc_index(p.varying_B, p, b, d, t, n), ic = bc_index(p.varying_C, p, b, d, t, n);
-          const float bv = to_float(in.B[ib]), cv = to_float(in.C[ic]);
+          const float bv = to_float(in.B[bc_index(p.varying_B, p, b, d, t, n)]);
+          const float cv = to_float(in.C[bc_index(p.varying_C, p, b, d, t, n)]);
           lam = cv * gy + a_next * lam;
           const float a_t = expf(dt * a);
           const float h_prev = i > 0 ? hist[i - 1] : h_start;
           du_part = lam * dt * bv;
           ddt_part = lam * (bv * uv + a * a_t * h_prev);
           dA_acc += lam * dt * a_t * h_prev;
-          const float gB = lam * dt * uv, gC = gy * hist[i];
-          if (p.varying_B) dB_tile[(int64_t)t * p.dstate + n] += gB; else dBfix += gB;
-          if (p.varying_C) dC_tile[(int64_t)t * p.dstate + n] += gC; else dCfix += gC;
+          const float gB = lam * dt * uv;
+          if (p.varying_B) acc[i] += gB; else dBfix += gB;
+          if (!p.varying_C) dCfix += gy * hist[i];
           a_next = a_t;
         }
         du_part = warp_sum(du_part);
@@ -214,6 +258,12 @@ __global__ void backward_kernel(Params p, Inputs<T> in, const float* __restrict_
           s_du[warp][i] = du_part;
           s_ddt[warp][i] = ddt_part;
         }
+      }
+      if (active) {
+        if (c > 0) carry[lam_slot] = lam;
+        dA_rows[(int64_t)row * p.dstate + n] = dA_acc;
+        if (!p.varying_B) dB_tiles[(int64_t)row * p.dstate + n] = dBfix;
+        if (!p.varying_C) dC_tiles[(int64_t)row * p.dstate + n] = dCfix;
       }
       __syncthreads();
       for (int j = n; j < steps; j += blockDim.x) {
@@ -225,21 +275,38 @@ __global__ void backward_kernel(Params p, Inputs<T> in, const float* __restrict_
         if (p.softplus && s_raw[j] <= 20.f) ddt *= sigmoid(s_raw[j]);
         du[base + t0 + j] = dusum;
         ddelta[base + t0 + j] = ddt;
-        dbias_acc += ddt;
+        dbias_part += ddt;
+      }
+      // dD and dbias of the row: a fixed-order block reduction per chunk, the chunks added in reverse order
+      const float dD_chunk = block_sum(dD_part, s_red, warps);
+      const float dbias_chunk = block_sum(dbias_part, s_red, warps);
+      if (n == 0) {
+        dD_rows[row] = last_chunk ? dD_chunk : dD_rows[row] + dD_chunk;
+        dbias_rows[row] = last_chunk ? dbias_chunk : dbias_rows[row] + dbias_chunk;
       }
     }
-    // per-row partials, summed over the batch by the caller in a fixed order
-    if (active) {
-      dA_rows[(int64_t)row * p.dstate + n] = dA_acc;
-      if (!p.varying_B) dB_tiles[(int64_t)row * p.dstate + n] = dBfix;
-      if (!p.varying_C) dC_tiles[(int64_t)row * p.dstate + n] = dCfix;
-    }
-    // dD and dbias of the row: each thread holds the partial of its steps; a fixed-order block reduction
-    const float dD_row = block_sum(dD_acc, s_red, warps);
-    const float dbias_row = block_sum(dbias_acc, s_red, warps);
-    if (n == 0) {
-      dD_rows[row] = dD_row;
-      dbias_rows[row] = dbias_row;
+    if (p.varying_B) store_acc(dB_tile, t0, steps);
+    // 2b. varying C: dC[t, n] = sum over the tile's channels of gy[t] h[t, n], from the states alone
+    if (p.varying_C) {
+#pragma unroll
+      for (int i = 0; i < kChunk; ++i) acc[i] = 0.f;
+      for (int k = 0; k < tile; ++k) {
+        const int d = tile_index * tile + k;
+        const int64_t row = (int64_t)b * p.dim + d;
+        const float a = active ? in.A[(int64_t)d * p.dstate + n] : 0.f;
+        stage(d, t0, steps, false);
+        float h = (c == 0 || !active) ? 0.f : carry[(row * n_chunks + c) * p.dstate + n];
+#pragma unroll
+        for (int i = 0; i < kChunk; ++i) {
+          if (i < steps && active) {
+            const float dt = s_dt[i];
+            const float bv = to_float(in.B[bc_index(p.varying_B, p, b, d, t0 + i, n)]);
+            h = expf(dt * a) * h + dt * bv * s_u[i];
+            acc[i] += s_gy[i] * h;
+          }
+        }
+      }
+      store_acc(dC_tile, t0, steps);
     }
   }
 }
@@ -248,11 +315,17 @@ __global__ void backward_kernel(Params p, Inputs<T> in, const float* __restrict_
 // threads per block: one per state, rounded up to whole warps
 inline int threads_for(int dstate) { return ((dstate + 31) / 32) * 32; }
 
-// channels per backward block: a divisor of the group size, so a tile never spans two groups
-inline int tile_for(int group_size) {
-  for (int candidate : {16, 8, 4, 2})
-    if (group_size % candidate == 0) return candidate;
-  return 1;
+// Channels per backward block: a divisor of the group size (a tile never spans two groups), as large as keeps at
+// least `min_blocks` blocks in the grid. The varying dB / dC scratch is (batch, dim / tile, L, dstate): a larger tile
+// shrinks it (at CUB's base shapes tile 64 makes it 205 MB instead of 822 MB at tile 16) but serialises more
+// channels per block; kMinBlocks (about eight waves of two 256-thread blocks on a 132-SM GPU) keeps the GPU busy.
+constexpr int kMaxTile = 64;
+constexpr int kMinBlocks = 2048;
+inline int tile_for(int group_size, int64_t rows, int min_blocks = kMinBlocks) {
+  int best = 1;
+  for (int candidate = 2; candidate <= kMaxTile; candidate *= 2)
+    if (group_size % candidate == 0 && rows / candidate >= min_blocks) best = candidate;
+  return best;
 }
 
 }  // namespace cil_scan

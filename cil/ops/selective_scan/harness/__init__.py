@@ -82,10 +82,18 @@ class HarnessKernels:
     """``fwd`` / ``bwd`` with the CUDA extension's signatures (``selective_scan_cuda.cu``), on CPU tensors. The
     allocation and the final fixed-order sums mirror that launcher."""
 
-    def __init__(self, library: Path):
+    def __init__(self, library: Path, min_blocks: int = 0):
         self.lib = ctypes.CDLL(str(library))
         self.lib.cil_last_error.restype = ctypes.c_char_p
+        self.lib.cil_tile_for.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int]
         self.path = library
+        # the backward's tile policy: 0 = the launcher's (kMinBlocks); tests lower it to put several channels in a
+        # tile at shapes small enough for the CPU (the launcher would give them one channel per block)
+        self.min_blocks = min_blocks
+
+    def with_min_blocks(self, min_blocks: int) -> HarnessKernels:
+        """The same kernels with another tile policy (see ``tile_for`` in the kernels' header)."""
+        return HarnessKernels(self.path, min_blocks)
 
     # -- the launcher's bookkeeping --
     @staticmethod
@@ -113,8 +121,9 @@ class HarnessKernels:
     def threads_for(self, dstate: int) -> int:
         return self.lib.cil_threads_for(dstate)
 
-    def tile_for(self, group_size: int) -> int:
-        return self.lib.cil_tile_for(group_size)
+    def tile_for(self, group_size: int, rows: int) -> int:
+        """Channels per backward block for groups of ``group_size`` channels and ``rows`` = batch * dim."""
+        return self.lib.cil_tile_for(group_size, rows, self.min_blocks)
 
     def fwd(self, u, delta, A, B, C, D, z, bias, softplus, want_last):
         shape, flags, (batch, dim, _, dstate, *_) = self._params(u, A, B, C, D, z, bias, softplus)
@@ -136,26 +145,27 @@ class HarnessKernels:
             u, A, B, C, D, z, bias, softplus
         )
         f32 = dict(dtype=torch.float32)
-        tile = self.tile_for(dim // groups)
+        tile = self.tile_for(dim // groups, batch * dim)
         tiles = dim // tile
         n_chunks = -(-length // 64)
-        du, ddelta = torch.empty(u.shape, **f32), torch.empty(u.shape, **f32)
-        dz = torch.empty(u.shape, **f32) if z.numel() else torch.empty(0, **f32)
-        dA_rows = torch.empty(batch, dim, dstate, **f32)
-        dD_rows, dbias_rows = torch.empty(batch, dim, **f32), torch.empty(batch, dim, **f32)
-        dB_tiles = (
-            torch.zeros(batch, tiles, length, dstate, **f32) if varying_B else torch.empty(batch, dim, dstate, **f32)
-        )
-        dC_tiles = (
-            torch.zeros(batch, tiles, length, dstate, **f32) if varying_C else torch.empty(batch, dim, dstate, **f32)
-        )
-        starts = torch.empty(batch * tiles * n_chunks * dstate if n_chunks > 1 else 1, **f32)
+
+        def empty(*shape):  # the launcher's torch.empty, poisoned: an element the kernel fails to write shows as NaN
+            return torch.full(shape, float("nan"), **f32)
+
+        du, ddelta = empty(*u.shape), empty(*u.shape)
+        dz = empty(*u.shape) if z.numel() else torch.empty(0, **f32)
+        dA_rows = empty(batch, dim, dstate)
+        dD_rows, dbias_rows = empty(batch, dim), empty(batch, dim)
+        dB_tiles = empty(batch, tiles, length, dstate) if varying_B else empty(batch, dim, dstate)
+        dC_tiles = empty(batch, tiles, length, dstate) if varying_C else empty(batch, dim, dstate)
+        carry = empty(batch * dim * n_chunks * dstate if n_chunks > 1 else 1)
         dout32 = dout.float().contiguous()
         dlast32 = dlast.float().contiguous() if dlast.numel() else dlast
         if u.numel() > 0:
             inputs = self._pointers([u, delta, B, C, z, A, D, bias])
-            scratch = [y_pre, dout32, dlast32, starts, du, ddelta, dz, dA_rows, dD_rows, dbias_rows, dB_tiles, dC_tiles]
-            self._check(self.lib.cil_scan_bwd(DTYPES[u.dtype], shape, flags, inputs, self._pointers(scratch)))
+            scratch = [y_pre, dout32, dlast32, carry, du, ddelta, dz, dA_rows, dD_rows, dbias_rows, dB_tiles, dC_tiles]
+            code = self.lib.cil_scan_bwd(DTYPES[u.dtype], shape, flags, tile, inputs, self._pointers(scratch))
+            self._check(code)
         else:  # as the launcher: nothing scanned, the last state is zero whatever the parameters
             for t in (dA_rows, dD_rows, dbias_rows, dB_tiles, dC_tiles):
                 t.zero_()

@@ -42,9 +42,8 @@ void forward(const Params& p, void* const* in, void* out, float* y, float* last)
 }
 
 template <typename T>
-void backward(const Params& p, void* const* in, float* const* f) {
+void backward(const Params& p, int tile, void* const* in, float* const* f) {
   const Inputs<T> args = inputs<T>(in);
-  const int tile = tile_for(p.dim / p.groups);
   cuda_on_cpu::launch(p.batch * (p.dim / tile), threads_for(p.dstate), [&] {
     backward_kernel<T>(p, args, f[0], f[1], f[2], tile, f[3], f[4], f[5], f[6], f[7], f[8], f[9], f[10], f[11]);
   });
@@ -66,7 +65,10 @@ int guarded(Fn fn) {
 extern "C" {
 
 int cil_threads_for(int dstate) { return threads_for(dstate); }
-int cil_tile_for(int group_size) { return tile_for(group_size); }
+// the launcher's choice for (group size, batch * dim); min_blocks <= 0: the launcher's own threshold
+int cil_tile_for(int group_size, int64_t rows, int min_blocks) {
+  return min_blocks > 0 ? tile_for(group_size, rows, min_blocks) : tile_for(group_size, rows);
+}
 const char* cil_last_error() { return last_error.c_str(); }
 
 // in: u, delta, B, C, z (the storage dtype), A, D, bias (float32; null when absent)
@@ -79,14 +81,17 @@ int cil_scan_fwd(int dtype, const int* shape, const int* flags, void* const* in,
   });
 }
 
-// f: y_pre, dout, dlast (null when absent), chunk_states, du, ddelta, dz, dA_rows, dD_rows, dbias_rows, dB_tiles,
-// dC_tiles, as the kernel's arguments
-int cil_scan_bwd(int dtype, const int* shape, const int* flags, void* const* in, float* const* f) {
+// f: y_pre, dout, dlast (null when absent), carry, du, ddelta, dz, dA_rows, dD_rows, dbias_rows, dB_tiles,
+// dC_tiles, as the kernel's arguments; tile: channels per block, from cil_tile_for
+int cil_scan_bwd(int dtype, const int* shape, const int* flags, int tile, void* const* in, float* const* f) {
   const Params p = params(shape, flags);
   return guarded([&] {
-    if (dtype == 0) backward<float>(p, in, f);
-    else if (dtype == 1) backward<cuda_on_cpu::half>(p, in, f);
-    else backward<cuda_on_cpu::bfloat16>(p, in, f);
+    if (p.dim % tile != 0 || (p.dim / p.groups) % tile != 0)
+      throw std::runtime_error("tile " + std::to_string(tile) + " does not divide a group of " +
+                               std::to_string(p.dim / p.groups) + " channels");
+    if (dtype == 0) backward<float>(p, tile, in, f);
+    else if (dtype == 1) backward<cuda_on_cpu::half>(p, tile, in, f);
+    else backward<cuda_on_cpu::bfloat16>(p, tile, in, f);
   });
 }
 
