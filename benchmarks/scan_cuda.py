@@ -8,6 +8,7 @@ traffic model (compulsory bytes only, no chunk-state write for ours); the fracti
 device-to-device copy measured in the same run.
 
     python benchmarks/scan_cuda.py [--repeats 50]
+    python benchmarks/scan_cuda.py --model   # the traffic model's table only: bytes, not a measurement
 """
 
 from __future__ import annotations
@@ -33,6 +34,75 @@ def traffic(batch, dim, length, dstate, groups, z, s=4) -> tuple[float, float]:
     fwd = s * m * (2 + 2 * z + 1) + 2 * s * p + 4 * dim * dstate + 8 * dim
     bwd = s * m * (3 + 2 * z) + 2 * s * p + s * m * (2 + z) + 2 * 4 * p
     return fwd, bwd
+
+
+def old_tile(group_size: int) -> int:
+    """The backward's tile before the per-tile sums (issue 31): the largest of 16, 8, 4, 2 dividing the group."""
+    return next((t for t in (16, 8, 4, 2) if group_size % t == 0), 1)
+
+
+def kernel_extras(batch, dim, length, dstate, groups, z, s=4) -> dict[str, dict[str, float]]:
+    """Bytes the kernels move beyond the compulsory ones, before and after the backward's dB / dC were summed per
+    tile in registers and the forward's B / C read once per tile (both B and C varying, as in every shape here).
+
+    ``scratch``: the backward's per-tile dB / dC partials at HBM level — before: zeroed (memset), written back, read
+    by the caller's sum over tiles; after: stored once, read by the sum. ``rmw``: before, every channel read and
+    wrote its tile's slice (served by L2 while the slice stays there). ``fwd_bc`` / ``bwd_bc``: B and C reads the
+    kernels issue (to L1 / L2; the compulsory model counts each once): before, the forward read both per channel and
+    the backward B twice and C once per channel; after, the forward reads them once per tile of up to 8 channels, the
+    backward still per channel, B three times (the adjoint pass recomputes the states and reads B again in reverse;
+    the dC pass recomputes them) and C once; consecutive channels of a block read the same chunk of B / C, which at
+    one block per SM stays in L1.
+    ``carry``: L > 64 only, chunk-start states (and, after, the adjoint and dA carried between chunks).
+    """
+    from cil.ops.selective_scan.harness import load
+
+    kernels = load()
+    rows, group = batch * dim, dim // groups
+    per_row = rows * length * dstate * s  # one (batch, dim, L, dstate) array of B's dtype
+    c = -(-length // 64)
+    tiles_before, tiles_after = dim // old_tile(group), dim // kernels.backward_tile_for(group, rows)
+    forward_tiles = dim // kernels.forward_tile_for(group, rows)
+    slice_bytes = batch * length * dstate * 4  # one tile's partial
+    state_rows = rows * dstate * 4
+    return {
+        "before": dict(
+            tile=dim // tiles_before,
+            scratch=2 * 3 * tiles_before * slice_bytes,
+            rmw=2 * 2 * rows * length * dstate * 4,
+            fwd_bc=2 * per_row,
+            bwd_bc=3 * per_row,
+            carry=2 * state_rows * (c - 1),
+        ),
+        "after": dict(
+            tile=dim // tiles_after,
+            scratch=2 * 2 * tiles_after * slice_bytes,
+            rmw=0,
+            fwd_bc=2 * per_row * forward_tiles // dim,
+            bwd_bc=4 * per_row,
+            carry=(2 + 2 + 2) * state_rows * (c - 1),
+        ),
+    }
+
+
+def print_model() -> None:
+    """The traffic model's table (no GPU needed): compulsory bytes and the kernels' extras, before and after."""
+    mb = 1e6
+    columns = ["shape", "bwd tile", "dB/dC scratch", "per-channel RMW at L2", "fwd B/C reads", "bwd B/C reads"]
+    print("| " + " | ".join(columns + ["chunk carry"]) + " |  (MB, before → after)")
+    print("|---|---|---:|---:|---:|---:|---:|")
+    for name, shape in SHAPES.items():
+        extras = kernel_extras(*shape)
+        before, after = extras["before"], extras["after"]
+        print(
+            f"| {name} | {before['tile']} → {after['tile']} | {before['scratch'] / mb:,.0f} → "
+            f"{after['scratch'] / mb:,.0f} | {before['rmw'] / mb:,.0f} → 0 | {before['fwd_bc'] / mb:,.0f} → "
+            f"{after['fwd_bc'] / mb:,.0f} | {before['bwd_bc'] / mb:,.0f} → {after['bwd_bc'] / mb:,.0f} | "
+            f"{before['carry'] / mb:,.0f} → {after['carry'] / mb:,.0f} |"
+        )
+    print("\ncompulsory bytes (forward + backward, MB):")
+    for name, shape in SHAPES.items():
+        print(f"  {name}: {sum(traffic(*shape)) / mb:,.1f}")
 
 
 def timed(fn, repeats: int) -> float:
@@ -79,7 +149,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=50)
     parser.add_argument("--reference-limit-gb", type=float, default=20.0)
+    parser.add_argument("--model", action="store_true", help="print the traffic model's table and stop (no GPU)")
     args = parser.parse_args()
+    if args.model:
+        print_model()
+        return
     if not torch.cuda.is_available():
         print("scan_cuda: skipped, torch sees no CUDA device")  # `make bench` runs on CPU machines too
         return

@@ -46,8 +46,7 @@ def as_dtype(inputs, dtype, keep_dtype=True):
 
 def largest_tiles(root=None):
     """The harness's kernels with the backward's tiles as large as the group allows (up to 64 channels): the
-    launcher's own policy keeps 2,048 blocks in the grid, which at shapes this small means one channel per block
-    and would leave the summing of dB / dC over a tile's channels untested."""
+    launcher's own policy goes above 16 channels only while 2,048 blocks remain, never at shapes this small."""
     from cil.ops.selective_scan.harness import load
 
     return load(root=root).with_min_blocks(1)
@@ -87,13 +86,31 @@ DEFAULT_CASES = [  # (variant, dstate, length, dtype): partial warps, a chunk bo
     "variant, n, length, dtype", DEFAULT_CASES, ids=[f"{c[0]}-{c[1]}-{c[2]}" for c in DEFAULT_CASES]
 )
 def test_harness_equals_reference(variant, n, length, dtype):
-    from cil.ops.selective_scan.harness import load
-
     form, groups, z, D, bias, softplus = VARIANTS[variant]
     inputs = make_inputs(2, 8, length, n, form, groups, z, D, bias, positive_delta=not softplus)
-    assert largest_tiles().tile_for(8 // groups, 16) == 8 // groups and load().tile_for(8 // groups, 16) == 1
-    compare(inputs, softplus, dtype)  # one tile per group
-    compare(inputs, softplus, dtype, load())  # the launcher's policy: one channel per block at this size
+    kernels = largest_tiles()
+    assert kernels.backward_tile_for(8 // groups, 16) == 8 // groups == kernels.forward_tile_for(8 // groups, 16)
+    compare(inputs, softplus, dtype)  # one tile per group: the dB / dC sums run over the whole group
+
+
+def test_a_group_of_odd_size_runs_one_channel_per_block():
+    from cil.ops.selective_scan.harness import load
+
+    assert load().forward_tile_for(3, 6) == 1 == load().backward_tile_for(3, 6)
+    compare(make_inputs(2, 6, 9, 4, "varying", 2, True, True, True), True, torch.float32, load())
+
+
+def test_the_tile_policy_of_the_launcher():
+    """Tiles of 16 channels where the group allows (never fewer, whatever the grid), up to 64 while 2,048 blocks
+    remain; the forward's at most 8 (its states are registers)."""
+    from cil.ops.selective_scan.harness import load
+
+    kernels = load()
+    assert kernels.backward_tile_for(640, 8 * 640) == 16  # CIFAR-100 incremental: 320 blocks
+    assert kernels.backward_tile_for(1024, 64 * 4096) == 64  # CUB base: 4,096 blocks
+    assert kernels.backward_tile_for(1024, 64 * 1024) == 32  # 2,048 blocks at 32, 1,024 at 64
+    assert kernels.backward_tile_for(24, 10**6) == 8 and kernels.backward_tile_for(7, 10**6) == 1
+    assert kernels.forward_tile_for(4096, 64 * 4096) == 8 and kernels.forward_tile_for(6, 12) == 2
 
 
 LENGTHS, STATES, DTYPES = [0, 1, 7, 64, 65, 257], [1, 4, 16, 256], [torch.float32, torch.float16, torch.bfloat16]
@@ -128,7 +145,7 @@ def test_several_channel_tiles_per_group_at_the_real_state_size():
     from cil.ops.selective_scan.harness import load
 
     kernels = load().with_min_blocks(4)
-    assert kernels.tile_for(64, 64) == 16
+    assert kernels.backward_tile_for(64, 64) == 16
     inputs = make_inputs(1, 64, 66, 256, "varying", 1, True, True, True)
     compare(inputs, True, torch.float32, kernels)
 
@@ -157,9 +174,9 @@ def seeded_copy(tmp_path, old: str, new: str):
     return root
 
 
-SYNC_AFTER_STAGING = """      s_u[i] = to_float(in.u[base + t0 + i]);
+SYNC_AFTER_STAGING = """      s_u[k][i] = to_float(in.u[at]);
     }
-    __syncthreads();"""
+    __syncthreads();"""  # the forward's barrier between staging a stage's dt and u and reading them
 
 
 @pytest.mark.slow
@@ -178,7 +195,7 @@ def test_a_divergent_barrier_or_shuffle_is_an_error(tmp_path, monkeypatch):
     with pytest.raises(HarnessError, match=divergence):
         harness_run(inputs, False, torch.float32, kernels=largest_tiles(divergent_sync))
     divergent_shuffle = seeded_copy(
-        tmp_path / "shfl", "      part = warp_sum(part);", "      if (active) part = warp_sum(part);"
+        tmp_path / "shfl", "        part = warp_sum(part);", "        if (active) part = warp_sum(part);"
     )
     with pytest.raises(HarnessError, match=divergence):
         harness_run(inputs, False, torch.float32, kernels=largest_tiles(divergent_shuffle))
@@ -228,13 +245,10 @@ def test_the_kernels_are_clean_under_sanitizers(tmp_path, variant):
 
 @pytest.mark.slow
 def test_the_sanitizers_catch_a_seeded_off_by_one_and_a_missing_barrier(tmp_path):
-    # an off-by-one past the end of a shared array (s_u has kChunk entries): UndefinedBehaviorSanitizer's bounds
-    # check names the index and the array type (AddressSanitizer would report the overflow if it got there first)
-    off_by_one = seeded_copy(
-        tmp_path / "bounds",
-        "      s_u[i] = to_float(in.u[base + t0 + i]);",
-        "      s_u[i + 1] = to_float(in.u[base + t0 + i]);",
-    )
+    # an off-by-one past the end of a shared array (the backward's s_u has kChunk entries, and the case's first chunk
+    # is full): UndefinedBehaviorSanitizer's bounds check names the index and the array type (AddressSanitizer would
+    # report the overflow if it got there first)
+    off_by_one = seeded_copy(tmp_path / "bounds", "      s_u[j] = uv;", "      s_u[j + 1] = uv;")
     done = sanitized(tmp_path, "asan", off_by_one)
     report = done.stderr
     caught = (
@@ -250,7 +264,7 @@ def test_the_sanitizers_catch_a_seeded_off_by_one_and_a_missing_barrier(tmp_path
 def test_the_last_state_is_written_and_its_gradient_read_only_when_asked():
     """Without ``return_last_state`` the launcher allocates no (batch, dim, dstate) state, the kernel writes none and
     the backward gets no dlast (not a tensor of zeros), and the gradients still equal the reference's."""
-    from cil.ops.selective_scan.harness import load, selective_scan_harness
+    from cil.ops.selective_scan.harness import selective_scan_harness
 
     kernels, calls = largest_tiles(), []
 

@@ -2,7 +2,7 @@
 
 The scan shapes are not typed here: each config's model is built and run on one image at the config's resolution,
 and the calls its projectors make to the selective scan are recorded; the batch sizes are the config's (base,
-incremental, evaluation). The launch shapes are the launcher's own (``threads_for`` / ``tile_for``, through the CPU
+incremental, evaluation). The launch shapes are the launcher's own (``threads_for`` / ``*_tile_for``, through the CPU
 harness, which compiles the same header). Registers, static shared memory and spills come from ptxas
 (``nvcc --resource-usage``) on the very kernel source, for sm_80 and sm_90, instantiated for the three storage
 types (``__half`` / ``__nv_bfloat16`` stand in for ATen's ``c10::Half`` / ``c10::BFloat16``: same 16-bit storage,
@@ -63,10 +63,12 @@ def test_every_shipped_scan_launches_within_cuda_limits(config):
         assert dstate <= MAX_DSTATE, shape
         threads = kernels.threads_for(dstate)
         assert 32 <= threads <= MAX_THREADS and threads % 32 == 0, shape  # whole warps: the shuffles need them
-        tile = kernels.tile_for(dim // groups, batch * dim)
-        assert (dim // groups) % tile == 0, shape  # a backward tile never spans two groups
-        forward_grid, backward_grid = batch * dim, batch * dim // tile
-        assert 0 < backward_grid <= forward_grid <= MAX_GRID_X, shape
+        forward_tile = kernels.forward_tile_for(dim // groups, batch * dim)
+        backward_tile = kernels.backward_tile_for(dim // groups, batch * dim)
+        for tile in (forward_tile, backward_tile):
+            assert (dim // groups) % tile == 0, shape  # a tile never spans two groups
+        forward_grid, backward_grid = batch * dim // forward_tile, batch * dim // backward_tile
+        assert 0 < forward_grid <= MAX_GRID_X and 0 < backward_grid <= MAX_GRID_X, shape
         # the kernels index in int64 from int fields: each field itself must fit an int
         assert max(batch, dim, length, dstate, groups) < 2**31, shape
 
@@ -79,7 +81,7 @@ def ptxas_report(arch: str, tmp_path) -> dict[str, dict[str, int]]:
         f'#include "{KERNELS}"\n'
         "namespace cil_scan {\n"
         + "".join(
-            f"template __global__ void forward_kernel<{t}>(Params, Inputs<{t}>, {t}*, float*, float*);\n"
+            f"template __global__ void forward_kernel<{t}>(Params, Inputs<{t}>, int, {t}*, float*, float*);\n"
             f"template __global__ void backward_kernel<{t}>(Params, Inputs<{t}>, const float*, const float*, "
             "const float*, int, float*, float*, float*, float*, float*, float*, float*, float*, float*);\n"
             for t in ("float", "__half", "__nv_bfloat16")

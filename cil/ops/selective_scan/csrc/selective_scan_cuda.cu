@@ -3,10 +3,10 @@
 // float16 / bfloat16 inputs. The math is the docstring of cil/ops/selective_scan/__init__.py; the backward
 // quantities (the adjoint lambda, run backwards in time) are those of the PyTorch reference, reference.py.
 //
-// Mapping (Mamba-FSCIL's L is tiny and its dstate large): one thread per state n, one block per
-// (batch, channel) row, time in chunks of kChunk steps. Each step is an FMA per thread; y[t] = sum_n C h is a
-// warp-shuffle reduction per step whose warp partials meet in shared memory once per chunk. Long sequences are
-// fine: the state is carried from chunk to chunk in registers.
+// Mapping (Mamba-FSCIL's L is tiny and its dstate large): one thread per state n, one block per (batch, tile of
+// channels of one group), time in stages of kStage steps whose B / C each thread reads once for the tile. Each step
+// is an FMA per thread; y[t] = sum_n C h is a warp-shuffle reduction per step whose warp partials meet in shared
+// memory once per stage. Long sequences are fine: the states are carried from stage to stage in registers.
 //
 // Backward recomputes the forward states chunk by chunk instead of storing them: a block owns a tile of channels
 // of one group, runs each channel's forward recurrence writing only the state at each chunk start (none at all
@@ -70,10 +70,11 @@ std::vector<torch::Tensor> fwd(torch::Tensor u, torch::Tensor delta, torch::Tens
   auto last = want_last ? torch::empty({p.batch, p.dim, p.dstate}, u.options().dtype(torch::kFloat32))
                         : torch::empty({0}, u.options().dtype(torch::kFloat32));
   if (u.numel() == 0) return {out, y, last.zero_()};
+  const int tile = forward_tile_for(p.dim / p.groups, (int64_t)p.batch * p.dim);
   auto stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, u.scalar_type(), "selective_scan_fwd", [&] {
-    forward_kernel<scalar_t><<<p.batch * p.dim, threads_for(p.dstate), 0, stream>>>(
-        p, make_inputs<scalar_t>(u, delta, A, B, C, D, z, bias), out.data_ptr<scalar_t>(), y.data_ptr<float>(),
+    forward_kernel<scalar_t><<<p.batch * (p.dim / tile), threads_for(p.dstate), 0, stream>>>(
+        p, make_inputs<scalar_t>(u, delta, A, B, C, D, z, bias), tile, out.data_ptr<scalar_t>(), y.data_ptr<float>(),
         want_last ? last.data_ptr<float>() : nullptr);
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -87,7 +88,7 @@ std::vector<torch::Tensor> bwd(torch::Tensor u, torch::Tensor delta, torch::Tens
   const at::cuda::OptionalCUDAGuard guard(u.device());
   Params p = make_params(u, A, B, C, D.numel() > 0, z.numel() > 0, bias.numel() > 0, softplus);
   auto f32 = u.options().dtype(torch::kFloat32);
-  const int tile = tile_for(p.dim / p.groups, (int64_t)p.batch * p.dim);
+  const int tile = backward_tile_for(p.dim / p.groups, (int64_t)p.batch * p.dim);
   const int tiles = p.dim / tile;
   const int n_chunks = (p.length + kChunk - 1) / kChunk;
   auto du = torch::empty(u.sizes(), f32), ddelta = torch::empty(u.sizes(), f32);

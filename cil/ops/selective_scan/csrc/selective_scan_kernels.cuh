@@ -10,7 +10,10 @@
 namespace cil_scan {
 
 
-constexpr int kChunk = 64;      // time steps per chunk (the per-thread state history of the backward)
+constexpr int kChunk = 64;      // backward: time steps per chunk (the per-thread state history)
+constexpr int kStage = 16;      // forward: time steps whose B / C a thread holds at once
+constexpr int kMaxForwardTile = 8;  // forward: channels per block at most (their states are registers; 16 would take
+                                    // 160 registers, one 256-thread block per SM instead of two)
 constexpr int kMaxState = 256;  // dstate limit, as mamba-ssm's kernel
 constexpr int kWarps = kMaxState / 32;
 
@@ -58,53 +61,83 @@ __device__ __forceinline__ int64_t bc_index(bool varying, const Params& p, int b
 }
 
 // ---- forward ---------------------------------------------------------------------------------------------------
+// One block per (batch, tile of `tile` channels of one group), one thread per state n, time in stages of kStage
+// steps. The channels of a group share B and C: each thread reads its state's B[t, n], C[t, n] once per stage for the
+// whole tile (registers) instead of once per channel, and carries the tile's states h[k] in registers.
 template <typename T>
-__global__ void forward_kernel(Params p, Inputs<T> in, T* __restrict__ out, float* __restrict__ y_pre,
+__global__ void forward_kernel(Params p, Inputs<T> in, int tile, T* __restrict__ out, float* __restrict__ y_pre,
                                float* __restrict__ last) {
-  const int row = blockIdx.x;  // (b, d)
-  const int b = row / p.dim, d = row % p.dim;
+  const int tiles_per_row = p.dim / tile;
+  const int b = blockIdx.x / tiles_per_row, d0 = (blockIdx.x % tiles_per_row) * tile;
   const int n = threadIdx.x, lane = n & 31, warp = n >> 5;
   const bool active = n < p.dstate;
-  const int64_t base = (int64_t)row * p.length;
-  __shared__ float s_u[kChunk], s_dt[kChunk], s_part[kWarps][kChunk];
-  const float a = active ? in.A[(int64_t)d * p.dstate + n] : 0.f;
-  const float bias = p.has_bias ? in.bias[d] : 0.f;
-  float h = 0.f;
-  for (int t0 = 0; t0 < p.length; t0 += kChunk) {
-    const int steps = min(kChunk, p.length - t0);
-    for (int i = n; i < steps; i += blockDim.x) {  // blockDim may be smaller than the chunk (small dstate)
-      const float raw = to_float(in.delta[base + t0 + i]) + bias;
-      s_dt[i] = p.softplus ? softplus(raw) : raw;
-      s_u[i] = to_float(in.u[base + t0 + i]);
+  const int warps = (blockDim.x + 31) / 32;
+  __shared__ float s_u[kMaxForwardTile][kStage], s_dt[kMaxForwardTile][kStage];
+  __shared__ float s_part[kWarps][kMaxForwardTile][kStage];
+  // registers: every index is a constant (loops unrolled over kMaxForwardTile and kStage, with the block-uniform
+  // `tile` and `steps` as guards, so barriers and shuffles stay uniform)
+  float h[kMaxForwardTile], a[kMaxForwardTile];
+#pragma unroll
+  for (int k = 0; k < kMaxForwardTile; ++k) {
+    h[k] = 0.f;
+    a[k] = (k < tile && active) ? in.A[(int64_t)(d0 + k) * p.dstate + n] : 0.f;
+  }
+  for (int t0 = 0; t0 < p.length; t0 += kStage) {
+    const int steps = min(kStage, p.length - t0);
+    float Bs[kStage], Cs[kStage];  // varying B / C of the group over this stage (fixed ones are read per channel)
+#pragma unroll
+    for (int i = 0; i < kStage; ++i) {
+      const bool load = active && i < steps;
+      Bs[i] = (load && p.varying_B) ? to_float(in.B[bc_index(true, p, b, d0, t0 + i, n)]) : 0.f;
+      Cs[i] = (load && p.varying_C) ? to_float(in.C[bc_index(true, p, b, d0, t0 + i, n)]) : 0.f;
+    }
+    __syncthreads();  // the previous stage's shared values may still be read
+    for (int j = n; j < tile * steps; j += blockDim.x) {  // the tile's dt and u over the stage
+      const int k = j / steps, i = j % steps;
+      const int64_t at = ((int64_t)b * p.dim + d0 + k) * p.length + t0 + i;
+      const float raw = to_float(in.delta[at]) + (p.has_bias ? in.bias[d0 + k] : 0.f);
+      s_dt[k][i] = p.softplus ? softplus(raw) : raw;
+      s_u[k][i] = to_float(in.u[at]);
     }
     __syncthreads();
-    for (int i = 0; i < steps; ++i) {
-      float part = 0.f;
-      if (active) {
-        const float dt = s_dt[i];
-        const float bv = to_float(in.B[bc_index(p.varying_B, p, b, d, t0 + i, n)]);
-        const float cv = to_float(in.C[bc_index(p.varying_C, p, b, d, t0 + i, n)]);
-        h = expf(dt * a) * h + dt * bv * s_u[i];
-        part = cv * h;
+#pragma unroll
+    for (int k = 0; k < kMaxForwardTile; ++k) {
+      if (k >= tile) break;
+      const float Bfix = (!p.varying_B && active) ? to_float(in.B[(int64_t)(d0 + k) * p.dstate + n]) : 0.f;
+      const float Cfix = (!p.varying_C && active) ? to_float(in.C[(int64_t)(d0 + k) * p.dstate + n]) : 0.f;
+#pragma unroll
+      for (int i = 0; i < kStage; ++i) {
+        if (i >= steps) break;
+        float part = 0.f;
+        if (active) {
+          const float dt = s_dt[k][i];
+          h[k] = expf(dt * a[k]) * h[k] + dt * (p.varying_B ? Bs[i] : Bfix) * s_u[k][i];
+          part = (p.varying_C ? Cs[i] : Cfix) * h[k];
+        }
+        part = warp_sum(part);
+        if (lane == 0) s_part[warp][k][i] = part;
       }
-      part = warp_sum(part);
-      if (lane == 0) s_part[warp][i] = part;
     }
     __syncthreads();
-    for (int j = n; j < steps; j += blockDim.x) {
+    for (int j = n; j < tile * steps; j += blockDim.x) {  // y = sum over the warps' partials + D u, then the gate
+      const int k = j / steps, i = j % steps;
+      const int64_t at = ((int64_t)b * p.dim + d0 + k) * p.length + t0 + i;
       float y = 0.f;
-      for (int w = 0; w < (int)((blockDim.x + 31) / 32); ++w) y += s_part[w][j];
-      if (p.has_D) y += in.D[d] * s_u[j];
-      y_pre[base + t0 + j] = y;
+      for (int w = 0; w < warps; ++w) y += s_part[w][k][i];
+      if (p.has_D) y += in.D[d0 + k] * s_u[k][i];
+      y_pre[at] = y;
       if (p.has_z) {
-        const float zv = to_float(in.z[base + t0 + j]);
+        const float zv = to_float(in.z[at]);
         y *= zv * sigmoid(zv);
       }
-      out[base + t0 + j] = static_cast<T>(y);
+      out[at] = static_cast<T>(y);
     }
-    __syncthreads();
   }
-  if (active && last != nullptr) last[(int64_t)row * p.dstate + n] = h;  // only when asked: 1 GB at CUB's batch 256
+  if (active && last != nullptr) {  // only when asked: 1 GB at CUB's batch 256
+#pragma unroll
+    for (int k = 0; k < kMaxForwardTile; ++k)
+      if (k < tile) last[((int64_t)b * p.dim + d0 + k) * p.dstate + n] = h[k];
+  }
 }
 
 // ---- backward --------------------------------------------------------------------------------------------------
@@ -315,17 +348,27 @@ __global__ void backward_kernel(Params p, Inputs<T> in, const float* __restrict_
 // threads per block: one per state, rounded up to whole warps
 inline int threads_for(int dstate) { return ((dstate + 31) / 32) * 32; }
 
-// Channels per backward block: a divisor of the group size (a tile never spans two groups), as large as keeps at
-// least `min_blocks` blocks in the grid. The varying dB / dC scratch is (batch, dim / tile, L, dstate): a larger tile
-// shrinks it (at CUB's base shapes tile 64 makes it 205 MB instead of 822 MB at tile 16) but serialises more
-// channels per block; kMinBlocks (about eight waves of two 256-thread blocks on a 132-SM GPU) keeps the GPU busy.
+// Channels per block: a power of two dividing the group size (a tile never spans two groups), at most `max_tile`:
+// the largest that keeps at least `min_blocks` blocks in the grid, and never below kMinTile where the group allows
+// it. Backward: the varying dB / dC scratch is (batch, dim / tile, L, dstate), so a larger tile shrinks it (at CUB's
+// base shapes tile 64 makes it 205 MB instead of 822 MB at 16) but serialises more channels per block; kMinBlocks
+// (about sixteen waves of one 256-thread block on each of a 132-SM GPU's SMs) keeps the GPU busy while doing so, and
+// small grids (8 images) keep the tile of 16 rather than growing their scratch. Forward: B / C are read once per
+// tile (kMaxForwardTile <= kMinTile: the largest divisor).
 constexpr int kMaxTile = 64;
+constexpr int kMinTile = 16;
 constexpr int kMinBlocks = 2048;
-inline int tile_for(int group_size, int64_t rows, int min_blocks = kMinBlocks) {
+inline int tile_for(int group_size, int64_t rows, int max_tile, int min_blocks = kMinBlocks) {
   int best = 1;
-  for (int candidate = 2; candidate <= kMaxTile; candidate *= 2)
-    if (group_size % candidate == 0 && rows / candidate >= min_blocks) best = candidate;
+  for (int candidate = 2; candidate <= max_tile; candidate *= 2)
+    if (group_size % candidate == 0 && (candidate <= kMinTile || rows / candidate >= min_blocks)) best = candidate;
   return best;
+}
+inline int forward_tile_for(int group_size, int64_t rows, int min_blocks = kMinBlocks) {
+  return tile_for(group_size, rows, kMaxForwardTile, min_blocks);
+}
+inline int backward_tile_for(int group_size, int64_t rows, int min_blocks = kMinBlocks) {
+  return tile_for(group_size, rows, kMaxTile, min_blocks);
 }
 
 }  // namespace cil_scan

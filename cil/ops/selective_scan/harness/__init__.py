@@ -5,9 +5,9 @@
 ``cuda_on_cpu.h``, which defines the few CUDA names the kernels use. Each block's threads run as real concurrent
 threads, ``__syncthreads()`` is a barrier over the block, ``__shfl_down_sync`` exchanges through a per-warp buffer
 between warp barriers (a shuffle that not all 32 lanes reach, or in a partial warp, is an error), ``__shared__`` is
-one instance per block, and the grid and block shapes are the launcher's (``threads_for``, ``tile_for``, shared with
-it). :func:`load` returns a module with the CUDA extension's ``fwd`` / ``bwd``, so the autograd function of
-``_cuda.py`` runs unchanged on it (:func:`selective_scan_harness`).
+one instance per block, and the grid and block shapes are the launcher's (``threads_for``, ``forward_tile_for``,
+``backward_tile_for``, shared with it). :func:`load` returns a module with the CUDA extension's ``fwd`` / ``bwd``, so
+the autograd function of ``_cuda.py`` runs unchanged on it (:func:`selective_scan_harness`).
 
 What this proves: the kernels' index arithmetic, their synchronisation (every barrier reached by every thread, no
 missing barrier between a shared-memory write and another thread's read — under ThreadSanitizer, ``variant="tsan"``),
@@ -85,10 +85,11 @@ class HarnessKernels:
     def __init__(self, library: Path, min_blocks: int = 0):
         self.lib = ctypes.CDLL(str(library))
         self.lib.cil_last_error.restype = ctypes.c_char_p
-        self.lib.cil_tile_for.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int]
+        for name in ("cil_forward_tile_for", "cil_backward_tile_for"):
+            getattr(self.lib, name).argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int]
         self.path = library
-        # the backward's tile policy: 0 = the launcher's (kMinBlocks); tests lower it to put several channels in a
-        # tile at shapes small enough for the CPU (the launcher would give them one channel per block)
+        # the tile policy: 0 = the launcher's (kMinBlocks); tests lower it to reach tiles above 16 channels at
+        # shapes small enough for the CPU
         self.min_blocks = min_blocks
 
     def with_min_blocks(self, min_blocks: int) -> HarnessKernels:
@@ -121,20 +122,25 @@ class HarnessKernels:
     def threads_for(self, dstate: int) -> int:
         return self.lib.cil_threads_for(dstate)
 
-    def tile_for(self, group_size: int, rows: int) -> int:
+    def backward_tile_for(self, group_size: int, rows: int) -> int:
         """Channels per backward block for groups of ``group_size`` channels and ``rows`` = batch * dim."""
-        return self.lib.cil_tile_for(group_size, rows, self.min_blocks)
+        return self.lib.cil_backward_tile_for(group_size, rows, self.min_blocks)
+
+    def forward_tile_for(self, group_size: int, rows: int) -> int:
+        """Channels per forward block (they share one read of B / C)."""
+        return self.lib.cil_forward_tile_for(group_size, rows, self.min_blocks)
 
     def fwd(self, u, delta, A, B, C, D, z, bias, softplus, want_last):
-        shape, flags, (batch, dim, _, dstate, *_) = self._params(u, A, B, C, D, z, bias, softplus)
+        shape, flags, (batch, dim, _, dstate, groups, *_) = self._params(u, A, B, C, D, z, bias, softplus)
         out = torch.empty_like(u)
         y = torch.empty(u.shape, dtype=torch.float32)
         last = torch.empty(batch, dim, dstate, dtype=torch.float32) if want_last else torch.empty(0)
         if u.numel() == 0:
             return out, y, last.zero_()
         inputs = self._pointers([u, delta, B, C, z, A, D, bias])
+        tile = self.forward_tile_for(dim // groups, batch * dim)
         code = self.lib.cil_scan_fwd(
-            DTYPES[u.dtype], shape, flags, inputs, ctypes.c_void_p(out.data_ptr()),
+            DTYPES[u.dtype], shape, flags, tile, inputs, ctypes.c_void_p(out.data_ptr()),
             ctypes.c_void_p(y.data_ptr()), ctypes.c_void_p(last.data_ptr() if want_last else None),
         )  # fmt: skip
         self._check(code)
@@ -145,7 +151,7 @@ class HarnessKernels:
             u, A, B, C, D, z, bias, softplus
         )
         f32 = dict(dtype=torch.float32)
-        tile = self.tile_for(dim // groups, batch * dim)
+        tile = self.backward_tile_for(dim // groups, batch * dim)
         tiles = dim // tile
         n_chunks = -(-length // 64)
 

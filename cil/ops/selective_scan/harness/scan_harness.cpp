@@ -35,10 +35,16 @@ Inputs<T> inputs(void* const* in) {
 }
 
 template <typename T>
-void forward(const Params& p, void* const* in, void* out, float* y, float* last) {
+void forward(const Params& p, int tile, void* const* in, void* out, float* y, float* last) {
   const Inputs<T> args = inputs<T>(in);
-  cuda_on_cpu::launch(p.batch * p.dim, threads_for(p.dstate),
-                      [&] { forward_kernel<T>(p, args, (T*)out, y, last); });
+  cuda_on_cpu::launch(p.batch * (p.dim / tile), threads_for(p.dstate),
+                      [&] { forward_kernel<T>(p, args, tile, (T*)out, y, last); });
+}
+
+void check_tile(const Params& p, int tile, int max_tile) {
+  if (tile < 1 || tile > max_tile || (p.dim / p.groups) % tile != 0)
+    throw std::runtime_error("tile " + std::to_string(tile) + " does not divide a group of " +
+                             std::to_string(p.dim / p.groups) + " channels or exceeds " + std::to_string(max_tile));
 }
 
 template <typename T>
@@ -65,30 +71,33 @@ int guarded(Fn fn) {
 extern "C" {
 
 int cil_threads_for(int dstate) { return threads_for(dstate); }
-// the launcher's choice for (group size, batch * dim); min_blocks <= 0: the launcher's own threshold
-int cil_tile_for(int group_size, int64_t rows, int min_blocks) {
-  return min_blocks > 0 ? tile_for(group_size, rows, min_blocks) : tile_for(group_size, rows);
+// the launcher's tiles for (group size, batch * dim); min_blocks <= 0: the launcher's own threshold
+int cil_forward_tile_for(int group_size, int64_t rows, int min_blocks) {
+  return min_blocks > 0 ? forward_tile_for(group_size, rows, min_blocks) : forward_tile_for(group_size, rows);
+}
+int cil_backward_tile_for(int group_size, int64_t rows, int min_blocks) {
+  return min_blocks > 0 ? backward_tile_for(group_size, rows, min_blocks) : backward_tile_for(group_size, rows);
 }
 const char* cil_last_error() { return last_error.c_str(); }
 
-// in: u, delta, B, C, z (the storage dtype), A, D, bias (float32; null when absent)
-int cil_scan_fwd(int dtype, const int* shape, const int* flags, void* const* in, void* out, float* y, float* last) {
+// in: u, delta, B, C, z (the storage dtype), A, D, bias (float32; null when absent); tile: from cil_forward_tile_for
+int cil_scan_fwd(int dtype, const int* shape, const int* flags, int tile, void* const* in, void* out, float* y,
+                 float* last) {
   const Params p = params(shape, flags);
   return guarded([&] {
-    if (dtype == 0) forward<float>(p, in, out, y, last);
-    else if (dtype == 1) forward<cuda_on_cpu::half>(p, in, out, y, last);
-    else forward<cuda_on_cpu::bfloat16>(p, in, out, y, last);
+    check_tile(p, tile, kMaxForwardTile);
+    if (dtype == 0) forward<float>(p, tile, in, out, y, last);
+    else if (dtype == 1) forward<cuda_on_cpu::half>(p, tile, in, out, y, last);
+    else forward<cuda_on_cpu::bfloat16>(p, tile, in, out, y, last);
   });
 }
 
 // f: y_pre, dout, dlast (null when absent), carry, du, ddelta, dz, dA_rows, dD_rows, dbias_rows, dB_tiles,
-// dC_tiles, as the kernel's arguments; tile: channels per block, from cil_tile_for
+// dC_tiles, as the kernel's arguments; tile: channels per block, from cil_backward_tile_for
 int cil_scan_bwd(int dtype, const int* shape, const int* flags, int tile, void* const* in, float* const* f) {
   const Params p = params(shape, flags);
   return guarded([&] {
-    if (p.dim % tile != 0 || (p.dim / p.groups) % tile != 0)
-      throw std::runtime_error("tile " + std::to_string(tile) + " does not divide a group of " +
-                               std::to_string(p.dim / p.groups) + " channels");
+    check_tile(p, tile, kMaxTile);
     if (dtype == 0) backward<float>(p, tile, in, f);
     else if (dtype == 1) backward<cuda_on_cpu::half>(p, tile, in, f);
     else backward<cuda_on_cpu::bfloat16>(p, tile, in, f);
