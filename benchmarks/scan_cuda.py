@@ -49,11 +49,11 @@ def kernel_extras(batch, dim, length, dstate, groups, z, s=4) -> dict[str, dict[
     by the caller's sum over tiles; after: stored once, read by the sum. ``rmw``: before, every channel read and
     wrote its tile's slice (served by L2 while the slice stays there). ``fwd_bc`` / ``bwd_bc``: B and C reads the
     kernels issue (to L1 / L2; the compulsory model counts each once): before, the forward read both per channel and
-    the backward B twice and C once per channel; after, the forward reads them once per tile of up to 8 channels, the
-    backward still per channel, B three times (the adjoint pass recomputes the states and reads B again in reverse;
-    the dC pass recomputes them) and C once; consecutive channels of a block read the same chunk of B / C, which at
-    one block per SM stays in L1.
-    ``carry``: L > 64 only, chunk-start states (and, after, the adjoint and dA carried between chunks).
+    the backward B twice and C once per channel (B once more for the chunk starts when L > 64); after, the forward
+    reads them once per tile of up to 8 channels and the backward once per tile (16-64 channels) into shared memory.
+    ``carry``: L > 64 only, chunk-start states (before: written and read once per channel; after: written once, read
+    by the next chunk's sweep, the adjoint pass and the dC pass) and, after, the adjoint and dA carried between
+    chunks (written and read once each).
     """
     from cil.ops.selective_scan.harness import load
 
@@ -71,7 +71,7 @@ def kernel_extras(batch, dim, length, dstate, groups, z, s=4) -> dict[str, dict[
             scratch=2 * 3 * tiles_before * slice_bytes,
             rmw=2 * 2 * rows * length * dstate * 4,
             fwd_bc=2 * per_row,
-            bwd_bc=3 * per_row,
+            bwd_bc=(3 + (c > 1)) * per_row,
             carry=2 * state_rows * (c - 1),
         ),
         "after": dict(
@@ -79,8 +79,8 @@ def kernel_extras(batch, dim, length, dstate, groups, z, s=4) -> dict[str, dict[
             scratch=2 * 2 * tiles_after * slice_bytes,
             rmw=0,
             fwd_bc=2 * per_row * forward_tiles // dim,
-            bwd_bc=4 * per_row,
-            carry=(2 + 2 + 2) * state_rows * (c - 1),
+            bwd_bc=(2 + (c > 1)) * per_row * tiles_after // dim,
+            carry=(4 + 2 + 2) * state_rows * (c - 1),
         ),
     }
 

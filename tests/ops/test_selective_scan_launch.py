@@ -23,6 +23,8 @@ from tests.helpers import CONFIGS, ROOT
 KERNELS = ROOT / "cil" / "ops" / "selective_scan" / "csrc" / "selective_scan_kernels.cuh"
 MAX_THREADS, MAX_GRID_X, MAX_STATIC_SMEM = 1024, 2**31 - 1, 48 * 1024
 REGISTERS_PER_SM, MAX_REGISTERS_PER_THREAD, REGISTER_ALLOCATION_UNIT = 65536, 255, 256  # sm_80 and sm_90
+# static + dynamic shared memory a block may opt in to (CUDA programming guide, compute capabilities 8.0 and 9.0)
+MAX_SHARED_OPTIN = {"sm_80": 163 * 1024, "sm_90": 227 * 1024}
 
 
 def scan_shapes(config) -> set[tuple[int, int, int, int, int]]:
@@ -125,6 +127,9 @@ def test_registers_and_shared_memory_fit_every_launch(arch, tmp_path):
         per_warp = -(-usage["registers"] * 32 // REGISTER_ALLOCATION_UNIT) * REGISTER_ALLOCATION_UNIT
         assert per_warp * (widest // 32) <= REGISTERS_PER_SM, (kernel, usage)
         assert 0 < usage["smem"] <= MAX_STATIC_SMEM, (kernel, usage)
+        if "backward" in kernel:  # plus B / C staged in dynamic shared memory, both varying at dstate 256
+            total = usage["smem"] + load().backward_shared_bytes(True, True, widest)
+            assert total <= MAX_SHARED_OPTIN[arch], (kernel, usage, total)
         assert usage["spill_stores"] == 0 and usage["spill_loads"] == 0, (kernel, usage)
         # no local memory: the backward's 64-step history is indexed by constants only (fully unrolled chunk loops)
         assert usage["stack"] == 0, (kernel, usage)

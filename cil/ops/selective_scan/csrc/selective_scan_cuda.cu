@@ -106,8 +106,18 @@ std::vector<torch::Tensor> bwd(torch::Tensor u, torch::Tensor delta, torch::Tens
   auto dlast32 = dlast.numel() ? dlast.to(torch::kFloat32).contiguous() : dlast;
   if (u.numel() > 0) {
     auto stream = at::cuda::getCurrentCUDAStream();
+    const int threads = threads_for(p.dstate);
+    const size_t shared = backward_shared_bytes(p.varying_B, p.varying_C, threads);
+    int device = 0, optin = 0;
+    C10_CUDA_CHECK(cudaGetDevice(&device));
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+    TORCH_CHECK(shared <= (size_t)optin, "selective_scan (cuda): the backward stages B/C in ", shared,
+                " bytes of shared memory per block at dstate ", p.dstate, "; this GPU allows ", optin);
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, u.scalar_type(), "selective_scan_bwd", [&] {
-      backward_kernel<scalar_t><<<p.batch * tiles, threads_for(p.dstate), 0, stream>>>(
+      if (shared > 48 * 1024)  // beyond the default: opt in (once per kernel and size; cheap to repeat)
+        C10_CUDA_CHECK(cudaFuncSetAttribute(backward_kernel<scalar_t>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                            (int)shared));
+      backward_kernel<scalar_t><<<p.batch * tiles, threads, shared, stream>>>(
           p, make_inputs<scalar_t>(u, delta, A, B, C, D, z, bias), y_pre.data_ptr<float>(), dout32.data_ptr<float>(),
           dlast32.numel() ? dlast32.data_ptr<float>() : nullptr, tile, carry.data_ptr<float>(),
           du.data_ptr<float>(), ddelta.data_ptr<float>(), p.has_z ? dz.data_ptr<float>() : nullptr,

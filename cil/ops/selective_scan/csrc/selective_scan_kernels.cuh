@@ -5,6 +5,7 @@
 // real concurrent threads. The launch shapes are here too, so both launchers use the same grid and block.
 #pragma once
 
+#include <cstddef>
 #include <cstdint>
 
 namespace cil_scan {
@@ -14,7 +15,13 @@ constexpr int kChunk = 64;      // backward: time steps per chunk (the per-threa
 constexpr int kStage = 16;      // forward: time steps whose B / C a thread holds at once
 constexpr int kMaxForwardTile = 8;  // forward: channels per block at most (their states are registers; 16 would take
                                     // 160 registers, one 256-thread block per SM instead of two)
+constexpr int kStageRow = kChunk + 1;  // backward: a thread's staged B (or C) over a chunk, padded
 constexpr int kMaxState = 256;  // dstate limit, as mamba-ssm's kernel
+
+// Dynamic shared memory, sized at launch: nvcc's extern array; the CPU harness defines its own (a heap buffer).
+#ifndef CIL_DYNAMIC_SHARED
+#define CIL_DYNAMIC_SHARED(name) extern __shared__ float name[]
+#endif
 constexpr int kWarps = kMaxState / 32;
 
 template <typename T>  // c10::Half / c10::BFloat16 (CUDA) and the harness's types convert to float
@@ -165,6 +172,13 @@ __global__ void backward_kernel(Params p, Inputs<T> in, const float* __restrict_
   __shared__ float s_u[kChunk], s_dt[kChunk], s_raw[kChunk], s_gy[kChunk];
   __shared__ float s_du[kWarps][kChunk], s_ddt[kWarps][kChunk];
   __shared__ float s_red[kWarps];
+  // varying B / C over the chunk, read once for the tile's channels, in dynamic shared memory
+  // (backward_shared_bytes): thread n keeps its own state's row of kStageRow floats (no other thread reads it: no
+  // barrier); a row of kChunk + 1 keeps a warp's accesses on 32 different banks, and a per-thread base pointer lets
+  // the unrolled loops address with constant offsets
+  CIL_DYNAMIC_SHARED(s_stage);
+  float* const s_B = s_stage + (int64_t)n * kStageRow;
+  float* const s_C = s_stage + (int64_t)((p.varying_B ? blockDim.x : 0) + n) * kStageRow;
   // registers, not local memory: every index below is a constant (the time loops are unrolled over the whole chunk
   // with the chunk's length as a guard, the same for every thread of the block, so the shuffles stay uniform)
   float hist[kChunk];  // one channel's states over the chunk
@@ -206,19 +220,33 @@ __global__ void backward_kernel(Params p, Inputs<T> in, const float* __restrict_
     return dD_part;
   };
 
-  // 1. forward sweep per channel: the state at each chunk start (each thread writes and later reads only its own n)
-  if (n_chunks > 1 && active) {
+  // B (and C) of the tile's group over a chunk into this thread's staging rows
+  auto stage_BC = [&](int t0, int steps, bool with_C) {
+    if (!active) return;
+    const int d0 = tile_index * tile;  // any channel of the tile: they share one group
+    for (int i = 0; i < steps; ++i) {
+      if (p.varying_B) s_B[i] = to_float(in.B[bc_index(true, p, b, d0, t0 + i, n)]);
+      if (p.varying_C && with_C) s_C[i] = to_float(in.C[bc_index(true, p, b, d0, t0 + i, n)]);
+    }
+  };
+
+  // 1. forward sweep, chunk by chunk and in each the tile's channels: the state at each chunk start (each thread
+  // writes and later reads only its own n)
+  for (int c = 0; c + 1 < n_chunks; ++c) {
+    const int t0 = c * kChunk;
+    stage_BC(t0, kChunk, false);
+    if (!active) continue;
     for (int k = 0; k < tile; ++k) {
       const int d = tile_index * tile + k;
       const int64_t row = (int64_t)b * p.dim + d, base = row * p.length;
       const float a = in.A[(int64_t)d * p.dstate + n], bias = p.has_bias ? in.bias[d] : 0.f;
-      float h = 0.f;
-      for (int t = 0; t < p.length; ++t) {
-        if (t % kChunk == 0 && t > 0) carry[(row * n_chunks + t / kChunk) * p.dstate + n] = h;
-        const float dt = dt_of(to_float(in.delta[base + t]) + bias);
-        const float bv = to_float(in.B[bc_index(p.varying_B, p, b, d, t, n)]);
-        h = expf(dt * a) * h + dt * bv * to_float(in.u[base + t]);
+      const float Bfix = p.varying_B ? 0.f : to_float(in.B[(int64_t)d * p.dstate + n]);
+      float h = c == 0 ? 0.f : carry[(row * n_chunks + c) * p.dstate + n];
+      for (int i = 0; i < kChunk; ++i) {
+        const float dt = dt_of(to_float(in.delta[base + t0 + i]) + bias);
+        h = expf(dt * a) * h + dt * (p.varying_B ? s_B[i] : Bfix) * to_float(in.u[base + t0 + i]);
       }
+      carry[(row * n_chunks + c + 1) * p.dstate + n] = h;
     }
   }
 
@@ -226,6 +254,7 @@ __global__ void backward_kernel(Params p, Inputs<T> in, const float* __restrict_
   for (int c = n_chunks - 1; c >= 0; --c) {
     const int t0 = c * kChunk, steps = min(kChunk, p.length - t0);
     const bool last_chunk = c == n_chunks - 1;
+    stage_BC(t0, steps, true);
     // 2a. the adjoint pass over the tile's channels: du, ddelta, dz, dA, dD, dbias, dB (and a fixed C's dC)
 #pragma unroll
     for (int i = 0; i < kChunk; ++i) acc[i] = 0.f;
@@ -235,6 +264,8 @@ __global__ void backward_kernel(Params p, Inputs<T> in, const float* __restrict_
       const int64_t base = (int64_t)row * p.length;
       const float a = active ? in.A[(int64_t)d * p.dstate + n] : 0.f;
       const float Dd = p.has_D ? in.D[d] : 0.f;
+      const float Bfix = (!p.varying_B && active) ? to_float(in.B[(int64_t)d * p.dstate + n]) : 0.f;
+      const float Cfix = (!p.varying_C && active) ? to_float(in.C[(int64_t)d * p.dstate + n]) : 0.f;
       const float dD_part = stage(d, t0, steps, true);
       float dbias_part = 0.f;
       // lambda enters the chunk from the one after it (from dlast, or zero, at the sequence's end); a_next is
@@ -260,7 +291,7 @@ __global__ void backward_kernel(Params p, Inputs<T> in, const float* __restrict_
       for (int i = 0; i < kChunk; ++i) {
         if (i < steps && active) {
           const float dt = s_dt[i];
-          const float bv = to_float(in.B[bc_index(p.varying_B, p, b, d, t0 + i, n)]);
+          const float bv = p.varying_B ? s_B[i] : Bfix;
           h = expf(dt * a) * h + dt * bv * s_u[i];
         }
         hist[i] = h;
@@ -270,10 +301,9 @@ __global__ void backward_kernel(Params p, Inputs<T> in, const float* __restrict_
         if (i >= steps) continue;
         float du_part = 0.f, ddt_part = 0.f;
         if (active) {
-          const int t = t0 + i;
           const float dt = s_dt[i], uv = s_u[i], gy = s_gy[i];
-          const float bv = to_float(in.B[bc_index(p.varying_B, p, b, d, t, n)]);
-          const float cv = to_float(in.C[bc_index(p.varying_C, p, b, d, t, n)]);
+          const float bv = p.varying_B ? s_B[i] : Bfix;
+          const float cv = p.varying_C ? s_C[i] : Cfix;
           lam = cv * gy + a_next * lam;
           const float a_t = expf(dt * a);
           const float h_prev = i > 0 ? hist[i - 1] : h_start;
@@ -327,13 +357,14 @@ __global__ void backward_kernel(Params p, Inputs<T> in, const float* __restrict_
         const int d = tile_index * tile + k;
         const int64_t row = (int64_t)b * p.dim + d;
         const float a = active ? in.A[(int64_t)d * p.dstate + n] : 0.f;
+        const float Bfix = (!p.varying_B && active) ? to_float(in.B[(int64_t)d * p.dstate + n]) : 0.f;
         stage(d, t0, steps, false);
         float h = (c == 0 || !active) ? 0.f : carry[(row * n_chunks + c) * p.dstate + n];
 #pragma unroll
         for (int i = 0; i < kChunk; ++i) {
           if (i < steps && active) {
             const float dt = s_dt[i];
-            const float bv = to_float(in.B[bc_index(p.varying_B, p, b, d, t0 + i, n)]);
+            const float bv = p.varying_B ? s_B[i] : Bfix;
             h = expf(dt * a) * h + dt * bv * s_u[i];
             acc[i] += s_gy[i] * h;
           }
@@ -347,6 +378,12 @@ __global__ void backward_kernel(Params p, Inputs<T> in, const float* __restrict_
 // ---- launch shapes (host code, shared by the CUDA launcher and the CPU harness) --------------------------------
 // threads per block: one per state, rounded up to whole warps
 inline int threads_for(int dstate) { return ((dstate + 31) / 32) * 32; }
+
+// the backward's dynamic shared memory: a chunk of each varying matrix, a row of kStageRow floats per thread: 130 KB
+// at dstate 256 with both varying (beyond the default 48 KB: the launcher opts in; sm_80 allows 163 KB, sm_90 227 KB)
+inline size_t backward_shared_bytes(bool varying_B, bool varying_C, int threads) {
+  return (size_t)((varying_B ? 1 : 0) + (varying_C ? 1 : 0)) * threads * kStageRow * sizeof(float);
+}
 
 // Channels per block: a power of two dividing the group size (a tile never spans two groups), at most `max_tile`:
 // the largest that keeps at least `min_blocks` blocks in the grid, and never below kMinTile where the group allows

@@ -87,6 +87,7 @@ class HarnessKernels:
         self.lib.cil_last_error.restype = ctypes.c_char_p
         for name in ("cil_forward_tile_for", "cil_backward_tile_for"):
             getattr(self.lib, name).argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int]
+        self.lib.cil_backward_shared_bytes.restype = ctypes.c_int64
         self.path = library
         # the tile policy: 0 = the launcher's (kMinBlocks); tests lower it to reach tiles above 16 channels at
         # shapes small enough for the CPU
@@ -125,6 +126,10 @@ class HarnessKernels:
     def backward_tile_for(self, group_size: int, rows: int) -> int:
         """Channels per backward block for groups of ``group_size`` channels and ``rows`` = batch * dim."""
         return self.lib.cil_backward_tile_for(group_size, rows, self.min_blocks)
+
+    def backward_shared_bytes(self, varying_B: bool, varying_C: bool, threads: int) -> int:
+        """The backward's dynamic shared memory per block (B / C staged for a chunk), as the launcher asks."""
+        return self.lib.cil_backward_shared_bytes(int(varying_B), int(varying_C), threads)
 
     def forward_tile_for(self, group_size: int, rows: int) -> int:
         """Channels per forward block (they share one read of B / C)."""

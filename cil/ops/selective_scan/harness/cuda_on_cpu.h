@@ -2,7 +2,9 @@
 // synchronisation and warp shuffles (cil/ops/selective_scan/harness/__init__.py says what it proves and what not).
 //
 // - A launch runs its blocks one after the other; the threads of a block run as real concurrent std::threads.
-// - __shared__ arrays are static storage: one instance shared by the block's threads (blocks never overlap).
+// - __shared__ arrays are static storage: one instance shared by the block's threads (blocks never overlap);
+//   dynamic shared memory (CIL_DYNAMIC_SHARED) is a heap buffer of the launch's size, filled with NaN bytes before
+//   each block (its content is undefined on a GPU: a read before a write shows).
 // - __syncthreads() is a barrier over the block; __shfl_down_sync() exchanges through a per-warp buffer between two
 //   warp barriers, and refuses a mask other than all 32 lanes or a warp with fewer than 32 threads.
 // - A barrier that not every thread reaches (a divergent __syncthreads or shuffle, a thread that returned early) is
@@ -31,6 +33,7 @@
 #define __host__
 #define __forceinline__ inline
 #define __shared__ static
+#define CIL_DYNAMIC_SHARED(name) float* name = cuda_on_cpu::dynamic_shared()
 
 using std::max;
 using std::min;
@@ -129,6 +132,8 @@ inline thread_local dim3 thread_index, block_index;
 inline thread_local Block* current = nullptr;
 inline dim3 block_dim, grid_dim;
 inline std::mutex launch_mutex;  // one launch at a time: __shared__ storage is static
+inline std::vector<float> dynamic_storage;  // the launch's dynamic shared memory (bounds: ASan sees the heap block)
+inline float* dynamic_shared() { return dynamic_storage.empty() ? nullptr : dynamic_storage.data(); }
 
 inline void sync_block() { current->block_barrier.wait(); }
 
@@ -158,15 +163,20 @@ inline float shfl_down(unsigned mask, float v, unsigned offset) {
   return out;
 }
 
-// Run kernel(args...) on grid x block threads: blocks in order, each block's threads concurrently.
+// Run kernel(args...) on grid x block threads with `dynamic_bytes` of dynamic shared memory: blocks in order, each
+// block's threads concurrently.
 template <typename Kernel>
-void launch(int grid, int threads, Kernel kernel) {
+void launch(int grid, int threads, Kernel kernel, size_t dynamic_bytes = 0) {
   std::lock_guard<std::mutex> guard(launch_mutex);
   if (threads < 1 || threads > 1024) throw Failure("block of " + std::to_string(threads) + " threads (CUDA: 1..1024)");
   if (grid < 0 || grid > 2147483647) throw Failure("grid of " + std::to_string(grid) + " blocks");
+  if (dynamic_bytes % sizeof(float) != 0) throw Failure("dynamic shared memory of " + std::to_string(dynamic_bytes) + " bytes");
   block_dim = dim3{(unsigned)threads, 1, 1};
   grid_dim = dim3{(unsigned)grid, 1, 1};
+  dynamic_storage.assign(dynamic_bytes / sizeof(float), 0.f);
+  dynamic_storage.shrink_to_fit();  // exactly the launch's size: an access past it is a heap overflow
   for (int b = 0; b < grid; ++b) {
+    std::fill(dynamic_storage.begin(), dynamic_storage.end(), std::nanf(""));
     Block block(threads);
     std::string error;
     std::mutex error_mutex;

@@ -50,9 +50,11 @@ void check_tile(const Params& p, int tile, int max_tile) {
 template <typename T>
 void backward(const Params& p, int tile, void* const* in, float* const* f) {
   const Inputs<T> args = inputs<T>(in);
-  cuda_on_cpu::launch(p.batch * (p.dim / tile), threads_for(p.dstate), [&] {
-    backward_kernel<T>(p, args, f[0], f[1], f[2], tile, f[3], f[4], f[5], f[6], f[7], f[8], f[9], f[10], f[11]);
-  });
+  const int threads = threads_for(p.dstate);
+  cuda_on_cpu::launch(
+      p.batch * (p.dim / tile), threads,
+      [&] { backward_kernel<T>(p, args, f[0], f[1], f[2], tile, f[3], f[4], f[5], f[6], f[7], f[8], f[9], f[10], f[11]); },
+      backward_shared_bytes(p.varying_B, p.varying_C, threads));
 }
 
 template <typename Fn>
@@ -71,6 +73,9 @@ int guarded(Fn fn) {
 extern "C" {
 
 int cil_threads_for(int dstate) { return threads_for(dstate); }
+int64_t cil_backward_shared_bytes(int varying_B, int varying_C, int threads) {
+  return (int64_t)backward_shared_bytes(varying_B, varying_C, threads);
+}
 // the launcher's tiles for (group size, batch * dim); min_blocks <= 0: the launcher's own threshold
 int cil_forward_tile_for(int group_size, int64_t rows, int min_blocks) {
   return min_blocks > 0 ? forward_tile_for(group_size, rows, min_blocks) : forward_tile_for(group_size, rows);
