@@ -45,6 +45,11 @@ __device__ __forceinline__ float block_sum(float v, float* s_red, int warps) {
   return total;
 }
 
+// one step of the recurrence h[t] = exp(dt A) h[t-1] + dt B u (every kernel and pass computes it this one way)
+__device__ __forceinline__ float next_state(float h, float dt, float a, float bv, float uv) {
+  return expf(dt * a) * h + dt * bv * uv;
+}
+
 __device__ __forceinline__ float softplus(float x) { return x > 20.f ? x : log1pf(expf(x)); }
 __device__ __forceinline__ float sigmoid(float x) { return 1.f / (1.f + expf(-x)); }
 
@@ -118,7 +123,7 @@ __global__ void forward_kernel(Params p, Inputs<T> in, int tile, T* __restrict__
         float part = 0.f;
         if (active) {
           const float dt = s_dt[k][i];
-          h[k] = expf(dt * a[k]) * h[k] + dt * (p.varying_B ? Bs[i] : Bfix) * s_u[k][i];
+          h[k] = next_state(h[k], dt, a[k], p.varying_B ? Bs[i] : Bfix, s_u[k][i]);
           part = (p.varying_C ? Cs[i] : Cfix) * h[k];
         }
         part = warp_sum(part);
@@ -244,7 +249,7 @@ __global__ void backward_kernel(Params p, Inputs<T> in, const float* __restrict_
       float h = c == 0 ? 0.f : carry[(row * n_chunks + c) * p.dstate + n];
       for (int i = 0; i < kChunk; ++i) {
         const float dt = dt_of(to_float(in.delta[base + t0 + i]) + bias);
-        h = expf(dt * a) * h + dt * (p.varying_B ? s_B[i] : Bfix) * to_float(in.u[base + t0 + i]);
+        h = next_state(h, dt, a, p.varying_B ? s_B[i] : Bfix, to_float(in.u[base + t0 + i]));
       }
       carry[(row * n_chunks + c + 1) * p.dstate + n] = h;
     }
@@ -292,7 +297,7 @@ __global__ void backward_kernel(Params p, Inputs<T> in, const float* __restrict_
         if (i < steps && active) {
           const float dt = s_dt[i];
           const float bv = p.varying_B ? s_B[i] : Bfix;
-          h = expf(dt * a) * h + dt * bv * s_u[i];
+          h = next_state(h, dt, a, bv, s_u[i]);
         }
         hist[i] = h;
       }
@@ -365,7 +370,7 @@ __global__ void backward_kernel(Params p, Inputs<T> in, const float* __restrict_
           if (i < steps && active) {
             const float dt = s_dt[i];
             const float bv = p.varying_B ? s_B[i] : Bfix;
-            h = expf(dt * a) * h + dt * bv * s_u[i];
+            h = next_state(h, dt, a, bv, s_u[i]);
             acc[i] += s_gy[i] * h;
           }
         }
