@@ -91,8 +91,10 @@ class StepBudget(Callback):
     def __init__(self, steps: int):
         self.steps = steps
 
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
-        if trainer.global_step >= self.steps:
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx: int) -> None:
+        # set as the last step starts (Lightning still runs it, then stops): ``training_step`` then knows it is
+        # the last, and logs it (``CILModule.logs_this_step``)
+        if trainer.global_step + 1 >= self.steps:
             trainer.should_stop = True
 
 

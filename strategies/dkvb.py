@@ -267,8 +267,9 @@ class DKVB(CILModule):
         features, y = batch[0], batch[1]
         logits = self.bottleneck(features)
         loss = F.cross_entropy(logits, y, label_smoothing=self.hparams.label_smoothing)
-        self.log("train/loss", loss, prog_bar=True)
-        self.log("train/acc", (logits.argmax(1) == y).float().mean(), prog_bar=True)
+        if self.logs_this_step():  # DKVB's step on cached features is cheap: the logging was a real part of it
+            self.log("train/loss", loss, prog_bar=True)
+            self.log("train/acc", (logits.argmax(1) == y).float().mean(), prog_bar=True)
         return loss
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:

@@ -117,8 +117,9 @@ class FSA(CILModule):
         x, y = batch[0], batch[1]
         logits = self.classifier(self.dropout(self.features(x)))  # step 1: the temporary head
         loss = F.cross_entropy(logits, y)
-        self.log("train/loss", loss, prog_bar=True)
-        self.log("train/acc", (logits.argmax(1) == y).float().mean(), prog_bar=True)
+        if self.logs_this_step():
+            self.log("train/loss", loss, prog_bar=True)
+            self.log("train/acc", (logits.argmax(1) == y).float().mean(), prog_bar=True)
         return loss
 
     def configure_optimizers(self):

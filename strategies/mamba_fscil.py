@@ -354,7 +354,8 @@ class MambaFSCIL(CILModule):
         else:  # x: indices into the session's pool of maps
             kept = None if self._kept is None else self._kept[x]
             loss = self.incremental_loss(self._pool[x], y, kept)
-        self.log("train/loss", loss, prog_bar=True)
+        if self.logs_this_step():
+            self.log("train/loss", loss, prog_bar=True)
         return loss
 
     def base_loss(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -389,8 +390,9 @@ class MambaFSCIL(CILModule):
             out.base_params,
             hp.loss_group_size,
         )
-        for name, value in losses.items():
-            self.log(f"train/{name}", value)
+        if self.logs_this_step():
+            for name, value in losses.items():
+                self.log(f"train/{name}", value)
         if hp.feat_mixup_prob > 0 and float(torch.rand(())) < hp.feat_mixup_prob:
             index = grouped_permutation(len(labels), hp.loss_group_size, labels.device)
             lam = hp.feat_mixup

@@ -206,9 +206,10 @@ class MOS(CILModule):
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         x, y = batch[0], batch[1]
         loss, ce, logits = self.loss(x, y)
-        self.log("train/ce", ce, prog_bar=True)
-        self.log("train/loss", loss)
-        self.log("train/acc", (logits.argmax(1) == y).float().mean(), prog_bar=True)
+        if self.logs_this_step():
+            self.log("train/ce", ce, prog_bar=True)
+            self.log("train/loss", loss)
+            self.log("train/acc", (logits.argmax(1) == y).float().mean(), prog_bar=True)
         return loss
 
     def first_guess(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

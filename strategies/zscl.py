@@ -400,17 +400,20 @@ class ZSCL(CILModule):
         logits = self.train_logits(x)
         targets = self._local.to(y.device)[y]  # CE over the current task's classes only
         ce = F.cross_entropy(logits, targets, label_smoothing=hp.label_smoothing)
-        loss = ce
+        loss, log = ce, self.logs_this_step()
         if self.distills:
             image_side, text_side = self.distillation(self.reference_batch())
             loss = loss + hp.image_loss_weight * image_side + hp.text_loss_weight * text_side
-            self.log_dict({"train/kd_img": image_side, "train/kd_txt": text_side})
+            if log:
+                self.log_dict({"train/kd_img": image_side, "train/kd_txt": text_side})
         if hp.wc_weight > 0:
             wc = weight_constraint(self.trainable(), self.anchors)
             loss = loss + hp.wc_weight * wc
-            self.log("train/wc", wc)
-        self.log_dict({"train/ce": ce, "train/loss": loss}, prog_bar=True)
-        self.log("train/acc", (logits.argmax(1) == targets).float().mean(), prog_bar=True)
+            if log:
+                self.log("train/wc", wc)
+        if log:
+            self.log_dict({"train/ce": ce, "train/loss": loss}, prog_bar=True)
+            self.log("train/acc", (logits.argmax(1) == targets).float().mean(), prog_bar=True)
         return loss
 
     def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:

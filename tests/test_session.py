@@ -199,3 +199,35 @@ def test_a_closed_pipe_or_a_closed_stderr_neither_kills_nor_corrupts_a_run(tmp_p
     for out in ("a", "b"):
         (run,) = (tmp_path / out / "simplecil-digits").iterdir()
         assert load_run(run).summary["complete"] and len(load_run(run).summary["sessions"]) == 3
+
+
+def test_strategies_log_only_the_steps_the_loggers_write_and_the_logs_stay_the_same(tmp_path, monkeypatch):
+    """``CILModule.logs_this_step`` skips ``self.log`` on the steps Lightning would not write; the CSV logs equal
+    those of logging every step (values and step numbers), a step budget's last step included: 7 steps is no
+    multiple of log_every_n_steps=3, and a step that did not log would be written with the last logged value."""
+    import pytorch_lightning as pl
+
+    from cil.module import CILModule
+    from cil.strategies.finetune import Finetune
+
+    monkeypatch.setattr(Finetune, "steps_for", lambda self, session: 7 if session.index == 0 else None)
+    calls = []
+    log = pl.LightningModule.log
+    monkeypatch.setattr(pl.LightningModule, "log", lambda self, *a, **k: calls.append(a[0]) or log(self, *a, **k))
+
+    def logs(out, every_step: bool):
+        if every_step:
+            monkeypatch.setattr(CILModule, "logs_this_step", lambda self: True)
+        calls.clear()
+        folder = run_experiment(tiny_config("finetune", out, "strategy.epochs=2", "trainer.log_every_n_steps=3",
+                                            "trainer.loggers=[csv]"))  # fmt: skip
+        tables = {p.parent.name: pd.read_csv(p) for p in sorted((folder / "logs" / "csv").glob("*/metrics.csv"))}
+        return tables, len(calls)
+
+    gated, gated_calls = logs(tmp_path / "gated", every_step=False)
+    every, every_calls = logs(tmp_path / "every", every_step=True)
+    assert sorted(gated) == sorted(every) == [f"session_{k}" for k in range(5)]
+    for session in gated:
+        pd.testing.assert_frame_equal(gated[session], every[session])
+    assert len(gated["session_0"]) == 3  # steps 3, 6 and the budget's 7th
+    assert gated_calls < every_calls / 2  # the values of the other steps were never computed

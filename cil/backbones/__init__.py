@@ -7,6 +7,9 @@ CLIP models from open_clip with ``open_clip:<model>`` names (:mod:`cil.backbones
 
 from __future__ import annotations
 
+from cil.backbones import _timm  # noqa: F401  (first: timm loads without wandb, see there)
+
+# isort: split
 import difflib
 import warnings
 from dataclasses import dataclass

@@ -269,3 +269,20 @@ def test_a_run_folder_from_before_the_memory_format_setting_resumes_contiguous(t
     new.write_text("backbone:\n  name: tf_efficientnet_lite0\n  image_size: 64\n  memory_format: auto\n")
     assert _settings_added_since(old) == ["backbone.memory_format=contiguous"]
     assert _settings_added_since(new) == []
+
+
+def test_timm_loads_without_wandb_and_wandb_imports_afterwards():
+    """cil.backbones imports timm with wandb hidden (0.3 s of every start); wandb is then importable as usual (it is
+    installed here: Avalanche requires it), for Lightning's WandbLogger."""
+    import subprocess
+    import sys
+
+    code = (
+        "import importlib.util, sys\n"
+        "import cil.backbones\n"
+        "assert 'timm' in sys.modules and 'wandb' not in sys.modules, sorted(m for m in sys.modules if 'wandb' in m)\n"
+        "assert importlib.util.find_spec('wandb') is not None\n"
+        "import wandb\n"
+        "assert sys.modules['wandb'] is wandb and wandb.__version__\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
