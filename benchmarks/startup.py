@@ -1,6 +1,8 @@
 """A run's fixed cost: the wall time of a process that imports cil's session loop, and of a tiny complete run
 (``cil run simplecil/digits`` on 16 px images, one session's worth of work per session), each in a fresh process,
-repeated; and what the imports are (``python -X importtime``: the largest top-level packages).
+repeated; beside them, a process importing only the libraries every run needs (torch, torchvision, Lightning, timm):
+the floor while the loop is Lightning's. And what the imports are (``python -X importtime``: the largest top-level
+packages).
 
     python benchmarks/startup.py [--repeats 5] [--readme]
 """
@@ -27,6 +29,9 @@ CIL = (
     if (ROOT / ".venv" / "bin" / "cil").exists()
     else [sys.executable, "-m", "cil.cli"]
 )
+
+# what every run imports whatever its config: the floor of a run's fixed cost while the loop is Lightning's
+LIBRARIES = ("torch", "torchvision", "pytorch_lightning", "timm")
 
 
 def timed(command: list[str], env: dict) -> tuple[float, float]:
@@ -59,11 +64,12 @@ def main() -> None:
     parser.add_argument("--readme", action="store_true")
     args = parser.parse_args()
     env = {**os.environ, "CIL_QUIET": "1"}
-    imports, runs = [], []
+    floor, imports, runs = [], [], []
     with tempfile.TemporaryDirectory() as out:
         tiny = [*CIL, "run", "simplecil/digits", f"run.output_dir={out}", "backbone.image_size=16",
                 "trainer.enable_progress_bar=false"]  # fmt: skip
-        for _ in range(args.repeats):
+        for _ in range(args.repeats):  # the three interleaved
+            floor.append(timed([sys.executable, "-c", f"import {', '.join(LIBRARIES)}"], env))
             imports.append(timed([sys.executable, "-c", "import cil.session"], env))
             runs.append(timed(tiny, env))
     top = top_imports(env)
@@ -74,6 +80,7 @@ def main() -> None:
 
     text = (
         f"| fresh process | wall: median (range) over {args.repeats} | CPU: median |\n|---|---|---|\n"
+        f"| `import {', '.join(LIBRARIES)}` (the libraries every run needs, nothing of cil) | {spread(floor)} |\n"
         f"| `import cil.session` (torch, Lightning, timm, Avalanche's stream types) | {spread(imports)} |\n"
         f"| `cil run simplecil/digits` at 16 px, 5 sessions, run folder and plots | {spread(runs)} |\n\n"
         "Largest imports (`python -X importtime`, cumulative): "
