@@ -172,11 +172,14 @@ class CILModule(pl.LightningModule):
         ``self.log`` in ``training_step`` only then: each call costs Lightning about 0.3 ms
         (``benchmarks/loop_overhead.py``), and the values of the other steps are never written. The logs stay the
         same (tested). The step must not log at all otherwise: Lightning would write the last logged value again
-        under a later step. Outside a Trainer (a bare loop): True."""
+        under a later step. Under Lightning Fabric every step (Fabric writes each call); in a bare loop, never
+        (``self.log`` would only warn that there is no Trainer)."""
         trainer = self._trainer
+        if trainer is None:
+            return self._fabric is not None
         # Lightning's own test for writing a step's metrics; it counts the step being run, so it holds before the
         # step as after
-        return trainer is None or trainer._logger_connector.should_update_logs
+        return trainer._logger_connector.should_update_logs
 
     def on_fit_start(self) -> None:
         # Lightning keeps the mode the module is in, and statistics passes leave it in eval mode: train now

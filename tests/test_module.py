@@ -90,3 +90,28 @@ def test_accuracy_row_predicts_with_forward_when_features_are_not_reused():
     x = torch.randn(64, 4)
     y = strategy(x).argmax(1)  # labels the forward gets right
     assert accuracy_row(strategy, [TensorDataset(x, y)], batch_size=16) == [1.0]
+
+
+def test_a_training_step_logs_under_fabric_and_not_in_a_bare_loop(tmp_path, recwarn):
+    """``logs_this_step`` outside a Trainer: under Lightning Fabric every step is logged (Fabric writes each call);
+    in a bare loop nothing is (``self.log`` would only warn that no Trainer is attached)."""
+    import pandas as pd
+    from lightning_fabric import Fabric
+    from lightning_fabric.loggers import CSVLogger
+
+    batch = (torch.randn(8, 4), torch.randint(0, 2, (8,)))
+    model = Finetune(nn.Sequential(nn.Flatten(), nn.Linear(4, 3)), num_features=3)
+    model.begin_session(Session(0, [0, 1], [0, 1]))
+    assert not model.logs_this_step()
+    model.training_step(batch, 0)
+    assert not [w for w in recwarn if "self.log" in str(w.message)]
+
+    fabric = Fabric(accelerator="cpu", devices=1, loggers=CSVLogger(tmp_path, name="fabric"))
+    model = fabric.setup(model)
+    assert model.logs_this_step()
+    for step in range(3):
+        model.training_step(batch, step)
+    fabric.logger.finalize("success")
+    logged = pd.read_csv(next(tmp_path.glob("fabric/*/metrics.csv")))
+    # Fabric writes each self.log call as a row of its own: two values per step
+    assert logged["train/loss"].notna().sum() == 3 and logged["train/acc"].notna().sum() == 3
