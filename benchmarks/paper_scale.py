@@ -351,8 +351,8 @@ def rehearse(config_name: str, work: Path) -> dict:
         writes.append(("resume", Path(path).stat().st_size))
         peak_folder[0] = max(peak_folder[0], folder_size(Path(path).parent.parent))
 
-    def session_checkpoint(self, k, state, records, digest=None):
-        save_session(self, k, state, records, digest)
+    def session_checkpoint(self, k, *args, **kwargs):  # whatever RunFolder.save_session takes after k
+        save_session(self, k, *args, **kwargs)
         writes.append(("session", self.session_checkpoint(k).stat().st_size))
         peak_folder[0] = max(peak_folder[0], folder_size(self.path))
 

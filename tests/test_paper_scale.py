@@ -136,3 +136,18 @@ def test_rehearsal_data_is_read_by_the_real_loader_at_the_paper_class_count(conf
     for k in trains:
         assert len(cut.train_data[k]) == batch, (k, len(stream.train_data[k]), batch)
         assert len(set(cut.train_data[k].targets)) > 1  # a sample of the session, not one class
+
+
+@pytest.mark.slow
+def test_a_paper_config_rehearses_end_to_end(tmp_path):
+    """``paper_scale.rehearse`` drives the session loop with its checkpoint writers wrapped to count them: a change
+    of their signatures breaks it here rather than an hour into ``--rehearse`` (it once did). DKVB on CIFAR-10 with
+    the real ResNet-50: 2 steps in session 1, 1 in session 2, one resume point between session 1's two epochs, and
+    session checkpoints of the footprint's size."""
+    ps = paper_scale()
+    row = ps.rehearse("dkvb/cifar10_resnet50", tmp_path / "rehearsal")
+    footprint = ps.footprint("dkvb", "cifar10_resnet50", tmp_path)
+    assert row["steps"] == 3 and row["step_batch"] == row["paper_batch"] == 256
+    assert row["resume_points"] == 1
+    assert row["session_ckpt_mb"] == pytest.approx(footprint["session_ckpt_mb"], rel=0.01)
+    assert row["s_per_step"] > 0 and row["written_mb"] >= 2 * row["session_ckpt_mb"] + row["resume_mb"]
