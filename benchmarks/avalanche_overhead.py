@@ -24,7 +24,6 @@ import os
 import statistics
 import sys
 import tempfile
-import time
 from functools import partial
 from pathlib import Path
 from types import SimpleNamespace
@@ -32,16 +31,11 @@ from types import SimpleNamespace
 import numpy as np
 from _machine import machine
 from _readme import write_block
+from _timing import median_range, timed
 from peers import build_stream, theirs
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-
-
-def timed(fn) -> tuple[float, float, np.ndarray]:
-    wall, cpu = time.perf_counter(), time.process_time()
-    R = fn()
-    return time.perf_counter() - wall, time.process_time() - cpu, R
 
 
 def main() -> None:
@@ -90,16 +84,13 @@ def main() -> None:
         for r in range(args.repeats):
             order = ["cil", "avalanche"] if r % 2 == 0 else ["avalanche", "cil"]
             for side in order:
-                wall, cpu, R = timed(partial(cil_side, out) if side == "cil" else avalanche_side)
+                R, wall, cpu = timed(partial(cil_side, out) if side == "cil" else avalanche_side)
                 times[side].append((wall, cpu))
                 accuracy[side] = (average_incremental_accuracy(R, counts), last_accuracy(R, counts))
                 print(f"repeat {r + 1} {side}: wall {wall:.1f} s, CPU {cpu:.1f} s", flush=True)
 
     def ratios(i: int) -> list[float]:
         return [c[i] / a[i] for c, a in zip(times["cil"], times["avalanche"])]
-
-    def summary(values: list[float]) -> str:
-        return f"{statistics.median(values):.2f} ({min(values):.2f}-{max(values):.2f})"
 
     wall_c, wall_a = (statistics.median(t[0] for t in times[s]) for s in ("cil", "avalanche"))
     text = (
@@ -108,12 +99,13 @@ def main() -> None:
         f"| avg / last accuracy (%) | {100 * accuracy['cil'][0]:.2f} / {100 * accuracy['cil'][1]:.2f} "
         f"| {100 * accuracy['avalanche'][0]:.2f} / {100 * accuracy['avalanche'][1]:.2f} |\n\n"
         f"Time ratio cil / Avalanche alone, median (range) over {args.repeats} interleaved pairs: wall "
-        f"{summary(ratios(0))}, process CPU {summary(ratios(1))}. 5 sessions x 2 classes, {args.train_per_class} "
-        f"train / {args.test_per_class} test images per class, tf_efficientnet_lite0 ImageNet weights at 64 px, "
-        f"{args.epochs} epochs, SGD lr 0.01 momentum 0.9, cosine per session, batch 64, memory {args.memory}; both "
-        f"sides make the same passes through the body (Avalanche's training, then every session's test set after "
-        f"every session), so the floor of the ratio is 1.0 and what is above it is cil's run folder and evaluation "
-        f"set-up; accuracies differ only by the order of random draws (cil seeds each session). {machine()}."
+        f"{median_range(ratios(0))}, process CPU {median_range(ratios(1))}. 5 sessions x 2 classes, "
+        f"{args.train_per_class} train / {args.test_per_class} test images per class, tf_efficientnet_lite0 "
+        f"ImageNet weights at 64 px, {args.epochs} epochs, SGD lr 0.01 momentum 0.9, cosine per session, batch 64, "
+        f"memory {args.memory}; both sides make the same passes through the body (Avalanche's training, then "
+        f"every session's test set after every session), so the floor of the ratio is 1.0 and what is above it is "
+        f"cil's run folder and evaluation set-up; accuracies differ only by the order of random draws (cil seeds "
+        f"each session). {machine()}."
     )
     print(text)
     if args.readme:

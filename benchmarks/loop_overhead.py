@@ -24,14 +24,13 @@ import os
 import statistics
 import sys
 import tempfile
-import time
-from functools import partial
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from _machine import machine
 from _readme import write_block
+from _timing import median_range, timed
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -129,12 +128,6 @@ def lightning(head, batches, params, epochs, logging_mode, cfg) -> None:
         trainer.fit(module_class()(head, params, logging_mode), train_dataloaders=batches)
 
 
-def timed(fn) -> tuple[float, float]:
-    wall, cpu = time.perf_counter(), time.process_time()
-    fn()
-    return time.perf_counter() - wall, time.process_time() - cpu
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=7)
@@ -164,23 +157,19 @@ def main() -> None:
         for r in range(args.repeats):
             order = list(ways) if r % 2 == 0 else list(reversed(ways))  # interleaved, the order swapped each repeat
             for way in order:
-                times[way].append(timed(partial(ways[way], head, batches, params)))
+                times[way].append(timed(ways[way], head, batches, params)[1:])
         every, cil = times["Lightning, self.log every step"], times["Lightning, as cil logs"]
         ratios = [e / c for (e, _), (c, _) in zip(every, cil)]  # per repeat: the two ran side by side
-        gains.append(f"{head_name}: {statistics.median(ratios):.2f}x ({min(ratios):.2f}-{max(ratios):.2f})")
+        gains.append(f"{head_name}: {median_range(ratios, unit='x')}")
         base = [w for w, _ in times["bare loop"]]
         for way, runs in times.items():
             walls = [1e3 * w / steps for w, _ in runs]
             cpus = [1e3 * c / steps for _, c in runs]
             extra = [1e3 * (w - b) / steps for (w, _), b in zip(runs, base)]  # per repeat: against its own bare run
             rows.append(
-                f"| {head_name} | {way} | {statistics.median(walls):.3f} ({min(walls):.3f}-{max(walls):.3f}) "
+                f"| {head_name} | {way} | {median_range(walls, '.3f')} "
                 f"| {statistics.median(cpus):.3f} | "
-                + (
-                    ""
-                    if way == "bare loop"
-                    else f"{statistics.median(extra):+.3f} ({min(extra):+.3f} to {max(extra):+.3f})"
-                )
+                + ("" if way == "bare loop" else median_range(extra, "+.3f", sep=" to "))
                 + " |"
             )
     text = (

@@ -46,6 +46,7 @@ import numpy as np
 import torch
 from _machine import machine
 from _readme import write_block
+from _timing import median_range
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -315,9 +316,8 @@ def main() -> None:
                 wall_ratios = [o[0] / t[0] for o, t in zip(runs[0], runs[1])]
                 cpu_ratios = [o[1] / t[1] for o, t in zip(runs[0], runs[1])]
                 spreads.append(
-                    f"{label}: cil/Avalanche wall {statistics.median(wall_ratios):.2f} ({min(wall_ratios):.2f}-"
-                    f"{max(wall_ratios):.2f}), CPU {statistics.median(cpu_ratios):.2f} ({min(cpu_ratios):.2f}-"
-                    f"{max(cpu_ratios):.2f}) over {args.repeats} interleaved pairs"
+                    f"{label}: cil/Avalanche wall {median_range(wall_ratios)}, CPU {median_range(cpu_ratios)} "
+                    f"over {args.repeats} interleaved pairs"
                 )
             ratio = f"{times[0] / times[1]:.2f}" if None not in times else "—"
             wall = " \\| ".join(f"{t:.0f}" if t is not None else "—" for t in times)  # one cell: cil \| Avalanche

@@ -36,6 +36,7 @@ import numpy as np
 import torch
 from _machine import machine
 from _readme import write_block
+from _timing import timed
 from peers import avalanche_matrix, build_stream, lite0, ours, theirs
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -71,12 +72,6 @@ def avalanche_ncm(stream, cfg, batch_size: int) -> np.ndarray:
         evaluator=EvaluationPlugin(accuracy_metrics(experience=True), loggers=[]), plugins=[CurrentDataNCMUpdate()],
     )  # fmt: skip
     return avalanche_matrix(strategy, stream)
-
-
-def timed(fn, *args):
-    began, cpu = time.perf_counter(), time.process_time()
-    out = fn(*args)
-    return out, time.perf_counter() - began, time.process_time() - cpu
 
 
 def metrics(R: np.ndarray, counts: list[int]) -> tuple[float, float]:

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from _machine import machine
 from _readme import write_block
+from _timing import median_range
 
 
 def per_item(data, transform, items: int) -> tuple[float, float]:
@@ -95,16 +96,15 @@ def main() -> None:
         "|---|---|---|---|---|",
     ]
     for name, values in rows.items():
-        walls = [w for w, _ in values]
         wall, cpu = med[name]
         lines.append(
-            f"| {name} | {wall:.4f} ({min(walls):.4f}-{max(walls):.4f}) | {cpu:.4f} | "
+            f"| {name} | {median_range((w for w, _ in values), '.4f')} | {cpu:.4f} | "
             f"{100 * wall / forward_ms:.1f}% | {100 * wall / step_ms:.1f}% |"
         )
     ratios = sorted(r[0] / p[0] for r, p in zip(rows["raw"], rows["presized"]))
     lines.append(
         f"\n{source}, {len(raw)} items x {args.repeats} interleaved repeats; raw / presized per item: "
-        f"{statistics.median(ratios):.2f}x ({ratios[0]:.2f}-{ratios[-1]:.2f}); the copy costs {copy_ms:.4f} ms per "
+        f"{median_range(ratios, unit='x')}; the copy costs {copy_ms:.4f} ms per "
         f"image once. Lite0 at 64 px, channels_last, batch 64: forward {forward_ms:.2f} ms, training step "
         f"{step_ms:.2f} ms per image. {machine()}."
     )

@@ -22,6 +22,7 @@ from pathlib import Path
 
 from _machine import machine
 from _readme import write_block
+from _timing import median_range
 
 ROOT = Path(__file__).resolve().parent.parent
 CIL = (
@@ -75,8 +76,7 @@ def main() -> None:
     top = top_imports(env)
 
     def spread(v: list[tuple[float, float]]) -> str:
-        walls, cpus = [w for w, _ in v], [c for _, c in v]
-        return f"{statistics.median(walls):.1f} s ({min(walls):.1f}-{max(walls):.1f}) | {statistics.median(cpus):.1f} s"
+        return f"{median_range((w for w, _ in v), '.1f', ' s')} | {statistics.median(c for _, c in v):.1f} s"
 
     text = (
         f"| fresh process | wall: median (range) over {args.repeats} | CPU: median |\n|---|---|---|\n"

@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 from _machine import machine
 from _readme import write_block
+from _timing import median_range
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -116,11 +117,9 @@ def main() -> None:
         for fmt in steps:
             med = statistics.median(times[fmt])
             gflops = flops / med / 1e9
-            spread = f"({min(ratios):.2f}-{max(ratios):.2f})"
-            ratio = f"{statistics.median(ratios):.2f} {spread}" if fmt == "channels_last" else ""
-            low, high = 1e3 * min(times[fmt]), 1e3 * max(times[fmt])
+            ratio = median_range(ratios) if fmt == "channels_last" else ""
             lines.append(
-                f"| {name} @ {size} | {fmt} | {1e3 * med:.1f} ({low:.1f}-{high:.1f}) "
+                f"| {name} @ {size} | {fmt} | {median_range((1e3 * t for t in times[fmt]), '.1f')} "
                 f"| {args.batch / med:.0f} | {gflops:.1f} | {100 * gflops / peak:.0f}% | {ratio} |"
             )
         print(lines[-2], lines[-1], sep="\n", flush=True)

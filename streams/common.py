@@ -112,6 +112,7 @@ def presized(data: Any, transform: Any) -> Any:
     arithmetic; tested), so the copy stays one channel.
     """
     from PIL import Image
+    from torchvision import transforms as T
 
     base, indices = (data.base, data.indices) if isinstance(data, ClassSubset) else (data, None)
     prefix = resize_prefix(transform) if transform is not None else []
@@ -121,19 +122,14 @@ def presized(data: Any, transform: Any) -> Any:
     if not prefix or not len(data):
         return data
     images = base.images if indices is None else base.images[indices]
-    first = np.asarray(_apply(prefix, Image.fromarray(images[0], mode="L")))
+    resize = T.Compose(prefix)
+    first = np.asarray(resize(Image.fromarray(images[0], mode="L")))
     if first.nbytes * len(images) > PRESIZE_LIMIT_BYTES:
         return data
     out = np.empty((len(images), *first.shape), dtype=np.uint8)
     for i, image in enumerate(images):
-        out[i] = np.asarray(_apply(prefix, Image.fromarray(image, mode="L")))
+        out[i] = np.asarray(resize(Image.fromarray(image, mode="L")))
     return GreyImages(out, data.targets)
-
-
-def _apply(steps: list, image: Any) -> Any:
-    for step in steps:
-        image = step(image)
-    return image
 
 
 def sample_path(data: Any, i: int) -> str | None:
